@@ -1,0 +1,91 @@
+"""Offline inspection of a recording: the summary and change listings behind ``xreplay show``.
+
+Everything here streams the file once; nothing holds more than two snapshots.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any
+
+from xreplay.errors import XReplayError
+from xreplay.snapshot import Snapshot
+from xreplay.transitions import bit_changes, watch_changes
+from xreplay.xrr import XrrReader
+
+
+def summary(reader: XrrReader) -> dict[str, Any]:
+    """Arch, target, probes with hit counts, snapshot count, duration, first/last snapshot."""
+    h = reader.header
+    hits: Counter[str] = Counter()
+    first: Snapshot | None = None
+    last: Snapshot | None = None
+    count = 0
+    hangs = 0
+    for snap in reader.snapshots():
+        if first is None:
+            first = snap
+        last = snap
+        hits[snap.probe] += 1
+        count += 1
+        hangs += snap.hang
+    return {
+        "file": reader.name,
+        "arch": h.arch,
+        "target": h.target,
+        "created": h.created,
+        "tool": h.tool,
+        "probes": [{"name": p.name, "location": p.location, "role": p.role,
+                    "hits": hits.get(p.name, 0)} for p in h.probes],
+        "regions": [{"name": r.name, "kind": r.kind, "size": r.size, "expr": r.expr}
+                    for r in h.regions],
+        "labels": {str(k): v for k, v in sorted(h.labels.items())},
+        "snapshots": count,
+        "hang_snapshots": hangs,
+        "duration_s": (last.t_ns - first.t_ns) / 1e9 if first and last else 0.0,
+        "closed_cleanly": reader.trailer is not None,
+        "trailer": reader.trailer,
+        "notes": [n.data for n in reader.notes],
+        "problems": list(reader.problems),
+        "first": first.to_json() if first else None,
+        "last": last.to_json() if last else None,
+        "_first": first,
+        "_last": last,
+    }
+
+
+_RANGE = re.compile(r"^\s*(\d*)\s*\.\.\s*(\d*)\s*$")
+
+
+def parse_range(text: str) -> tuple[int, int | None]:
+    """``FROM..TO`` (either side may be empty) as an inclusive (from, to-or-None)."""
+    m = _RANGE.match(text)
+    if not m:
+        raise XReplayError(f"bad range {text!r}: write FROM..TO, e.g. 10..20 or 100..")
+    lo = int(m.group(1)) if m.group(1) else 0
+    hi = int(m.group(2)) if m.group(2) else None
+    if hi is not None and hi < lo:
+        raise XReplayError(f"bad range {text!r}: TO is before FROM")
+    return lo, hi
+
+
+def changes(reader: XrrReader, lo: int, hi: int | None) -> list[dict[str, Any]]:
+    """Per consecutive pair (n-1 -> n) with n in (lo, hi]: the bits and watch bytes changed."""
+    out = []
+    prev: Snapshot | None = None
+    for snap in reader.snapshots(lo):
+        if hi is not None and snap.index > hi:
+            break
+        if prev is not None:
+            bits = bit_changes(prev, snap)
+            out.append({
+                "from": prev.index, "to": snap.index, "probe": snap.probe, "vcpu": snap.vcpu,
+                "t_ns": snap.t_ns, "changes": [c.to_json() for c in bits],
+                "text": [c.describe(snap.labels) for c in bits],
+                "watch": watch_changes(prev, snap),
+            })
+        prev = snap
+    if prev is None:
+        raise XReplayError(f"{reader.name}: no snapshot #{lo} (the recording has fewer)")
+    return out

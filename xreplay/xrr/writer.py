@@ -1,0 +1,150 @@
+"""Streaming ``.xrr`` writer: keyframes plus byte-run deltas, one flushed frame per snapshot.
+
+Most of a shared_info page never changes between two probe hits, so a snapshot usually
+costs a few dozen bytes.  Every frame is written and flushed whole, so whatever happens to
+the recorder afterwards, the snapshots already written stay readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from xreplay.xrr import format as fmt
+from xreplay.xrr.header import RecordingHeader
+
+# Changed-byte runs, merging runs separated by a few unchanged bytes (a run costs ~2 bytes).
+_RUN = re.compile(rb"[^\x00]+(?:\x00{1,4}[^\x00]+)*")
+
+
+def encode_delta(prev: bytes, cur: bytes) -> bytes:
+    """Runs that turn ``prev`` into ``cur`` (same length), as ``DeltaRuns`` bytes."""
+    diff = (int.from_bytes(prev, "little") ^ int.from_bytes(cur, "little")).to_bytes(
+        len(cur), "little")
+    out = bytearray()
+    end = 0
+    for m in _RUN.finditer(diff):
+        start, stop = m.span()
+        out += fmt.DeltaRun.build({"skip": start - end, "data": cur[start:stop]})
+        end = stop
+    return bytes(out)
+
+
+class XrrWriter:
+    """Append snapshots to a recording.  Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, dest: str | os.PathLike | BinaryIO, header: RecordingHeader,
+                 *, flush_every: int = 1) -> None:
+        self.header = header
+        self._own = not hasattr(dest, "write")
+        self.path = Path(dest) if self._own else None  # type: ignore[arg-type]
+        self._f: BinaryIO = (open(dest, "wb")  # noqa: SIM115 - lives as long as the writer
+                             if self._own else dest)  # type: ignore[assignment]
+        self._flush_every = max(1, flush_every)
+        self._prev: list[bytes | None] = [None] * len(header.regions)
+        self._sizes = [r.size for r in header.regions]
+        self._t0 = time.monotonic_ns()
+        self.count = 0
+        self.bytes_written = 0
+        self.closed = False
+        self._write_header()
+
+    def _write_header(self) -> None:
+        meta = json.dumps(self.header.to_json(), sort_keys=True).encode()
+        prefix = fmt.FileHeaderPrefix.build(
+            {"major": fmt.VERSION_MAJOR, "minor": fmt.VERSION_MINOR, "meta_len": len(meta)})
+        crc = fmt.header_crc(prefix[len(fmt.MAGIC):], meta)
+        self._emit(prefix + meta + crc.to_bytes(4, "little"))
+        self._f.flush()
+
+    def _emit(self, data: bytes) -> None:
+        self._f.write(data)
+        self.bytes_written += len(data)
+
+    def _frame(self, kind: int, payload: bytes) -> None:
+        if len(payload) > fmt.MAX_FRAME:
+            raise ValueError(f"frame of {len(payload)} bytes exceeds the format's bound")
+        head = fmt.frame_head.build({"kind": kind, "length": len(payload)})
+        self._emit(head + payload + fmt.frame_crc(kind, payload).to_bytes(4, "little"))
+
+    def append(self, *, probe: int | str, vcpu: int, pc: int, regions: list[bytes | None],
+               regflags: int | None = None, sp: int | None = None, t_ns: int | None = None,
+               hang: bool = False) -> int:
+        """Store one snapshot; ``regions`` follows the header's region order (None = unread).
+
+        Returns the snapshot's sequence number.
+        """
+        if len(regions) != len(self._prev):
+            raise ValueError(f"expected {len(self._prev)} regions, got {len(regions)}")
+        pid = self.header.probe_index(probe) if isinstance(probe, str) else probe
+        seq = self.count
+        keyframe = seq % self.header.keyframe_interval == 0
+        flags = (fmt.FLAG_KEYFRAME if keyframe else 0) | (fmt.FLAG_HANG if hang else 0)
+        if regflags is not None:
+            flags |= fmt.FLAG_HAVE_FLAGS
+        if sp is not None:
+            flags |= fmt.FLAG_HAVE_SP
+        encoded = []
+        for i, data in enumerate(regions):
+            prev = self._prev[i]
+            if data is None:
+                # An unreadable region keeps its previous contents; a keyframe must still be
+                # self-contained, so it repeats them (or stays absent if never read).
+                if keyframe and prev is not None:
+                    encoded.append({"region": i, "encoding": fmt.ENC_FULL, "data": prev})
+                else:
+                    encoded.append({"region": i, "encoding": fmt.ENC_ABSENT, "data": b""})
+                continue
+            data = bytes(data)
+            if len(data) != self._sizes[i]:
+                raise ValueError(f"region {self.header.regions[i].name!r}: {len(data)} bytes, "
+                                 f"header says {self._sizes[i]}")
+            if keyframe or prev is None:
+                encoded.append({"region": i, "encoding": fmt.ENC_FULL, "data": data})
+            elif data == prev:
+                encoded.append({"region": i, "encoding": fmt.ENC_SAME, "data": b""})
+            else:
+                delta = encode_delta(prev, data)
+                if len(delta) < len(data):
+                    encoded.append({"region": i, "encoding": fmt.ENC_DELTA, "data": delta})
+                else:
+                    encoded.append({"region": i, "encoding": fmt.ENC_FULL, "data": data})
+            self._prev[i] = data
+        t = time.monotonic_ns() - self._t0 if t_ns is None else t_ns
+        payload = fmt.snapshot_payload.build({
+            "seq": seq, "t_ns": max(0, t), "probe": pid, "vcpu": vcpu, "flags": flags,
+            "pc": pc, "sp": sp or 0, "regflags": regflags or 0, "regions": encoded,
+        })
+        self._frame(fmt.KIND_SNAPSHOT, payload)
+        self.count += 1
+        if self.count % self._flush_every == 0:
+            self._f.flush()
+        return seq
+
+    def note(self, event: str, **data: Any) -> None:
+        """Record something that happened between snapshots (e.g. a detach)."""
+        t = time.monotonic_ns() - self._t0
+        body = json.dumps({"event": event, "t_ns": t, "after": self.count, **data}).encode()
+        self._frame(fmt.KIND_NOTE, body)
+        self._f.flush()
+
+    def close(self, **stats: Any) -> None:
+        """Write the trailer that marks a clean close, and close the file."""
+        if self.closed:
+            return
+        body = json.dumps({"snapshots": self.count, **stats}).encode()
+        self._frame(fmt.KIND_END, body)
+        self._f.flush()
+        if self._own:
+            self._f.close()
+        self.closed = True
+
+    def __enter__(self) -> XrrWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
