@@ -1,0 +1,46 @@
+#!/bin/sh
+# /init of the xreplay lab's dom0 (busybox-static initramfs, PV dom0 under Xen 4.17).
+# Starts the minimal Xen toolstack (xenstored, xen-init-dom0, xenconsoled), a command
+# server for the host (nc on 7000, reached through QEMU user-net hostfwd), then creates the
+# domU chosen by the kernel argument xreplay.domu=pv|pvh|none. Progress lines start with
+# XREPLAY- and go to hvc0, i.e. Xen's serial console, where the host watches for them.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin:/usr/lib/xen-4.17/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /tmp
+mkdir -p /run/xen /run/xenstored /var/run/xen /var/run/xenstored /var/log/xen
+echo "XREPLAY-DOM0-INIT kernel=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)"
+while read -r m; do insmod "/lib/modules/$m" 2>/dev/null; done < /lib/modules/load.order
+mount -t xenfs xenfs /proc/xen
+xenstored --pid-file /run/xenstored.pid || echo "XREPLAY-ERROR xenstored failed"
+sleep 1
+xen-init-dom0 >/dev/null || echo "XREPLAY-ERROR xen-init-dom0 failed"
+xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen \
+  || echo "XREPLAY-ERROR xenconsoled failed"
+ip link set lo up
+ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+nc -ll -p 7000 -e /bin/xreplay-cmd &
+echo "XREPLAY-DOM0-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
+
+DOMU=pv
+for a in $(cat /proc/cmdline); do case $a in xreplay.domu=*) DOMU=${a#xreplay.domu=};; esac; done
+if [ "$DOMU" != none ]; then
+  out=$(xl create "/domu/$DOMU.cfg" 2>&1); rc=$?
+  echo "$out"
+  domid=$(xl domid domu 2>/dev/null)
+  if [ $rc -ne 0 ] || [ -z "$domid" ]; then
+    echo "XREPLAY-DOMU-FAILED xl create rc=$rc"
+  else
+    i=0
+    while [ $i -lt 300 ]; do
+      grep -a -q XREPLAY-DOMU-BANNER /var/log/xen/guest-domu.log 2>/dev/null && break
+      i=$((i+1)); sleep 1
+    done
+    if [ $i -lt 300 ]; then
+      echo "XREPLAY-DOMU-UP domid=$domid type=$DOMU uptime=$(cut -d' ' -f1 /proc/uptime)"
+    else
+      echo "XREPLAY-DOMU-FAILED domid=$domid no banner in /var/log/xen/guest-domu.log"
+    fi
+  fi
+fi
+exec setsid cttyhack sh
