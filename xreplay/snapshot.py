@@ -18,7 +18,8 @@ from xreplay.abi.layouts import XenStructs
 ECS_NAMES = {0: "free", 1: "reserved", 2: "unbound", 3: "interdomain", 4: "pirq", 5: "virq",
              6: "ipi"}
 
-X86_EFLAGS_IF = 1 << 9
+X86_EFLAGS_IF = 1 << 9  # interrupts enabled when set
+ARM_PSTATE_I = 1 << 7  # IRQs masked when set (CPSR / PSTATE.DAIF)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +125,12 @@ class Snapshot:
 
     @property
     def interrupts_enabled(self) -> bool | None:
-        """IF of the probed vCPU (x86 only: the recorder stores rflags/eflags)."""
-        if self.flags is None or not self.arch.startswith("x86"):
+        """Whether the probed vCPU takes interrupts: x86 IF, or arm's PSTATE.I clear."""
+        if self.flags is None:
             return None
-        return bool(self.flags & X86_EFLAGS_IF)
+        if self.arch.startswith("x86"):
+            return bool(self.flags & X86_EFLAGS_IF)
+        return not self.flags & ARM_PSTATE_I
 
     def is_pending(self, port: int) -> bool:
         return bool(self.evtchn_pending >> port & 1)

@@ -1,0 +1,205 @@
+"""The recording format: writer -> reader round trips, torn tails, corruption, bounds."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import pytest
+from conftest import LAB_PROBES
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from xreplay.errors import XReplayError
+from xreplay.xrr import RecordingHeader, RegionSpec, XrrReader, XrrWriter
+from xreplay.xrr import format as fmt
+from xreplay.xrr.writer import encode_delta
+
+SIZE = 3136  # x86_64 shared_info
+
+
+def _header(keyframe_interval: int = 8) -> RecordingHeader:
+    return RecordingHeader.for_arch(
+        "x86_64", LAB_PROBES, keyframe_interval=keyframe_interval,
+        watch=[RegionSpec("shadow", "watch", 64, "&evtchn_callback_ml")])
+
+
+# A step mutates a few byte ranges of the page and maybe the watch region (or leaves it
+# unread), so the writer exercises full, delta, same and absent encodings.
+edits = st.lists(st.tuples(st.integers(0, SIZE - 1), st.binary(min_size=1, max_size=40)),
+                 max_size=6)
+step = st.tuples(edits, st.integers(0, 2), st.integers(0, 3),
+                 st.one_of(st.none(), st.binary(min_size=64, max_size=64)),
+                 st.booleans(), st.integers(0, 2**64 - 1))
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(step, min_size=1, max_size=40), kfi=st.integers(1, 10))
+def test_round_trip(tmp_path: Path, steps, kfi: int) -> None:
+    path = tmp_path / "rt.xrr"
+    page = bytearray(SIZE)
+    expected = []
+    with XrrWriter(path, _header(kfi)) as w:
+        watch_prev = None
+        for edits_, probe, vcpu, watch, hang, pc in steps:
+            for off, data in edits_:
+                page[off:off + len(data)] = data[: SIZE - off]
+            w.append(probe=probe, vcpu=vcpu, pc=pc, regions=[bytes(page), watch],
+                     regflags=0x246, sp=0x7000, hang=hang)
+            watch_prev = watch if watch is not None else watch_prev
+            expected.append((probe, vcpu, pc, bytes(page), watch_prev, hang))
+    with XrrReader(path) as r:
+        got = [(rec.probe, rec.vcpu, rec.pc, rec.regions[0], rec.regions[1], rec.hang)
+               for rec in r.records()]
+        assert got == expected
+        assert r.trailer == {"snapshots": len(steps)}
+        assert r.problems == []
+        # random access from every point agrees with the sequential read
+        for n in range(0, len(steps), 3):
+            rec = next(r.records(n))
+            assert (rec.seq, rec.regions[0]) == (n, expected[n][3])
+
+
+@given(st.binary(min_size=1, max_size=300), st.binary(min_size=1, max_size=300))
+def test_delta_is_compact_and_exact(a: bytes, b: bytes) -> None:
+    b = (b * (len(a) // len(b) + 1))[: len(a)]
+    buf = bytearray(a)
+    at = 0
+    for run in fmt.DeltaRuns.parse(encode_delta(a, b)):
+        at += run.skip
+        buf[at:at + len(run.data)] = run.data
+        at += len(run.data)
+    assert bytes(buf) == b
+    assert encode_delta(a, a) == b""
+
+
+def _record_file(tmp_path: Path, n: int = 20, close: bool = True) -> Path:
+    path = tmp_path / "t.xrr"
+    page = bytearray(SIZE)
+    w = XrrWriter(path, _header(4))
+    for i in range(n):
+        page[2048 + i % 8] ^= 1 << (i % 5)
+        page[0] = i & 1
+        w.append(probe=i % 3, vcpu=0, pc=i, regions=[bytes(page), bytes(64)])
+    if close:
+        w.close()
+    else:
+        w._f.close()
+    return path
+
+
+def test_typical_record_is_tens_of_bytes(tmp_path: Path) -> None:
+    path = _record_file(tmp_path, n=257)
+    with XrrReader(path) as r:
+        recs = list(r.records())
+    sizes = [b.offset - a.offset for a, b in zip(recs, recs[1:], strict=False)
+             if not b.keyframe and not a.keyframe]
+    assert max(sizes) < 80, sizes
+
+
+def test_truncated_at_every_offset_of_last_record(tmp_path: Path) -> None:
+    path = _record_file(tmp_path, n=12, close=False)
+    data = path.read_bytes()
+    with XrrReader(path) as r:
+        recs = list(r.records())
+        assert r.problems == [] and r.trailer is None
+    last = recs[-1].offset
+    expected = [rec.regions[0] for rec in recs[:-1]]
+    cut_file = tmp_path / "cut.xrr"
+    for cut in range(last, len(data)):
+        cut_file.write_bytes(data[:cut])
+        with XrrReader(cut_file) as r:
+            got = [rec.regions[0] for rec in r.records()]
+            assert got == expected, cut
+            if cut > last:
+                assert r.problems and "torn tail" in r.problems[0], cut
+
+
+def test_torn_crc_on_last_frame_is_a_warning(tmp_path: Path) -> None:
+    path = _record_file(tmp_path, n=5, close=False)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(data)
+    with XrrReader(path) as r:
+        assert len(list(r.records())) == 4
+        assert "torn tail" in r.problems[0]
+
+
+def test_corruption_in_the_middle_names_the_offset(tmp_path: Path) -> None:
+    path = _record_file(tmp_path, n=10)
+    with XrrReader(path) as r:
+        offsets = [rec.offset for rec in r.records()]
+    data = bytearray(path.read_bytes())
+    data[offsets[5] + 8] ^= 0x55
+    path.write_bytes(data)
+    with XrrReader(path) as r:
+        seen = []
+        with pytest.raises(XReplayError, match=rf"corrupt frame at byte {offsets[5]}"):
+            for rec in r.records():
+                seen.append(rec.seq)
+        assert seen == [0, 1, 2, 3, 4]
+
+
+def _raw_header(meta: dict | bytes, major: int = 1) -> bytes:
+    body = meta if isinstance(meta, bytes) else json.dumps(meta).encode()
+    prefix = fmt.FileHeaderPrefix.build({"major": major, "minor": 0, "meta_len": len(body)})
+    crc = fmt.header_crc(prefix[len(fmt.MAGIC):], body)
+    return prefix + body + crc.to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("blob,message", [
+    (b"hello world, not a recording", "bad magic"),
+    (b"", "bad magic"),
+    (fmt.MAGIC + b"\x01", "ends inside the header"),
+    (None, "format version 9.0 is not supported"),
+    ("mips", "unknown guest arch 'mips'"),
+    ("badcrc", "header checksum mismatch"),
+    ("huge", "more than the format allows"),
+])
+def test_bad_files_give_one_clear_error(tmp_path: Path, blob, message: str) -> None:
+    good = _header().to_json()
+    if blob is None:
+        blob = _raw_header(good, major=9)
+    elif blob == "mips":
+        blob = _raw_header({**good, "arch": "mips"})
+    elif blob == "badcrc":
+        blob = bytearray(_raw_header(good))
+        blob[-6] ^= 1
+        blob = bytes(blob)
+    elif blob == "huge":
+        blob = fmt.FileHeaderPrefix.build({"major": 1, "minor": 0, "meta_len": 1 << 30})
+    path = tmp_path / "bad.xrr"
+    path.write_bytes(blob)
+    with pytest.raises(XReplayError, match=message) as e:
+        XrrReader(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bounded_frame_length(tmp_path: Path) -> None:
+    path = tmp_path / "big.xrr"
+    path.write_bytes(_raw_header(_header().to_json()) + bytes([fmt.FRAME_MARK, 1])
+                     + (fmt.MAX_FRAME + 1).to_bytes(4, "little") + b"x" * 100)
+    with XrrReader(path) as r, pytest.raises(XReplayError, match="bad frame marker or length"):
+        list(r.records())
+
+
+def test_delta_outside_region_is_rejected(tmp_path: Path) -> None:
+    header = _header()
+    path = tmp_path / "evil.xrr"
+    w = XrrWriter(path, header)
+    w.append(probe=0, vcpu=0, pc=0, regions=[bytes(SIZE), bytes(64)])
+    evil = fmt.snapshot_payload.build({
+        "seq": 1, "t_ns": 1, "probe": 0, "vcpu": 0, "flags": 0, "pc": 0, "sp": 0,
+        "regflags": 0, "regions": [{"region": 0, "encoding": fmt.ENC_DELTA,
+                                    "data": fmt.DeltaRun.build({"skip": SIZE, "data": b"x"})}]})
+    w._frame(fmt.KIND_SNAPSHOT, evil)
+    w.close()
+    with XrrReader(path) as r, pytest.raises(XReplayError, match="past the end"):
+        list(r.records())
+
+
+def test_frame_crc_covers_kind_and_length() -> None:
+    assert fmt.frame_crc(1, b"abc") != fmt.frame_crc(2, b"abc")
+    assert fmt.frame_crc(1, b"abc") == zlib.crc32(b"abc", zlib.crc32(b"\x01\x03\x00\x00\x00"))
