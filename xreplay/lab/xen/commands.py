@@ -1,0 +1,161 @@
+"""``xreplay lab``: set up, boot, drive and stop the real-Xen lab from the shell.
+
+A thin layer over :mod:`xreplay.lab.xen`: separate invocations meet through the run dir's
+``lab.json`` (QEMU PID, ports, paths), so ``up`` can return while QEMU keeps running.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from xreplay.errors import XReplayError
+from xreplay.lab.xen.lab import DOMU_KINDS, STATE_FILE, Lab, LabState, default_run_dir
+from xreplay.lab.xen.stage import setup as stage_setup
+
+_run_dir_option = click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the lab keeps its state, logs and symbol map "
+    "[default: $XREPLAY_LAB_DIR or <cache>/run].",
+)
+_cache_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where Xen and the kernel are extracted [default: $XREPLAY_CACHE/xenlab "
+    "or ~/.cache/xreplay/xenlab].",
+)
+
+
+def _say(msg: str) -> None:
+    click.echo(f"lab: {msg}", err=True)
+
+
+@click.group("lab")
+def lab() -> None:
+    """A real Xen 4.17 lab (Xen + PV dom0 + PV/PVH Linux domU) under QEMU TCG.
+
+    QEMU's gdbstub sees the whole machine: breakpoints on guest kernel addresses fire in
+    dom0 and in the domU. dom0 commands (`lab exec`) need the machine running, not
+    stopped in gdb.
+    """
+
+
+@lab.command("setup")
+@_cache_option
+@click.option("--refresh", is_flag=True, help="Download and extract again even if cached.")
+@click.option(
+    "--no-install", is_flag=True, help="Fail instead of apt-get installing missing host tools."
+)
+def setup_cmd(cache_dir: Path | None, refresh: bool, no_install: bool) -> None:
+    """Install host tools; download and extract Debian's Xen 4.17 and kernel (cached)."""
+    t0 = time.monotonic()
+    stage = stage_setup(cache_dir, refresh=refresh, install_tools=not no_install, progress=_say)
+    click.echo(f"stage {stage.cache_dir} kernel {stage.kver} ({time.monotonic() - t0:.1f} s)")
+
+
+@lab.command("up")
+@_run_dir_option
+@_cache_option
+@click.option(
+    "--domu",
+    type=click.Choice(DOMU_KINDS),
+    default="pv",
+    show_default=True,
+    help="Guest to create next to dom0 (pvh: gdbstub cannot read its memory under TCG).",
+)
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Boot timeout (s).")
+@click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C stops the lab.")
+@click.option("--json", "as_json", is_flag=True, help="Print the lab state as JSON.")
+def up_cmd(
+    run_dir: Path | None,
+    cache_dir: Path | None,
+    domu: str,
+    timeout: float,
+    foreground: bool,
+    as_json: bool,
+) -> None:
+    """Boot the lab and leave it running; print the gdb address, symbol map and PID."""
+    stage_setup(cache_dir, install_tools=False, progress=_say)
+    the_lab = Lab(run_dir, cache_dir=cache_dir, domu=domu, boot_timeout=timeout, progress=_say)
+    the_lab.start()
+    st = the_lab.state
+    assert st is not None
+    if as_json:
+        click.echo(json.dumps(asdict(st), indent=2))
+    else:
+        _print_state(st)
+    if foreground:
+        try:
+            while the_lab.running():
+                time.sleep(1)
+            _say("QEMU exited")
+        except KeyboardInterrupt:
+            _say("stopping")
+        finally:
+            the_lab.stop()
+
+
+def _print_state(st: LabState) -> None:
+    rd = st.run_dir
+    default = Path(rd) == default_run_dir().resolve()
+    down = "xreplay lab down" + ("" if default else f" --run-dir {rd}")
+    rows = [
+        ("gdbstub", f"127.0.0.1:{st.gdb_port}  (gdb -ex 'set architecture i386:x86-64' "
+                    f"-ex 'target remote 127.0.0.1:{st.gdb_port}')"),
+        ("symbol map", st.symbol_map or "-"),
+        ("QEMU pid", f"{st.pid}  (stop: {down}, or kill {st.pid})"),
+        ("domU", f"domid {st.domid} ({st.domu})" if st.domid is not None else st.domu),
+        ("dom0 shell", "xreplay lab exec 'xl list'  (needs the machine running, not in gdb)"),
+        ("serial log", st.serial_log),
+        ("timings", ", ".join(f"{k} {v:.1f} s" for k, v in st.timings.items())),
+    ]
+    for key, val in rows:
+        click.echo(f"{key:<11} {val}")
+
+
+@lab.command("exec")
+@_run_dir_option
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds.")
+@click.argument("command")
+def exec_cmd(run_dir: Path | None, timeout: float, command: str) -> None:
+    """Run COMMAND in the running lab's dom0; print its output, exit with its code."""
+    rc, out = Lab.attach(run_dir).dom0_run(command, timeout)
+    click.echo(out, nl=False)
+    sys.exit(rc)
+
+
+@lab.command("status")
+@_run_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the lab state as JSON.")
+def status_cmd(run_dir: Path | None, as_json: bool) -> None:
+    """Show the running lab's gdb address, PID and paths."""
+    st = Lab.attach(run_dir).state
+    assert st is not None
+    if as_json:
+        click.echo(json.dumps(asdict(st), indent=2))
+    else:
+        _print_state(st)
+
+
+@lab.command("down")
+@_run_dir_option
+def down_cmd(run_dir: Path | None) -> None:
+    """Stop the lab's QEMU by its PID (does nothing when no lab is running)."""
+    rd = run_dir or default_run_dir()
+    try:
+        the_lab = Lab.attach(rd)
+    except XReplayError as exc:
+        (rd / STATE_FILE).unlink(missing_ok=True)  # stale state of a QEMU that is gone
+        click.echo(f"no lab running in {rd} ({exc})")
+        return
+    pid = the_lab.pid
+    the_lab.stop()
+    click.echo(f"stopped QEMU pid {pid}")
