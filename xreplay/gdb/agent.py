@@ -1,0 +1,190 @@
+"""xreplay's in-gdb agent: snapshots at breakpoints without an MI round trip per hit.
+
+GDB sources this file into its embedded Python, which is the *system* Python, not the
+project's virtualenv, so it uses the standard library only.  Each probe is a
+``gdb.Breakpoint`` whose ``stop()`` reads the configured memory regions with
+``Inferior.read_memory``, sends one binary frame to the recorder over a Unix socket and
+returns False, so gdb resumes the target at once (GDB manual, "Breakpoints In Python").
+The recorder (``xreplay.record``) owns the ``.xrr`` file; this side only reads and sends.
+
+Wire protocol (little-endian), one message per frame: ``u32 length``, ``u8 type``, body.
+Type ``S`` (snapshot): ``<IHHQQQB`` = hit, probe, vcpu, pc, sp, regflags, flags, then
+``u8 nregions`` and per region ``u32 size`` (0xFFFFFFFF = unreadable) and the bytes.
+Type ``J``: a UTF-8 JSON object (hello, counters, errors).
+"""
+
+import json
+import socket
+import struct
+
+import gdb  # type: ignore[import-not-found]
+
+_SNAP = struct.Struct("<IHHQQQB")
+_LEN = struct.Struct("<IB")
+UNREADABLE = 0xFFFFFFFF
+F_HANG = 1
+F_HAVE_SP = 2
+F_HAVE_FLAGS = 4
+
+_agent = None
+
+
+class _Probe(gdb.Breakpoint):
+    """One probe location; its hits become snapshots."""
+
+    def __init__(self, agent, pid, spec):
+        super().__init__(spec["location"], type=gdb.BP_BREAKPOINT, internal=True)
+        self.agent = agent
+        self.pid = pid
+        self.name = spec["name"]
+
+    def stop(self):
+        return self.agent.on_hit(self.pid)
+
+
+class Agent:
+    def __init__(self, config):
+        self.config = config
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(config["socket"])
+        self.inferior = gdb.selected_inferior()
+        self.arch = gdb.selected_frame().architecture().name() if gdb.selected_thread() else ""
+        self.flags_reg = config.get("flags_register")
+        self.regions = []  # [address or None, size, expression to re-evaluate or None]
+        self.hits = 0
+        self.duplicates = 0
+        self.foreign = 0
+        self.count_limit = config.get("count") or 0
+        self.dedupe = bool(config.get("dedupe"))
+        self.filter_expr = config.get("filter")
+        self.last = {}
+        self.probes = []
+        self.stopped_for_count = False
+        resolved = []
+        for spec in config["regions"]:
+            addr = self.resolve(spec["expr"])
+            self.regions.append([addr, spec["size"], spec["expr"] if spec.get("reeval") else None])
+            resolved.append({"name": spec["name"], "address": addr})
+        for i, spec in enumerate(config["probes"]):
+            self.probes.append(_Probe(self, i, spec))
+        self.send_json({"event": "hello", "regions": resolved, "arch": self.arch,
+                        "probes": [{"name": p.name, "locations": p.location,
+                                    "number": p.number} for p in self.probes]})
+
+    # -- helpers -------------------------------------------------------------------
+
+    @staticmethod
+    def resolve(expr):
+        """An address from an expression: a pointer's value, an object's address, or an int."""
+        value = gdb.parse_and_eval(expr)
+        code = value.type.strip_typedefs().code
+        if code == gdb.TYPE_CODE_PTR:
+            return int(value)
+        if code in (gdb.TYPE_CODE_INT,):
+            return int(value)
+        if value.address is not None:
+            return int(value.address)
+        raise gdb.GdbError(f"cannot take an address of {expr!r}")
+
+    def send(self, kind, body):
+        self.sock.sendall(_LEN.pack(len(body) + 1, kind) + body)
+
+    def send_json(self, obj):
+        self.send(ord("J"), json.dumps(obj).encode())
+
+    def register(self, frame, name):
+        try:
+            return int(frame.read_register(name)) & 0xFFFFFFFFFFFFFFFF
+        except (gdb.error, ValueError):
+            return None
+
+    def read_regions(self):
+        out = []
+        for entry in self.regions:
+            addr, size, expr = entry
+            if expr is not None:
+                try:
+                    addr = entry[0] = self.resolve(expr)
+                except gdb.error:
+                    addr = None
+            if addr is None:
+                out.append(None)
+                continue
+            try:
+                out.append(bytes(self.inferior.read_memory(addr, size)))
+            except gdb.MemoryError:
+                out.append(None)
+        return out
+
+    # -- hits ----------------------------------------------------------------------
+
+    def on_hit(self, pid, hang=False):
+        if self.filter_expr and not hang:
+            try:
+                keep = bool(gdb.parse_and_eval(self.filter_expr))
+            except gdb.error:
+                keep = False
+            if not keep:
+                self.foreign += 1
+                return False
+        frame = gdb.selected_frame()
+        thread = gdb.selected_thread()
+        vcpu = max(0, thread.num - 1) if thread is not None else 0
+        pc = self.register(frame, "pc") or 0
+        sp = self.register(frame, "sp")
+        regflags = self.register(frame, self.flags_reg) if self.flags_reg else None
+        regions = self.read_regions()
+        if self.dedupe and not hang:
+            # gdb + QEMU can report one hit twice (shared/gdbstub-limits.md): drop an exact
+            # repeat of the previous hit on the same vCPU.
+            key = (pid, pc, sp, regflags, tuple(regions))
+            if self.last.get(vcpu) == key:
+                self.duplicates += 1
+                return False
+            self.last[vcpu] = key
+        flags = (F_HANG if hang else 0) | (F_HAVE_SP if sp is not None else 0) | (
+            F_HAVE_FLAGS if regflags is not None else 0)
+        parts = [_SNAP.pack(self.hits, pid, vcpu, pc, sp or 0, regflags or 0, flags),
+                 bytes([len(regions)])]
+        for data in regions:
+            if data is None:
+                parts.append(struct.pack("<I", UNREADABLE))
+            else:
+                parts.append(struct.pack("<I", len(data)))
+                parts.append(data)
+        self.send(ord("S"), b"".join(parts))
+        self.hits += 1
+        if self.count_limit and self.hits >= self.count_limit and not hang:
+            self.stopped_for_count = True
+            return True  # a real stop: the recorder sees *stopped and finishes
+        return False
+
+    def snapshot_now(self, pid):
+        """A snapshot where the target is stopped now (the hang snapshot)."""
+        self.on_hit(pid, hang=True)
+
+    def finish(self):
+        """Delete every probe and report counters; the target is left as found."""
+        for p in self.probes:
+            if p.is_valid():
+                p.delete()
+        self.probes = []
+        self.send_json({"event": "finish", "hits": self.hits, "duplicates": self.duplicates,
+                        "foreign": self.foreign})
+        self.sock.close()
+
+
+def start(config_path):
+    global _agent
+    with open(config_path) as f:
+        config = json.load(f)
+    _agent = Agent(config)
+
+
+def snapshot_now(pid):
+    _agent.snapshot_now(pid)
+
+
+def finish():
+    if _agent is not None:
+        _agent.finish()
