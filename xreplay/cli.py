@@ -131,5 +131,171 @@ def _print_summary(s: dict[str, Any], first: Any, last: Any) -> None:
         click.echo(last.render())
 
 
+def _parse_kv(values: tuple[str, ...], what: str, key_int: bool = True) -> dict:
+    out: dict = {}
+    for text in values:
+        key, sep, value = text.partition("=")
+        if not sep or not key or not value:
+            raise XReplayError(f"bad {what} {text!r}: write KEY=VALUE")
+        if key_int:
+            try:
+                out[int(key, 0)] = value
+            except ValueError:
+                raise XReplayError(f"bad {what} {text!r}: {key!r} is not a number") from None
+        else:
+            out[key] = value
+    return out
+
+
+@main.command()
+@click.option("--target", help="HOST:PORT of a gdbstub (gdbserver, QEMU -gdb, gdbsx).")
+@click.option("--launch", help="Command that starts the target's gdbstub (then --target "
+              "attaches to it); the recorder stops it at the end.")
+@click.option("--elf", type=click.Path(dir_okay=False, path_type=Path),
+              help="Guest image with symbols.")
+@click.option("--arch", default="x86_64", show_default=True,
+              help="Guest ABI of shared_info: x86_64, x86_32, arm64, arm32.")
+@click.option("--upcall", "upcall", help="Location of the upcall (interrupt top half).")
+@click.option("--bottom-half", "bottom_half", help="Location of the bottom half (demux).")
+@click.option("--block", "block", help="Location where the vCPU blocks (hlt / SCHEDOP_block).")
+@click.option("--probe", "extra_probes", multiple=True, metavar="NAME=LOCATION",
+              help="Another probe (repeatable).")
+@click.option("--shared-info", "shared_info", default="HYPERVISOR_shared_info",
+              show_default=True, help="Address or gdb expression of shared_info (a pointer "
+              "variable, the object itself, or a number).")
+@click.option("--vcpu-info", "vcpu_info", multiple=True, metavar="[VCPU=]EXPR",
+              help="Where a vCPU's registered vcpu_info lives (repeatable).")
+@click.option("--watch", multiple=True, metavar="NAME=EXPR:LEN",
+              help="Extra guest memory stored with each snapshot (repeatable).")
+@click.option("--label", multiple=True, metavar="PORT=NAME", help="Name a port (repeatable).")
+@click.option("--vcpus", default="0", show_default=True, help="vCPUs to decode, e.g. 0,1.")
+@click.option("--count", type=click.IntRange(1), help="Stop after N snapshots.")
+@click.option("--duration", type=click.FloatRange(0, min_open=True), help="Stop after S s.")
+@click.option("--hang-after", "hang_after", type=click.FloatRange(0, min_open=True),
+              help="No probe hit for S s: interrupt, take a hang snapshot, stop.")
+@click.option("--kill", "kill_target", is_flag=True, help="Kill the target at the end "
+              "instead of detaching.")
+@click.option("--dedupe/--no-dedupe", default=None,
+              help="Drop exact repeated hits (default: on for QEMU targets).")
+@click.option("--qemu", "is_qemu", is_flag=True, help="The stub is QEMU's (sets gdb's "
+              "architecture to i386:x86-64 for x86 guests, de-duplicates hits).")
+@click.option("--filter", "filter_expr", help="gdb expression: record a hit only where it is "
+              "true (whole-machine stubs); other hits are resumed and counted.")
+@click.option("--gdb", default="gdb", show_default=True, help="gdb executable.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              required=True, help="Recording file to write.")
+def record(target: str | None, launch: str | None, elf: Path | None, arch: str,
+           upcall: str | None, bottom_half: str | None, block: str | None,
+           extra_probes: tuple[str, ...], shared_info: str, vcpu_info: tuple[str, ...],
+           watch: tuple[str, ...], label: tuple[str, ...], vcpus: str, count: int | None,
+           duration: float | None, hang_after: float | None, kill_target: bool,
+           dedupe: bool | None, is_qemu: bool, filter_expr: str | None, gdb: str,
+           output: Path) -> None:
+    """Record a live guest's event-channel state at its upcall, bottom half and block."""
+    import shlex
+
+    from xreplay.abi import canonical_arch
+    from xreplay.record import RecordOptions, WatchSpec
+    from xreplay.xrr import ProbeSpec
+
+    arch = canonical_arch(arch)
+    probes = [ProbeSpec(name, loc, name) for name, loc in
+              (("upcall", upcall), ("bottom-half", bottom_half), ("block", block)) if loc]
+    probes += [ProbeSpec(k, v, "other") for k, v in
+               _parse_kv(extra_probes, "--probe", key_int=False).items()]
+    vinfo: dict[int, str] = {}
+    for text in vcpu_info:
+        key, sep, expr = text.partition("=")
+        if sep and key.strip().isdigit():
+            vinfo[int(key)] = expr
+        else:
+            vinfo[0] = text
+    try:
+        vcpu_list = [int(v) for v in vcpus.split(",") if v.strip()]
+    except ValueError:
+        raise XReplayError(f"bad --vcpus {vcpus!r}: write e.g. 0,1") from None
+    if launch and not target:
+        raise XReplayError("--launch needs --target HOST:PORT (where the launched stub listens)")
+    options = RecordOptions(
+        output=output, arch=arch, target=target, launch=shlex.split(launch) if launch else None,
+        elf=elf, probes=probes, shared_info=shared_info, vcpu_info=vinfo,
+        watch=[WatchSpec.parse(w) for w in watch], labels=_parse_kv(label, "--label"),
+        vcpus=sorted(set(vcpu_list) | set(vinfo)) or [0], count=count, duration=duration,
+        hang_after=hang_after, kill_target=kill_target, gdb=gdb,
+        gdb_arch="i386:x86-64" if is_qemu and arch.startswith("x86") else None,
+        dedupe=is_qemu if dedupe is None else dedupe, filter=filter_expr,
+        target_kind="qemu" if is_qemu else "gdbstub")
+    result = run_recorder(options)
+    _print_record_result(result)
+
+
+def run_recorder(options: Any) -> Any:
+    """Run a :class:`~xreplay.record.Recorder` with Ctrl-C/SIGTERM handling and progress."""
+    import signal
+
+    from xreplay.record import Recorder
+
+    live = sys.stderr.isatty()
+
+    def progress(p: Any) -> None:
+        rate = p.snapshots / p.elapsed if p.elapsed else 0.0
+        click.echo(f"\r{p.snapshots} snapshots  {rate:7.0f}/s  last {p.last_probe or '-':<12}"
+                   f"  {p.elapsed:6.1f} s", nl=False, err=True)
+
+    rec = Recorder(options, on_progress=progress if live else None)
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, lambda *_: rec.request_stop("interrupted"))
+    try:
+        result = rec.run()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if live:
+            click.echo("", err=True)
+    return result
+
+
+def _print_record_result(r: Any) -> None:
+    extra = ""
+    if r.duplicates:
+        extra += f", {r.duplicates} duplicate hits dropped"
+    if r.foreign:
+        extra += f", {r.foreign} hits of other domains skipped"
+    click.echo(f"{r.output}: {r.snapshots} snapshots in {r.elapsed:.2f} s "
+               f"({r.rate:.0f}/s), ended by {r.reason}{extra}")
+    if r.hang_snapshot is not None:
+        click.echo(f"hang snapshot: #{r.hang_snapshot} (xreplay show {r.output} --at "
+                   f"{r.hang_snapshot})")
+
+
+@main.command()
+@click.argument("source", type=click.Path(allow_dash=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--strict", is_flag=True, help="A malformed port line is an error.")
+def debugkeys(source: str, as_json: bool, strict: bool) -> None:
+    """Parse Xen's 'e' debug-key output (xl debug-keys e; xl dmesg) from FILE or -."""
+    from xreplay import debugkeys as dk
+
+    if source == "-":
+        dumps = dk.parse(sys.stdin.read(), "<stdin>", strict=strict)
+    else:
+        try:
+            dumps = dk.parse_file(source, strict=strict)
+        except OSError as e:
+            raise XReplayError(f"{source}: cannot read ({e.strerror})") from None
+    if as_json:
+        emit_json(dk.to_json(dumps))
+        return
+    for d in dumps:
+        click.echo(d.render(prefix=""))
+        stuck = d.pending_unmasked()
+        if stuck:
+            click.echo(f"  -> domain {d.domid}: pending and unmasked: "
+                       + ", ".join(f"{p.port} {p.pms}" for p in stuck))
+        for w in d.warnings:
+            click.echo(f"xreplay: warning: {source}: {w}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -59,9 +59,10 @@ class PortState:
     def state_name(self) -> str | None:
         return None if self.state is None else ECS_NAMES.get(self.state, str(self.state))
 
-    def render(self) -> str:
-        """One line in the 'e' key's format (``%4u [%d/%d/%d]: s=%d n=%d x=%d ...``)."""
-        line = f"{self.port:8d} {self.pms}"
+    def render(self, xen_format: bool = False) -> str:
+        """One line in the 'e' key's format (``    %4u [%d/%d/%d]: s=%d n=%d x=%d ...``);
+        unless ``xen_format``, our port label follows in parentheses."""
+        line = f"    {self.port:4d} {self.pms}"
         if self.state is not None:
             line += f": s={self.state} n={self.notify_vcpu} x={self.xen_consumer}"
             for key, value in (("d", self.remote_domain), ("p", self.remote_port),
@@ -69,12 +70,16 @@ class PortState:
                                ("Z", self.xsm_label)):
                 if value is not None:
                     line += f" {key}={value}"
-        if self.label:
+        if self.label and not xen_format:
             line += f"  ({self.label})"
         return line
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PortState:
+        return cls(**{k: d.get(k) for k in cls.__slots__ if k in d})
 
 
 @dataclass(frozen=True, slots=True)
