@@ -297,5 +297,14 @@ def debugkeys(source: str, as_json: bool, strict: bool) -> None:
             click.echo(f"xreplay: warning: {source}: {w}", err=True)
 
 
+def _register_subsystems() -> None:
+    """Command groups that live beside their library (lab, replay) join the main CLI."""
+    from xreplay.lab.xen.commands import lab
+
+    main.add_command(lab)
+
+
+_register_subsystems()
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
