@@ -115,6 +115,7 @@ def _print_state(st: LabState) -> None:
         ("domU", f"domid {st.domid} ({st.domu})" if st.domid is not None else st.domu),
         ("dom0 shell", "xreplay lab exec 'xl list'  (needs the machine running, not in gdb)"),
         ("serial log", st.serial_log),
+        ("serial in", f"{st.serial_socket}  (unix socket: Xen's console, input goes to dom0)"),
         ("timings", ", ".join(f"{k} {v:.1f} s" for k, v in st.timings.items())),
     ]
     for key, val in rows:
