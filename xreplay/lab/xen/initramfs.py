@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -136,7 +137,7 @@ class _Tree:
         if proc.returncode != 0:
             raise XReplayError(f"cpio failed: {proc.stderr.decode(errors='replace').strip()}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # concurrent builds don't clash
         with gzip.open(tmp, "wb", compresslevel=6) as fh:
             fh.write(proc.stdout)
         tmp.replace(out)
