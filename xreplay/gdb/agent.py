@@ -34,6 +34,10 @@ class _Probe(gdb.Breakpoint):
 
     def __init__(self, agent, pid, spec):
         super().__init__(spec["location"], type=gdb.BP_BREAKPOINT, internal=True)
+        if self.pending:  # Python breakpoints ignore "set breakpoint pending off"
+            self.delete()
+            raise gdb.GdbError(
+                "probe {}: location {!r} not found".format(spec["name"], spec["location"]))
         self.agent = agent
         self.pid = pid
         self.name = spec["name"]
@@ -65,8 +69,14 @@ class Agent:
             addr = self.resolve(spec["expr"])
             self.regions.append([addr, spec["size"], spec["expr"] if spec.get("reeval") else None])
             resolved.append({"name": spec["name"], "address": addr})
-        for i, spec in enumerate(config["probes"]):
-            self.probes.append(_Probe(self, i, spec))
+        try:
+            for i, spec in enumerate(config["probes"]):
+                self.probes.append(_Probe(self, i, spec))
+        except gdb.GdbError:
+            for p in self.probes:
+                p.delete()
+            self.sock.close()
+            raise
         self.send_json({"event": "hello", "regions": resolved, "arch": self.arch,
                         "probes": [{"name": p.name, "locations": p.location,
                                     "number": p.number} for p in self.probes]})

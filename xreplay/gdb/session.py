@@ -105,7 +105,16 @@ class GdbSession:
         return self.mi(f'-interpreter-exec console "{escaped}"', timeout)
 
     def python(self, code: str, timeout: float = 10.0) -> dict[str, Any]:
-        return self.console_command(f"python {code}", timeout)
+        """Run Python inside gdb; an exception's own message replaces gdb's generic one."""
+        seen = len(self.console)
+        try:
+            return self.console_command(f"python {code}", timeout)
+        except GdbCommandError as e:
+            said = [c.strip() for c in self.console[seen:] if c.strip()]
+            said = [c for c in said if not c.startswith("Error while executing Python")]
+            if said:
+                raise GdbCommandError(said[-1]) from None
+            raise e from None
 
     def wait_stopped(self, timeout: float) -> dict[str, Any] | None:
         """The next ``*stopped`` record's payload, or None after ``timeout`` seconds."""
