@@ -297,6 +297,27 @@ def debugkeys(source: str, as_json: bool, strict: bool) -> None:
             click.echo(f"xreplay: warning: {source}: {w}", err=True)
 
 
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["vcd", "chrome"]), default="vcd",
+              show_default=True, help="vcd: waveform viewers (GTKWave, Surfer); chrome: "
+              "Perfetto / chrome://tracing.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True),
+              default="-", show_default=True, help="Output file.")
+def export(file: Path, fmt: str, output: str) -> None:
+    """Export a recording for a viewer."""
+    from xreplay.export import FORMATS
+    from xreplay.xrr import XrrReader
+
+    XrrReader(file).close()  # validate before creating the output
+    if output == "-":
+        n = FORMATS[fmt](file, sys.stdout)
+    else:
+        with open(output, "w") as f:
+            n = FORMATS[fmt](file, f)
+        click.echo(f"{output}: {n} snapshots as {fmt}", err=True)
+
+
 def _register_subsystems() -> None:
     """Command groups that live beside their library (lab, replay) join the main CLI."""
     from xreplay.lab.xen.commands import lab
