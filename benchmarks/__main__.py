@@ -1,0 +1,44 @@
+"""``python -m benchmarks [NAME ...] [--hits N] [--runs R] [--only NAME]``: run benchmarks.
+
+With no name, every registered benchmark runs.  Exit status 1 if any stored result failed
+verification, so a CI job can run this without reading the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from benchmarks import BENCHMARKS, MODULES, BenchArgs
+
+
+def main(argv: list[str] | None = None) -> int:
+    for mod in MODULES:
+        importlib.import_module(mod)
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="benchmarks to run: " + ", ".join(
+                       f"{b.name} ({b.help})" for b in BENCHMARKS.values()))
+    p.add_argument("--only", action="append", default=[], metavar="NAME",
+                   help="run only this benchmark (repeatable; same as naming it)")
+    p.add_argument("--hits", type=int, default=None, metavar="N",
+                   help="hits per run for the fast methods (slow ones get fewer)")
+    p.add_argument("--runs", type=int, default=3, metavar="R",
+                   help="runs per method, interleaved; the table shows medians (default 3)")
+    a = p.parse_args(argv)
+    names = [*a.names, *a.only] or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        p.error(f"unknown benchmark {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    if a.hits is not None and a.hits < 1 or a.runs < 1:
+        p.error("--hits and --runs must be at least 1")
+    ok = True
+    for name in names:
+        ok = BENCHMARKS[name].run(BenchArgs(hits=a.hits, runs=a.runs)) and ok
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

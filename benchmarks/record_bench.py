@@ -1,0 +1,444 @@
+"""Record benchmark: snapshots/s of ``xreplay record`` against the practical limit.
+
+Every method does the same job against the same target (``target.c`` under
+``gdbserver --once``): at each hit of ``evtchn_upcall_handler`` read
+``HYPERVISOR_shared_info`` (x86_64 layout, 3136 bytes), store it, resume.  Methods:
+
+* ``xreplay`` - the library, ``Recorder(RecordOptions(...)).run()``, as ``xreplay record``
+  builds it;
+* ``raw-rsp`` - :mod:`benchmarks.rsp_client`, one request in flight: the baseline that
+  every ratio is taken against, since it is what a stub allows a synchronous client;
+* ``raw-rsp-pipelined`` - the same client sending reads, step-over and continue as one
+  batch per hit (gdbserver answers queued packets in order): how far past one request in
+  flight the stub itself can go;
+* ``pygdbmi-default`` - the loop a user writes first with pygdbmi's defaults (each
+  ``write()`` waits 0.2 s for more output, so it gets few hits);
+* ``pygdbmi-tuned`` - the same loop with a 0.5 ms settle time, waiting for records by token.
+
+Each method's time runs from its first resume to its last stored snapshot; start-up
+(spawning gdb, connecting, loading symbols) is reported separately as wall time.  Every
+stored snapshot is checked: record *i* must hold counter *i* (``wc_version``) and the
+upcall-pending byte the loop set, so a lost, duplicated or torn snapshot fails the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks import BenchArgs, Measurement, Method, register, run_interleaved, table
+from benchmarks.rsp_client import RspClient, RspError, decode_hex
+
+TARGET_SRC = Path(__file__).with_name("target.c")
+CFLAGS = ["-DXEN_HAVE_PV_UPCALL_MASK=1", "-O2", "-g", "-no-pie"]
+PROBE = "evtchn_upcall_handler"
+SHARED_INFO = "HYPERVISOR_shared_info"
+DEFAULT_HITS = 2000
+DEFAULT_SLOW_HITS = 10  # pygdbmi with defaults: ~0.4 s per hit
+BASELINE = "raw-rsp"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- the target ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    exe: Path
+    probe_addr: int
+    shared_info_addr: int
+    size: int  # sizeof(struct shared_info) for x86_64
+    counter_off: int  # wc_version: the loop's iteration counter
+    pending_off: int  # vcpu_info[0].evtchn_upcall_pending: 1 at every hit
+
+
+def build_target(cache: Path | None = None) -> Target:
+    """Compile ``target.c`` once per source/flags version into a cache dir (atomic rename)."""
+    from xreplay.abi import layout
+
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise RuntimeError("gcc not found (apt-get install gcc)")
+    src = TARGET_SRC.read_bytes()
+    key = hashlib.sha256(src + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    cache = cache or Path(tempfile.gettempdir()) / f"xreplay-bench-{os.getuid()}"
+    cache.mkdir(parents=True, exist_ok=True)
+    exe = cache / f"target-{key}"
+    if not exe.exists():
+        tmp = cache / f".target-{key}-{os.getpid()}"
+        subprocess.run([gcc, *CFLAGS, "-o", str(tmp), str(TARGET_SRC)], check=True)
+        os.replace(tmp, exe)
+    syms = _symbols(exe)
+    structs = layout("x86_64")
+    fields = structs.fields("shared_info")
+    vfields = structs.fields("vcpu_info")
+    return Target(exe, syms[PROBE], syms[SHARED_INFO], structs.shared_info.sizeof(),
+                  fields["wc_version"][0], vfields["evtchn_upcall_pending"][0])
+
+
+def _symbols(exe: Path) -> dict[str, int]:
+    out = subprocess.run(["nm", str(exe)], check=True, capture_output=True, text=True).stdout
+    syms = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            syms[parts[2]] = int(parts[0], 16)
+    return syms
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GdbServer:
+    """``gdbserver --once`` running the target for ``n`` iterations; killed by PID on exit."""
+
+    def __init__(self, target: Target, n: int, workdir: Path) -> None:
+        self.target = target
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = workdir / f"gdbserver-{self.port}.log"
+        with open(self.log, "wb") as logf:
+            self.proc = subprocess.Popen(
+                ["gdbserver", "--once", self.address, str(target.exe), str(n)],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        deadline = time.monotonic() + 10
+        while b"Listening on port" not in self.log.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"gdbserver did not start: {self.log.read_text()[-300:]}")
+            time.sleep(0.005)
+
+    def inferior_pid(self) -> int | None:
+        m = re.search(rb"pid = (\d+)", self.log.read_bytes())
+        return int(m.group(1)) if m else None
+
+    def stop(self) -> None:
+        pid = self.inferior_pid()
+        if pid is not None:
+            _kill_if(pid, str(self.target.exe))
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def __enter__(self) -> GdbServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _kill_if(pid: int, exe: str) -> None:
+    """SIGKILL ``pid`` only if it still runs ``exe`` (the PID may have been reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if exe.encode() in cmdline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+# -- verification --------------------------------------------------------------------------
+
+
+def check_snapshots(target: Target, snaps: Iterator[bytes], hits: int) -> tuple[bool, str]:
+    """Snapshot i must hold counter i and the pending byte: no loss, repeat or tear."""
+    n = 0
+    for i, data in enumerate(snaps):
+        if len(data) != target.size:
+            return False, f"snapshot {i}: {len(data)} bytes"
+        (counter,) = struct.unpack_from("<I", data, target.counter_off)
+        if counter != i:
+            return False, f"snapshot {i} holds counter {counter}"
+        if data[target.pending_off] != 1:
+            return False, f"snapshot {i}: upcall_pending {data[target.pending_off]}"
+        n = i + 1
+    if n != hits:
+        return False, f"{n} snapshots stored, expected {hits}"
+    return True, ""
+
+
+def _blob_snapshots(path: Path, size: int) -> Iterator[bytes]:
+    data = path.read_bytes()
+    for at in range(0, len(data), size):
+        yield data[at:at + size]
+
+
+def verify_blob(target: Target, path: Path, hits: int) -> tuple[bool, str]:
+    return check_snapshots(target, _blob_snapshots(path, target.size), hits)
+
+
+def verify_xrr(target: Target, path: Path, hits: int) -> tuple[bool, str]:
+    from xreplay.xrr import XrrReader
+
+    with XrrReader(path) as reader:
+        ok, note = check_snapshots(target, (r.regions[0] or b"" for r in reader.records()),
+                                   hits)
+        if ok and (reader.trailer is None or reader.problems):
+            return False, f"not closed cleanly: {reader.problems}"
+    return ok, note
+
+
+# -- methods -------------------------------------------------------------------------------
+
+
+def run_xreplay(target: Target, workdir: Path, hits: int) -> Measurement:
+    """The library as ``xreplay record --target ... --upcall ... --count N --kill`` uses it."""
+    from xreplay.record import Recorder, RecordOptions
+    from xreplay.xrr import ProbeSpec
+
+    out = workdir / "xreplay.xrr"
+    t = time.monotonic()
+    with GdbServer(target, hits + 1, workdir) as srv:
+        opts = RecordOptions(
+            output=out, arch="x86_64", target=srv.address, elf=target.exe,
+            probes=[ProbeSpec("upcall", PROBE, "upcall")], shared_info=SHARED_INFO,
+            count=hits, kill_target=True, target_kind="gdbstub",
+            description="benchmarks/target.c under gdbserver")
+        res = Recorder(opts).run()
+    wall = time.monotonic() - t
+    ok, note = verify_xrr(target, out, hits)
+    if res.reason != "count":
+        ok, note = False, f"ended by {res.reason} {note}".strip()
+    return Measurement(res.snapshots, res.elapsed, ok, wall, note)
+
+
+def run_raw(target: Target, workdir: Path, hits: int, pipelined: bool = False) -> Measurement:
+    """Own Z0, continue, ``m`` reads, step-over; one request in flight unless ``pipelined``."""
+    out = workdir / ("raw-pipelined.bin" if pipelined else "raw.bin")
+    t = time.monotonic()
+    n = 0
+    with GdbServer(target, hits + 1, workdir) as srv, open(out, "wb") as f:
+        c = RspClient("127.0.0.1", srv.port)
+        try:
+            c.connect()
+            c.set_breakpoint(target.probe_addr)
+            addr, size = target.shared_info_addr, target.size
+            t0 = time.monotonic()
+            stop = c.cont()
+            while not stop.exited:
+                if not pipelined or n == hits - 1:
+                    f.write(c.read_memory(addr, size))
+                    n += 1
+                    if n == hits:
+                        break
+                    stop = c.step_over(target.probe_addr, stop.thread)
+                    if not stop.exited:
+                        stop = c.cont()
+                    continue
+                reads = c.read_packets(addr, size)
+                bp = b"%x,1" % target.probe_addr
+                c.send(*reads, b"z0," + bp, c.resume_packet(True, stop.thread), b"Z0," + bp,
+                       c.resume_packet())
+                data = b"".join(decode_hex(c.recv()) for _ in reads)
+                if len(data) != size:
+                    raise RspError(f"short read: {len(data)} bytes")
+                f.write(data)
+                n += 1
+                replies = [c.recv(), c.parse_stop(c.recv()), c.recv()]
+                if replies[0] != b"OK" or replies[2] != b"OK":
+                    raise RspError(f"step-over replies: {replies!r}")
+                stop = c.parse_stop(c.recv())
+            elapsed = time.monotonic() - t0
+            c.kill()
+        finally:
+            c.close()
+    wall = time.monotonic() - t
+    ok, note = verify_blob(target, out, hits)
+    return Measurement(n, elapsed, ok, wall, note)
+
+
+def _start_gdbmi(time_to_check: float | None) -> Any:
+    from pygdbmi.gdbcontroller import GdbController
+
+    if time_to_check is None:
+        return GdbController()  # pygdbmi's defaults, as a first attempt would use them
+    return GdbController(time_to_check_for_additional_output_sec=time_to_check)
+
+
+def _stop_gdbmi(gdbmi: Any) -> None:
+    proc = gdbmi.gdb_process
+    if proc is not None and proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    gdbmi.gdb_process = None
+
+
+def run_pygdbmi_default(target: Target, workdir: Path, hits: int) -> Measurement:
+    """The naive loop: ``write()`` each MI command and take what comes back."""
+    out = workdir / "pygdbmi-default.bin"
+    t = time.monotonic()
+    n = 0
+    with GdbServer(target, hits + 1, workdir) as srv, open(out, "wb") as f:
+        gdbmi = _start_gdbmi(None)
+        try:
+            gdbmi.write(f"-file-exec-and-symbols {target.exe}", timeout_sec=30)
+            gdbmi.write(f"-target-select remote {srv.address}", timeout_sec=30)
+            gdbmi.write(f"-break-insert {PROBE}")
+            t0 = time.monotonic()
+            while n < hits:
+                resp = gdbmi.write("-exec-continue")
+                while not (stopped := [r for r in resp if r.get("message") == "stopped"]):
+                    resp = gdbmi.get_gdb_response(timeout_sec=10)
+                if stopped[0]["payload"].get("reason", "").startswith("exited"):
+                    break
+                resp = gdbmi.write(f"-data-read-memory-bytes &{SHARED_INFO} {target.size}")
+                done = next(r for r in resp if r.get("type") == "result")
+                f.write(bytes.fromhex(done["payload"]["memory"][0]["contents"]))
+                n += 1
+            elapsed = time.monotonic() - t0
+        finally:
+            _stop_gdbmi(gdbmi)
+    wall = time.monotonic() - t
+    ok, note = verify_blob(target, out, hits)
+    return Measurement(n, elapsed, ok, wall, note)
+
+
+class _TunedMi:
+    """pygdbmi with a 0.5 ms settle time; waits for the record it needs, by token."""
+
+    def __init__(self) -> None:
+        self.ctl = _start_gdbmi(0.0005)
+        self.token = 0
+        self.pending: list[dict[str, Any]] = []
+
+    def _wait(self, match: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, r in enumerate(self.pending):
+                if match(r):
+                    return self.pending.pop(i)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("gdb did not answer")
+            self.pending += [r for r in self.ctl.get_gdb_response(
+                timeout_sec=left, raise_error_on_timeout=False)
+                if r.get("type") in ("result", "notify")]
+
+    def mi(self, cmd: str, timeout: float = 10.0) -> dict[str, Any]:
+        self.token += 1
+        tok = self.token
+        self.ctl.write(f"{tok}{cmd}", read_response=False)
+        r = self._wait(lambda r: r.get("type") == "result" and r.get("token") == tok, timeout)
+        if r.get("message") == "error":
+            raise RuntimeError(f"{cmd}: {r.get('payload')}")
+        return r
+
+    def wait_stopped(self, timeout: float = 10.0) -> dict[str, Any]:
+        return self._wait(lambda r: r.get("message") == "stopped", timeout)["payload"]
+
+
+def run_pygdbmi_tuned(target: Target, workdir: Path, hits: int) -> Measurement:
+    out = workdir / "pygdbmi-tuned.bin"
+    t = time.monotonic()
+    n = 0
+    with GdbServer(target, hits + 1, workdir) as srv, open(out, "wb") as f:
+        g = _TunedMi()
+        try:
+            g.mi(f"-file-exec-and-symbols {target.exe}", 30)
+            g.mi(f"-target-select remote {srv.address}", 30)
+            g.mi(f"-break-insert {PROBE}")
+            g.pending.clear()
+            read = f"-data-read-memory-bytes &{SHARED_INFO} {target.size}"
+            t0 = time.monotonic()
+            while n < hits:
+                g.mi("-exec-continue")
+                if g.wait_stopped().get("reason", "").startswith("exited"):
+                    break
+                f.write(bytes.fromhex(g.mi(read)["payload"]["memory"][0]["contents"]))
+                n += 1
+            elapsed = time.monotonic() - t0
+        finally:
+            _stop_gdbmi(g.ctl)
+    wall = time.monotonic() - t
+    ok, note = verify_blob(target, out, hits)
+    return Measurement(n, elapsed, ok, wall, note)
+
+
+# -- QEMU (optional) -----------------------------------------------------------------------
+
+
+def qemu_methods() -> tuple[list[Method], str]:
+    """The bare-metal QEMU guest, when ``xreplay.lab.guests.build_guest`` provides one."""
+    try:
+        from xreplay.lab.guests import build_guest  # type: ignore[import-not-found]
+    except ImportError:
+        return [], "qemu: skipped (xreplay.lab.guests.build_guest does not exist yet)"
+    try:
+        build_guest("baremetal")
+    except Exception as e:  # noqa: BLE001 - any failure means: no QEMU rows
+        return [], f"qemu: skipped (build_guest('baremetal') failed: {e})"
+    return [], ("qemu: skipped (build_guest exists, but this benchmark does not know how to "
+                "launch its guest yet)")
+
+
+# -- the benchmark -------------------------------------------------------------------------
+
+METHOD_NAMES = ("xreplay", "raw-rsp", "raw-rsp-pipelined", "pygdbmi-default", "pygdbmi-tuned")
+
+
+def record_methods(target: Target, workdir: Path, hits: int,
+                   slow_hits: int | None = None,
+                   names: tuple[str, ...] = METHOD_NAMES) -> list[Method]:
+    """The methods with their hit counts: slow pygdbmi variants get fewer hits."""
+    slow = slow_hits if slow_hits is not None else min(hits, DEFAULT_SLOW_HITS)
+    table_ = {
+        "xreplay": ("xreplay", hits, lambda h: run_xreplay(target, workdir, h)),
+        "raw-rsp": ("raw", hits, lambda h: run_raw(target, workdir, h)),
+        "raw-rsp-pipelined": ("pipelined", hits,
+                              lambda h: run_raw(target, workdir, h, pipelined=True)),
+        "pygdbmi-default": ("pygdbmi", slow,
+                            lambda h: run_pygdbmi_default(target, workdir, h)),
+        "pygdbmi-tuned": ("tuned", max(1, hits // 10),
+                          lambda h: run_pygdbmi_tuned(target, workdir, h)),
+    }
+    return [Method(n, *table_[n]) for n in names]
+
+
+def record_benchmark(hits: int = DEFAULT_HITS, runs: int = 3, slow_hits: int | None = None,
+                     names: tuple[str, ...] = METHOD_NAMES,
+                     log: Callable[[str], None] = _log) -> list[Method]:
+    """Build the target, run every method ``runs`` times interleaved; results on the methods."""
+    for tool in ("gdb", "gdbserver", "nm"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} not found (apt-get install gdb gdbserver binutils)")
+    target = build_target()
+    with tempfile.TemporaryDirectory(prefix="xreplay-bench-") as tmp:
+        methods = record_methods(target, Path(tmp), hits, slow_hits, names)
+        run_interleaved(methods, runs, log)
+    return methods
+
+
+@register("record", "snapshots/s of xreplay record vs a raw RSP client and pygdbmi loops")
+def main(args: BenchArgs) -> bool:
+    hits = args.hits or DEFAULT_HITS
+    _log(f"record: target.c under gdbserver, {hits} hits for fast methods, {args.runs} runs "
+         "interleaved")
+    methods = record_benchmark(hits, args.runs)
+    print(table(methods, BASELINE, "\nrecord, gdbserver target (snapshots/s; ratios against "
+                "raw-rsp measured in the same run):"))
+    _, qemu_note = qemu_methods()
+    print(qemu_note)
+    return all(x.verified for m in methods for x in m.results)
