@@ -90,7 +90,7 @@ def test_count_then_detach_leaves_the_guest_running(counter: Path, tmp_path: Pat
 
 def test_killed_target_leaves_a_readable_file(counter: Path, tmp_path: Path) -> None:
     out = tmp_path / "k.xrr"
-    opts = options(counter, out, "100000", "slow")
+    opts = options(counter, out, "100000", "slow", kill_target=True)
     rec = Recorder(opts)
     done: list = []
     t = threading.Thread(target=lambda: done.append(rec.run()))

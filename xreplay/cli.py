@@ -150,7 +150,7 @@ def _parse_kv(values: tuple[str, ...], what: str, key_int: bool = True) -> dict:
 @main.command()
 @click.option("--target", help="HOST:PORT of a gdbstub (gdbserver, QEMU -gdb, gdbsx).")
 @click.option("--launch", help="Command that starts the target's gdbstub (then --target "
-              "attaches to it); the recorder stops it at the end.")
+              "attaches to it). After a detach it runs on; --kill stops it by PID.")
 @click.option("--elf", type=click.Path(dir_okay=False, path_type=Path),
               help="Guest image with symbols.")
 @click.option("--arch", default="x86_64", show_default=True,

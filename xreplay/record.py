@@ -152,6 +152,7 @@ class Recorder:
             listener.bind(sock_path)
             listener.listen(1)
             start = time.monotonic()
+            ok = False
             try:
                 if o.launch:
                     self._launch()
@@ -159,9 +160,10 @@ class Recorder:
                 self._connect()
                 conn = self._start_agent(tmp, sock_path, listener)
                 result = self._record(conn, start)
+                ok = True
             finally:
                 listener.close()
-                self._teardown()
+                self._teardown(failed=not ok)
         return result
 
     # -- set-up ----------------------------------------------------------------------
@@ -452,13 +454,15 @@ class Recorder:
         except XReplayError:
             pass
 
-    def _teardown(self) -> None:
+    def _teardown(self, failed: bool) -> None:
         if self.gdb is not None:
             self.gdb.exit()
         if self.writer is not None and not self.writer.closed:
             with self._lock:
                 self.writer.close(reason="aborted")
-        if self.launched is not None and (self.o.kill_target or self._stop_reason):
+        # A launched target that was detached runs on (it is the guest's run); one that
+        # never got recorded, or that --kill asked for, is stopped by its PID.
+        if self.launched is not None and (self.o.kill_target or failed):
             _stop_pid(self.launched)
 
 
