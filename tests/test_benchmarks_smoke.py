@@ -1,0 +1,64 @@
+"""Smoke test of ``python -m benchmarks``: the machinery runs and every stored record verifies.
+
+Not a timing test: hit counts are tiny and rates on a shared VM vary several-fold, so only
+sanity (positive, finite, every run verified, a ratio against raw-rsp) is checked.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the benchmarks package is not installed, it lives in the repo
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.rsp_client import decode_hex  # noqa: E402
+
+NEEDED = ("gcc", "gdb", "gdbserver", "nm")
+
+
+def test_rle_and_hex_decoding() -> None:
+    # "X*c" repeats X ord(c) - 29 more times; gdbserver sends such replies to 'm'.
+    assert decode_hex(b"0* ") == b"\x00\x00"
+    assert decode_hex(b"ab0*\"12") == b"\xab\x00\x00\x00\x12"
+    assert decode_hex(b"f**") == b"\xff" * 7  # the count character may itself be '*'
+    assert decode_hex(b"0123") == b"\x01\x23"
+
+
+def test_unknown_benchmark_is_a_usage_error() -> None:
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "nope"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "unknown benchmark nope" in r.stderr and "record" in r.stderr
+
+
+@pytest.mark.gdbserver
+@pytest.mark.skipif(any(shutil.which(t) is None for t in NEEDED),
+                    reason=f"needs {', '.join(NEEDED)}")
+def test_record_benchmark_runs_and_verifies() -> None:
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "record", "--hits", "4",
+                        "--runs", "1"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {}
+    for line in r.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and re.fullmatch(r"\d+", cells[1]):
+            rows[cells[0]] = cells
+    assert set(rows) == {"xreplay", "raw-rsp", "raw-rsp-pipelined", "pygdbmi-default",
+                         "pygdbmi-tuned"}, r.stdout
+    for name, (_, hits, verified, median, lo, hi, _wall, ratio) in rows.items():
+        assert verified == "1/1", (name, r.stdout)
+        rate = float(median)
+        assert math.isfinite(rate) and rate > 0, (name, median)
+        assert float(lo) <= rate <= float(hi)
+        assert int(hits) >= 1
+        assert re.fullmatch(r"\S+/raw = [0-9.e+-]+", ratio), (name, ratio)
+    assert rows["raw-rsp"][7] == "raw/raw = 1"
+    assert "NOT verified" not in r.stderr
