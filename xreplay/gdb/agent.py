@@ -102,9 +102,11 @@ class Agent:
     def send_json(self, obj):
         self.send(ord("J"), json.dumps(obj).encode())
 
-    def register(self, frame, name):
+    def register(self, name):
+        # "$pc" reads the register cache directly; gdb.selected_frame() would first compute
+        # the frame's id, which costs two stack reads from the stub per hit (~20% of the rate).
         try:
-            return int(frame.read_register(name)) & 0xFFFFFFFFFFFFFFFF
+            return int(gdb.parse_and_eval("$" + name)) & 0xFFFFFFFFFFFFFFFF
         except (gdb.error, ValueError):
             return None
 
@@ -137,12 +139,11 @@ class Agent:
             if not keep:
                 self.foreign += 1
                 return False
-        frame = gdb.selected_frame()
         thread = gdb.selected_thread()
         vcpu = max(0, thread.num - 1) if thread is not None else 0
-        pc = self.register(frame, "pc") or 0
-        sp = self.register(frame, "sp")
-        regflags = self.register(frame, self.flags_reg) if self.flags_reg else None
+        pc = self.register("pc") or 0
+        sp = self.register("sp")
+        regflags = self.register(self.flags_reg) if self.flags_reg else None
         regions = self.read_regions()
         if self.dedupe and not hang:
             # gdb + QEMU can report one hit twice (shared/gdbstub-limits.md): drop an exact
