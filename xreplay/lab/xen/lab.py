@@ -30,6 +30,7 @@ from types import TracebackType
 from xreplay.errors import XReplayError
 from xreplay.lab.xen.initramfs import DOM0_CMD_PORT, build_images
 from xreplay.lab.xen.stage import Stage, default_cache_dir
+from xreplay.profiles.linux import read_system_map
 
 Progress = Callable[[str], None]
 
@@ -126,16 +127,6 @@ def is_dom0(start_flags: int) -> bool:
     Measured: dom0 ``0x30b``, PV domU ``0x8``.
     """
     return bool(start_flags & SIF_INITDOMAIN)
-
-
-def read_system_map(path: Path) -> dict[str, int]:
-    """``name -> address`` from a System.map-style file (first address wins for duplicates)."""
-    syms: dict[str, int] = {}
-    for line in Path(path).read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 3:
-            syms.setdefault(parts[2], int(parts[0], 16))
-    return syms
 
 
 def kallsyms_to_system_map(text: str) -> str:

@@ -1,0 +1,334 @@
+"""Record a Linux Xen guest from its symbol map alone (no debug info, no vmlinux).
+
+Why: distribution kernels ship without debug info, but their ``System.map`` (or the
+guest's ``/proc/kallsyms``) names every address xreplay needs. From it this module builds
+the :class:`~xreplay.record.RecordOptions` fields for a Linux guest on the 2-level ABI
+(``drivers/xen/events/events_2l.c``):
+
+* probes at the upcall worker (``__xen_evtchn_do_upcall`` before Linux 6.6, else
+  ``xen_evtchn_do_upcall``; ``xen_hvm_evtchn_do_upcall`` as the last resort), the bottom
+  half ``evtchn_2l_handle_events`` and, if present, the PV idle ``xen_safe_halt``, as
+  ``*0xADDR`` locations;
+* ``shared_info`` through the pointer variable ``HYPERVISOR_shared_info``;
+* each vCPU's *live* vcpu_info through the per-cpu pointer ``xen_vcpu``
+  (``per_cpu(xen_vcpu, cpu)``): Linux registers its own copy with
+  ``VCPUOP_register_vcpu_info`` during boot, after which Xen updates only that copy and
+  ``shared_info->vcpu_info[cpu]`` goes stale, so the pointer is re-read at every hit;
+* with a whole-machine stub (QEMU), a ``filter`` that keeps only hits in dom0 or in a
+  domU, told apart by ``xen_start_flags & SIF_INITDOMAIN``.
+
+A map cannot say which event-channel ABI the running guest chose: Linux uses FIFO unless
+booted with ``xen.fifo_events=0``, and then the 2-level bitmaps are never touched.
+:func:`inspect_guest` stops once in the guest and reads ``evtchn_ops`` to tell; recording a
+FIFO guest is refused with an :class:`~xreplay.errors.XReplayError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xreplay.errors import XReplayError
+from xreplay.xrr import ProbeSpec
+
+#: The upcall worker, best first. Before the "simplify evtchn_do_upcall() call maze" patch
+#: (Linux 6.6, backported to stable) ``__xen_evtchn_do_upcall`` did the work for both the
+#: PV entry ``xen_evtchn_do_upcall`` and HVM's ``xen_hvm_evtchn_do_upcall``; afterwards
+#: ``xen_evtchn_do_upcall`` is the worker every entry calls.
+UPCALL_SYMBOLS = ("__xen_evtchn_do_upcall", "xen_evtchn_do_upcall", "xen_hvm_evtchn_do_upcall")
+BOTTOM_HALF_SYMBOL = "evtchn_2l_handle_events"
+#: PV Linux idles through xen_safe_halt -> SCHEDOP_block: the "about to block" point.
+BLOCK_SYMBOL = "xen_safe_halt"
+SIF_INITDOMAIN = 0x2  # xen/include/public/xen.h, start_info.flags
+DOMAINS = ("dom0", "domu")
+#: Linux's ``enum xen_domain_type`` (include/xen/xen.h).
+DOMAIN_TYPES = {0: "native", 1: "pv", 2: "hvm"}
+#: ``struct start_info`` offsets on x86_64 (xen/include/public/xen.h).
+START_INFO_SHARED_INFO = 0x28
+START_INFO_STORE_EVTCHN = 0x40
+START_INFO_CONSOLE_EVTCHN = 0x50
+QEMU_GDB_ARCH = "i386:x86-64"
+
+_STUB_HINT = ("Debian's /boot/System.map is a stub (the real one is in the -dbg package); "
+              "the guest's /proc/kallsyms, read as root, works too")
+
+
+# ----------------------------------------------------------------------------- symbols
+
+
+def read_system_map(path: str | Path) -> dict[str, int]:
+    """``name -> address`` from a ``System.map`` or ``/proc/kallsyms`` file.
+
+    The first address wins for duplicate names (static functions of the same name); module
+    symbols (a fourth ``[module]`` column in kallsyms) are skipped because modules load
+    at different addresses in each guest.
+    """
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as e:
+        raise XReplayError(f"{path}: cannot read the symbol map ({e.strerror})") from None
+    syms: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 3 or (len(parts) > 3 and parts[3].startswith("[")):
+            continue
+        try:
+            syms.setdefault(parts[2], int(parts[0], 16))
+        except ValueError:
+            continue
+    return syms
+
+
+@dataclass(frozen=True)
+class LinuxSymbols:
+    """The addresses of one Linux kernel build that recording it needs.
+
+    ``xen_vcpu`` is a per-cpu *offset* (added to ``__per_cpu_offset[cpu]``), not an address.
+    The optional ones only enable checks (ABI, domain type, start_info) and labels.
+    """
+
+    upcall_name: str
+    upcall: int
+    bottom_half: int
+    shared_info_ptr: int  # &HYPERVISOR_shared_info
+    per_cpu_offset: int  # &__per_cpu_offset[0]
+    xen_vcpu: int
+    start_flags: int | None = None  # &xen_start_flags (u32)
+    block: int | None = None
+    start_info_ptr: int | None = None  # &xen_start_info
+    domain_type: int | None = None  # &xen_domain_type (enum, u32)
+    evtchn_ops: int | None = None  # &evtchn_ops (a pointer)
+    evtchn_ops_2l: int | None = None
+    evtchn_ops_fifo: int | None = None
+    source: str = ""
+
+    @classmethod
+    def from_map(cls, syms: Mapping[str, int], source: str = "symbol map") -> LinuxSymbols:
+        """Pick the addresses out of ``syms``; a missing required one is an XReplayError."""
+        if len(syms) < 100:
+            raise XReplayError(f"{source}: only {len(syms)} symbols: {_STUB_HINT}")
+        upcall_name = next((n for n in UPCALL_SYMBOLS if n in syms), None)
+        required = (BOTTOM_HALF_SYMBOL, "HYPERVISOR_shared_info", "__per_cpu_offset",
+                    "xen_vcpu")
+        missing = [n for n in required if n not in syms]
+        if upcall_name is None:
+            missing.insert(0, " or ".join(UPCALL_SYMBOLS))
+        if missing:
+            why = ("not a Xen-enabled Linux kernel, or a FIFO-only build"
+                   if BOTTOM_HALF_SYMBOL in missing else "not a Xen-enabled x86 Linux kernel?")
+            raise XReplayError(f"{source} lacks {', '.join(missing)} ({why})")
+        if syms[upcall_name] <= 0xFFFF_FFFF:
+            raise XReplayError(f"{source}: {upcall_name} at {syms[upcall_name]:#x} is a 32-bit "
+                               "address; only x86_64 Linux guests are supported")
+        return cls(
+            upcall_name=upcall_name, upcall=syms[upcall_name],
+            bottom_half=syms[BOTTOM_HALF_SYMBOL],
+            shared_info_ptr=syms["HYPERVISOR_shared_info"],
+            per_cpu_offset=syms["__per_cpu_offset"], xen_vcpu=syms["xen_vcpu"],
+            start_flags=syms.get("xen_start_flags"), block=syms.get(BLOCK_SYMBOL),
+            start_info_ptr=syms.get("xen_start_info"),
+            domain_type=syms.get("xen_domain_type"), evtchn_ops=syms.get("evtchn_ops"),
+            evtchn_ops_2l=syms.get("evtchn_ops_2l"),
+            evtchn_ops_fifo=syms.get("evtchn_ops_fifo"), source=source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LinuxSymbols:
+        return cls.from_map(read_system_map(path), str(path))
+
+    # -- expressions (numeric only: gdb needs no symbols) ---------------------------------
+
+    @property
+    def shared_info_expr(self) -> str:
+        return f"*(unsigned long *){self.shared_info_ptr:#x}"
+
+    def per_cpu_base_expr(self, cpu: int) -> str:
+        return f"*(unsigned long *){self.per_cpu_offset + 8 * cpu:#x}"
+
+    def vcpu_info_expr(self, cpu: int) -> str:
+        """``per_cpu(xen_vcpu, cpu)``: the address of the vcpu_info Xen updates."""
+        return f"*(unsigned long *)({self.per_cpu_base_expr(cpu)} + {self.xen_vcpu:#x})"
+
+    def domain_filter(self, domain: str, shared_info_ma: int | None = None) -> str:
+        """gdb expression true only at hits in ``domain`` (``dom0`` or ``domu``).
+
+        ``shared_info_ma`` pins one domain by its shared_info machine address (from
+        ``start_info``), for machines with several domUs.
+        """
+        if domain not in DOMAINS:
+            raise XReplayError(f"unknown domain {domain!r}: use dom0 or domu")
+        if self.start_flags is None:
+            raise XReplayError(f"{self.source} lacks xen_start_flags: cannot tell dom0 from "
+                               "a domU on a whole-machine stub")
+        op = "!=" if domain == "dom0" else "=="
+        expr = f"(*(unsigned int *){self.start_flags:#x} & {SIF_INITDOMAIN}) {op} 0"
+        if shared_info_ma is not None:
+            if self.start_info_ptr is None:
+                raise XReplayError(f"{self.source} lacks xen_start_info: cannot pin a domain "
+                                   "by its shared_info machine address")
+            expr += (f" && *(unsigned long *)(*(unsigned long *){self.start_info_ptr:#x} + "
+                     f"{START_INFO_SHARED_INFO:#x}) == {shared_info_ma:#x}")
+        return expr
+
+    def probes(self, block: bool = True) -> list[ProbeSpec]:
+        out = [ProbeSpec("upcall", f"*{self.upcall:#x}", "upcall"),
+               ProbeSpec("bottom-half", f"*{self.bottom_half:#x}", "bottom-half")]
+        if block and self.block is not None:
+            out.append(ProbeSpec("block", f"*{self.block:#x}", "block"))
+        return out
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+def _symbols(symbols: str | Path | LinuxSymbols) -> LinuxSymbols:
+    return symbols if isinstance(symbols, LinuxSymbols) else LinuxSymbols.load(symbols)
+
+
+def linux_profile(symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] = (0,),
+                  domain: str | None = None, *, block: bool = True,
+                  shared_info_ma: int | None = None) -> dict[str, Any]:
+    """RecordOptions keyword arguments for a Linux guest, from its symbol map.
+
+    ``domain`` (``dom0``/``domu``) is for whole-machine stubs such as QEMU's: hits in other
+    domains are resumed at once and counted as foreign. ``None`` records every hit (a
+    per-guest stub).
+    """
+    s = _symbols(symbols)
+    cpus = sorted(set(vcpus)) or [0]
+    if any(c < 0 for c in cpus):
+        raise XReplayError(f"bad vCPU list {cpus}")
+    where = f" ({domain})" if domain else ""
+    return {
+        "arch": "x86_64",
+        "probes": s.probes(block),
+        "shared_info": s.shared_info_expr,
+        "vcpu_info": {c: s.vcpu_info_expr(c) for c in cpus},
+        "reeval_vcpu_info": True,
+        "vcpus": cpus,
+        "filter": s.domain_filter(domain, shared_info_ma) if domain else None,
+        "gdb_arch": QEMU_GDB_ARCH,
+        "dedupe": True,
+        "description": f"Linux guest{where} via {s.upcall_name} / {BOTTOM_HALF_SYMBOL}, "
+                       f"symbols from {s.source}",
+    }
+
+
+def apply(options: Any, symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] | None = None,
+          domain: str | None = None, *, block: bool = True,
+          facts: GuestFacts | None = None) -> Any:
+    """Fill a :class:`~xreplay.record.RecordOptions` for a Linux guest (returns it).
+
+    ``vcpus`` defaults to ``options.vcpus``. Labels the user gave win over the profile's;
+    ``facts`` (from :func:`inspect_guest`) adds the xenstore/console labels and the upcall
+    delivery mechanism.
+    """
+    kw = linux_profile(symbols, options.vcpus if vcpus is None else vcpus, domain, block=block)
+    for key, value in kw.items():
+        setattr(options, key, value)
+    if facts is not None:
+        options.labels = {**facts.labels(), **options.labels}
+        options.delivery = {**facts.delivery(), **options.delivery}
+    return options
+
+
+# ----------------------------------------------------------------------------- live check
+
+
+@dataclass
+class GuestFacts:
+    """What one stop inside the guest showed (see :func:`inspect_guest`)."""
+
+    abi: str | None  # "2l", "fifo", None when the map lacks evtchn_ops*
+    domain_type: str | None  # pv, hvm (PVH is hvm here), native
+    start_flags: int | None
+    shared_info_va: int
+    shared_info_ma: int | None
+    store_evtchn: int | None
+    console_evtchn: int | None
+    vcpu_info_va: dict[int, int] = field(default_factory=dict)
+    vcpu_info_ma: dict[int, int] = field(default_factory=dict)
+    cr3: int | None = None
+    thread: int | None = None
+
+    @property
+    def is_dom0(self) -> bool | None:
+        return None if self.start_flags is None else bool(self.start_flags & SIF_INITDOMAIN)
+
+    def labels(self) -> dict[int, str]:
+        """xenstore and console ports of a PV domU (its start_info names them)."""
+        out: dict[int, str] = {}
+        if self.is_dom0 is False and self.domain_type == "pv":
+            if self.store_evtchn:
+                out[self.store_evtchn] = "xenstore"
+            if self.console_evtchn:
+                out[self.console_evtchn] = "console"
+        return out
+
+    def delivery(self) -> dict[str, Any]:
+        return {"mechanism": "pv-callback"} if self.domain_type == "pv" else {}
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def inspect_guest(target: str, symbols: str | Path | LinuxSymbols, domain: str | None = None,
+                  vcpus: Iterable[int] = (0,), *, timeout: float = 30.0, gdb: str = "gdb",
+                  machine_addresses: bool = True, require_2level: bool = True) -> GuestFacts:
+    """Stop once at the guest's upcall, read what the map cannot tell, detach.
+
+    Raises :class:`XReplayError` when the guest uses the FIFO ABI (``require_2level``) or
+    does not take an upcall within ``timeout`` seconds. ``machine_addresses`` also
+    translates the vcpu_info addresses through the guest's page tables (QEMU only).
+    """
+    from xreplay.profiles.peek import StubPeek
+
+    s = _symbols(symbols)
+    cond = s.domain_filter(domain) if domain else None
+    with StubPeek(target, gdb=gdb) as peek:
+        if not peek.run_to(f"*{s.upcall:#x}", cond, timeout):
+            where = f" in {domain}" if domain else ""
+            raise XReplayError(f"no upcall ({s.upcall_name}){where} within {timeout:.0f} s at "
+                               f"{target}: is the guest running and bound to event channels?")
+        flags = peek.u32(s.start_flags) if s.start_flags is not None else None
+        dtype = (DOMAIN_TYPES.get(peek.u32(s.domain_type))
+                 if s.domain_type is not None else None)
+        abi = None
+        if s.evtchn_ops is not None:
+            ops = peek.u64(s.evtchn_ops)
+            if ops and ops == s.evtchn_ops_fifo:
+                abi = "fifo"
+            elif ops and ops == s.evtchn_ops_2l:
+                abi = "2l"
+        shinfo_va = peek.u64(s.shared_info_ptr)
+        shinfo_ma = store = console = None
+        if s.start_info_ptr is not None and dtype == "pv":
+            si = peek.u64(s.start_info_ptr)
+            raw = peek.read(si, START_INFO_CONSOLE_EVTCHN + 4)
+            shinfo_ma = int.from_bytes(raw[START_INFO_SHARED_INFO:START_INFO_SHARED_INFO + 8],
+                                       "little")
+            store = int.from_bytes(raw[START_INFO_STORE_EVTCHN:START_INFO_STORE_EVTCHN + 4],
+                                   "little")
+            console = int.from_bytes(
+                raw[START_INFO_CONSOLE_EVTCHN:START_INFO_CONSOLE_EVTCHN + 4], "little")
+        facts = GuestFacts(abi=abi, domain_type=dtype, start_flags=flags,
+                           shared_info_va=shinfo_va, shared_info_ma=shinfo_ma,
+                           store_evtchn=store, console_evtchn=console,
+                           thread=peek.eval_int("$_thread"))
+        for cpu in sorted(set(vcpus)):
+            facts.vcpu_info_va[cpu] = peek.u64(peek.u64(s.per_cpu_offset + 8 * cpu)
+                                               + s.xen_vcpu)
+        if machine_addresses:
+            facts.cr3 = peek.eval_int("(unsigned long)$cr3")
+            for cpu, va in facts.vcpu_info_va.items():
+                facts.vcpu_info_ma[cpu] = peek.translate(facts.cr3, va)
+            if facts.shared_info_ma is None:
+                facts.shared_info_ma = peek.translate(facts.cr3, shinfo_va)
+    if require_2level and abi == "fifo":
+        raise XReplayError(
+            "the guest uses the FIFO event-channel ABI (evtchn_ops == &evtchn_ops_fifo): its "
+            "2-level bitmaps in shared_info are unused, so a recording would show nothing. "
+            "Boot the guest with xen.fifo_events=0 to record it")
+    return facts
