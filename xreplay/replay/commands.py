@@ -1,0 +1,314 @@
+"""``xreplay replay`` and ``xreplay diff``: thin click layers over :mod:`xreplay.replay`.
+
+Exit status (ruff's convention): 0 nothing found, 1 findings (replay: a non-info finding
+or a port where the guest and Xen's 'e' key disagree; diff: a divergence or a
+difference), 2 bad input, reported as one line on stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from xreplay.errors import XReplayError
+from xreplay.replay.detectors import Finding, ReplayOptions, ReplayResult, Walk
+from xreplay.snapshot import Snapshot
+
+_WRAP = 96
+
+
+def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Exit 2 with one line on XReplayError even when not run under the xreplay group."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except XReplayError as e:
+            click.echo(f"xreplay: error: {e}", err=True)
+            click.get_current_context().exit(2)
+
+    return wrapper
+
+
+def _emit_json(data: Any) -> None:
+    from xreplay.cli import emit_json
+
+    emit_json(data)
+
+
+def _wrap(text: str, indent: str = "  ") -> str:
+    return textwrap.fill(text, _WRAP, initial_indent=indent, subsequent_indent=indent)
+
+
+def render_snapshot(snap: Snapshot, ports: list[int] | None = None, indent: str = "    ") -> str:
+    """:meth:`Snapshot.render` with extra ports (a finding's) added to the 'e' table."""
+    head = snap.render().split("\n    port [p/m/s]")[0]
+    table = sorted(set(snap.interesting_ports()) | set(ports or []))
+    lines = head.split("\n") + ["    port [p/m/s]"] + [p.render() for p in snap.port_table(table)]
+    return "\n".join(indent + line for line in lines)
+
+
+# --------------------------------------------------------------------------- replay
+
+
+@click.command("replay")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--debugkeys", "dump", type=click.Path(dir_okay=False, path_type=Path),
+              help="Xen 'e' key output (xl debug-keys e; xl dmesg) to compare with the last "
+              "snapshot, port by port.")
+@click.option("--domain", type=int, help="Domain of the 'e' dump to use (default: the only "
+              "one, or the only domU).")
+@click.option("--shadow", metavar="REGION", help="Watch region with the guest's shadow of "
+              "pending ports (default: one named like evtchn_callback_ml or shadow).")
+@click.option("--no-shadow", is_flag=True, help="Ignore any shadow region.")
+@click.option("--stall", type=click.FloatRange(0, min_open=True), default=1.0,
+              show_default=True, help="Seconds a blocked vCPU may stay put while others run "
+              "before it counts as hung.")
+@click.option("--explain", "explain_range", metavar="FROM..TO", help="Also explain every bit "
+              "change between snapshots FROM and TO: who may make it, and whether it is legal.")
+@click.option("--tables", type=click.IntRange(0), default=5, show_default=True,
+              help="Print the [p/m/s] table for the first N findings.")
+@click.option("--no-info", is_flag=True, help="Leave out informational findings.")
+@_one_line_errors
+def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | None,
+                   shadow: str | None, no_shadow: bool, stall: float,
+                   explain_range: str | None, tables: int, no_info: bool) -> None:
+    """Replay a recording through Xen's 2-level rules and report lost event deliveries."""
+    from xreplay.replay.detectors import _replay_reader
+    from xreplay.replay.diff import check_debugkeys, fetch, pick_domain
+    from xreplay.xrr import XrrReader
+
+    options = ReplayOptions(shadow=shadow, use_shadow=not no_shadow,
+                            stall_ns=int(stall * 1e9), info=not no_info)
+    check = None
+    with XrrReader(file) as reader:
+        result = _replay_reader(reader, options)
+        last_index = result.stats["last_snapshot"]
+        want = {f.snapshot for f in _shown(result)[:tables]}
+        if dump is not None and last_index is not None:
+            want.add(last_index)
+        snaps = fetch(reader, want) if not as_json or dump is not None else {}
+        if dump is not None:
+            from xreplay import debugkeys
+
+            if last_index is None:
+                raise XReplayError(f"{file}: the recording has no snapshot to compare")
+            section = pick_domain(debugkeys.parse_file(dump), domain, str(dump))
+            check = check_debugkeys(snaps[last_index], section)
+        explained = _explain(reader, explain_range) if explain_range else None
+    if as_json:
+        data: dict[str, Any] = {"file": str(file), **result.to_json()}
+        if check is not None:
+            data["debugkeys"] = check.to_json()
+        if explained is not None:
+            data["explain"] = explained
+        _emit_json(data)
+    else:
+        _print_replay(str(file), result, snaps, tables, check, explained)
+        for problem in result.stats["problems"]:
+            click.echo(f"xreplay: warning: {problem}", err=True)
+    if result.failed or (check is not None and not check.agree):
+        click.get_current_context().exit(1)
+
+
+def _shown(result: ReplayResult) -> list[Finding]:
+    return [f for f in result.findings if f.severity != "info"]
+
+
+def _print_replay(name: str, result: ReplayResult, snaps: dict[int, Snapshot], tables: int,
+                  check: Any, explained: list[dict[str, Any]] | None) -> None:
+    st = result.stats
+    hits = ", ".join(f"{role} {n}" for role, n in sorted(st["hits"].items()))
+    click.echo(f"{name}: {st['arch']} recording, {st['snapshots']} snapshots over "
+               f"{st['duration_s']:.3f} s (vCPUs {', '.join(map(str, st['vcpus']))}); "
+               f"probe hits: {hits or 'none'}"
+               + (f"; shadow region {st['shadow']}" if st["shadow"] else ""))
+    serious = _shown(result)
+    for i, f in enumerate(serious):
+        click.echo("")
+        click.echo(_finding_head(f))
+        click.echo(_wrap(f.message))
+        snap = snaps.get(f.snapshot)
+        if i < tables and snap is not None:
+            click.echo(f"  state at #{f.snapshot}:")
+            click.echo(render_snapshot(snap, f.ports))
+    notes = [f for f in result.findings if f.severity == "info"]
+    if notes:
+        click.echo("")
+        for f in notes:
+            click.echo(_wrap(f"note ({f.kind}): {f.message}", "").replace("\n", "\n  "))
+    if explained is not None:
+        click.echo("")
+        for row in explained:
+            click.echo(f"#{row['from']} -> #{row['to']} ({row['probe']}, vCPU {row['vcpu']}"
+                       + (", quiet" if row["quiet"] else "") + "):")
+            for text in row["text"] or ["no event-channel bit changed"]:
+                click.echo(f"    {text}")
+    if check is not None:
+        click.echo("")
+        click.echo(f"Xen's 'e' key for domain {check.domain} vs the last snapshot "
+                   f"(#{check.snapshot}):")
+        for p in check.ports:
+            label = f" ({p['label']})" if p["label"] else ""
+            verdict = "agree" if p["agree"] else (
+                "DISAGREE: " + (", ".join(p["fields"]) if p["fields"] else
+                                f"only in the {p['only_in']}"))
+            click.echo(f"  port {p['port']}{label}: guest {p['guest']}  Xen "
+                       f"{p['xen'] or '-'}  {verdict}")
+        click.echo("  the guest's view and Xen's agree" if check.agree else
+                   "  the guest's view and Xen's DISAGREE (the recording may end before "
+                   "the dump was taken, or the guest and Xen see different pages)")
+    click.echo("")
+    if serious:
+        kinds = ", ".join(f"{k} x{n}" for k, n in _count(serious).items())
+        dropped = sum(st["dropped"].values())
+        click.echo(f"{len(serious)} finding(s): {kinds}"
+                   + (f" ({dropped} more not stored)" if dropped else ""))
+    else:
+        click.echo("no lost event delivery found")
+
+
+def _count(findings: list[Finding]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for f in findings:
+        out[f.kind] = out.get(f.kind, 0) + 1
+    return out
+
+
+def _finding_head(f: Finding) -> str:
+    bits = [f"{f.kind} ({f.severity}) at #{f.snapshot}"]
+    if f.vcpu is not None:
+        bits.append(f"vCPU {f.vcpu}")
+    if f.upcall_snapshot is not None:
+        bits.append(f"upcall #{f.upcall_snapshot}")
+    if f.block_snapshot is not None:
+        bits.append(f"block #{f.block_snapshot}")
+    if f.fields:
+        bits.append("fields " + ", ".join(f.fields))
+    if f.ports:
+        bits.append("ports " + ", ".join(map(str, f.ports[:16]))
+                    + (" ..." if len(f.ports) > 16 else ""))
+    return "; ".join(bits)
+
+
+def _explain(reader: Any, text: str) -> list[dict[str, Any]]:
+    """Explained transitions for FROM..TO, walking from the start to know what was quiet."""
+    from xreplay.inspect import parse_range
+    from xreplay.replay.model import explain
+    from xreplay.transitions import bit_changes
+
+    lo, hi = parse_range(text)
+    w = Walk(reader.header, ReplayOptions())
+    prev = None
+    rows = []
+    for snap in reader.snapshots():
+        if hi is not None and snap.index > hi:
+            break
+        quiet = prev is not None and w.quiet()
+        w.update_track(snap, w.role_of(snap))
+        if prev is not None and snap.index > lo:
+            ch = bit_changes(prev, snap)
+            ex = explain(prev, snap, w.geometry, w.routing, quiet=quiet, changes=ch)
+            rows.append({"from": prev.index, "to": snap.index, "probe": snap.probe,
+                         "vcpu": snap.vcpu, "quiet": quiet,
+                         "changes": [e.to_json() for e in ex],
+                         "text": [e.describe(reader.header.labels) for e in ex]})
+        prev = snap
+    if prev is None or prev.index < lo:
+        raise XReplayError(f"{reader.name}: no snapshot #{lo} (the recording has fewer)")
+    return rows
+
+
+# --------------------------------------------------------------------------- diff
+
+
+@click.command("diff")
+@click.argument("files", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--at", "at", nargs=2, type=int, metavar="N M", default=None,
+              help="Compare snapshot N with snapshot M (of FILE, or N of A with M of B).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_one_line_errors
+def diff_command(files: tuple[Path, ...], at: tuple[int, int] | None, as_json: bool) -> None:
+    """Where does B's event handling depart from A's?  (A B, or FILE --at N M.)"""
+    from xreplay.replay.diff import diff_recordings, diff_snapshots
+
+    if at is not None:
+        if len(files) not in (1, 2):
+            raise XReplayError("diff --at N M takes one recording (or two: N of A, M of B)")
+        sd = diff_snapshots(files[0], at[0], at[1], files[1] if len(files) == 2 else None)
+        if as_json:
+            _emit_json(sd.to_json())
+        else:
+            click.echo(f"{sd.file}: #{at[0]} ({sd.state.a_probe}) vs #{at[1]} "
+                       f"({sd.state.b_probe})")
+            _print_state(sd.state, "#" + str(at[0]), "#" + str(at[1]))
+            for t in sd.text:
+                click.echo(f"  {t}")
+            for name, n in sd.watch.items():
+                click.echo(f"  watch {name}: {n} bytes differ")
+            if sd.identical:
+                click.echo("  identical")
+        if not sd.identical:
+            click.get_current_context().exit(1)
+        return
+    if len(files) != 2:
+        raise XReplayError("diff takes two recordings A B (or one with --at N M)")
+    result = diff_recordings(files[0], files[1])
+    if as_json:
+        _emit_json(result.to_json())
+    else:
+        _print_diff(result)
+    if result.diverged:
+        click.get_current_context().exit(1)
+
+
+def _print_state(sd: Any, a: str = "A", b: str = "B", indent: str = "  ") -> None:
+    for p in sd.ports:
+        label = f" ({p['label']})" if p["label"] else ""
+        click.echo(f"{indent}port {p['port']}{label}: {a} {p['a']}  {b} {p['b']}")
+    for v in sd.vcpus:
+        x = v["a"] if not isinstance(v["a"], int) or v["field"] != "evtchn_pending_sel" \
+            else hex(v["a"])
+        y = v["b"] if not isinstance(v["b"], int) or v["field"] != "evtchn_pending_sel" \
+            else hex(v["b"])
+        click.echo(f"{indent}vcpu {v['vcpu']} {v['field']}: {a} {x}  {b} {y}")
+
+
+def _print_diff(r: Any) -> None:
+    for side, name in (("a", r.a), ("b", r.b)):
+        st, pat = r.stats[side], r.patterns[side]
+        kinds = ", ".join(f"{k} x{n}" for k, n in st["findings"].items()) or "no findings"
+        follow = ", ".join(f"{k} {n}" for k, n in pat.followups.most_common()) or "-"
+        click.echo(f"{side.upper()}: {name} ({st['arch']}, {st['snapshots']} snapshots; "
+                   f"{kinds}); upcalls {pat.upcalls}, followed by: {follow}")
+    if not r.divergences:
+        click.echo("no divergence: the two recordings handle events in the same pattern")
+    for i, d in enumerate(r.divergences):
+        click.echo("")
+        click.echo(_wrap(("first divergence: " if i == 0 else "also: ") + d.message, ""))
+        if d.episode:
+            click.echo(f"  {d.side.upper()} episode: "
+                       + " -> ".join(f"{e['role']}" + (f" #{e['snapshot']}"
+                                                      if e["snapshot"] is not None else "")
+                                     for e in d.episode))
+        if d.match:
+            other = "A" if d.side == "b" else "B"
+            click.echo(f"  closest in {other}: "
+                       + " -> ".join(f"{e['role']}" + (f" #{e['snapshot']}"
+                                                      if e["snapshot"] is not None else "")
+                                     for e in d.match))
+    if r.aligned:
+        click.echo("")
+        click.echo("state at aligned points:")
+    for sd in r.aligned:
+        click.echo(f"  {sd.label}: A #{sd.a_snapshot} ({sd.a_probe}) vs B #{sd.b_snapshot} "
+                   f"({sd.b_probe})" + (": same ports and vCPU fields" if sd.identical else ""))
+        _print_state(sd, indent="    ")

@@ -1,0 +1,794 @@
+"""Walk a recording through the 2-level model and find what loses an event.
+
+:class:`Replayer` streams snapshots (it keeps the previous one, per-vCPU probe history and
+per-port bookkeeping: O(ports) state, whatever the length of the recording) and feeds each
+step to the detectors.  Each detector reports :class:`Finding`\\ s under stable kind names:
+
+``missed-clear`` (error)
+    A vCPU blocked for good with ``evtchn_upcall_pending=1`` and ports ``[1/0/1]``: an
+    upcall was taken (the top half EOI'd it) but no bottom half ran before it blocked, so
+    Xen, which notifies only on the 0->1 edge, never interrupts it again.
+``stranded-port`` (error)
+    Pending and unmasked, but no selector bit and no upcall pending on its vCPU, seen when
+    the vCPU blocks: nothing will ever deliver it (typically an unmask without re-raise).
+``lost-pending`` (error)
+    The guest cleared a pending bit without dispatching the port (its shadow of pending
+    ports was not marked), or, with no shadow recorded, cleared and masked it and never
+    unmasked it again.
+``upcall-masked-at-block`` (error)
+    ``evtchn_upcall_mask`` still set when the vCPU entered its block function.
+``abi-violation`` (warning)
+    While every vCPU sat in its block function (only Xen could write), a bit changed in a
+    way Xen's ``event_2l.c`` never does (a selector bit for a masked port, an upcall with
+    nothing pending, a selector bit without the upcall).
+``blocked-at-end``, ``masked-pending``, ``spurious-upcall`` (info)
+    The recording ends with a vCPU in the missed-clear state but no proof it stayed
+    blocked; ports left pending but masked; upcalls that found nothing pending.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from xreplay.abi import iter_bits
+from xreplay.errors import XReplayError
+from xreplay.replay.model import Geometry, Routing, explain
+from xreplay.snapshot import Snapshot
+from xreplay.xrr import RecordingHeader, XrrReader
+
+KINDS = ("missed-clear", "stranded-port", "lost-pending", "upcall-masked-at-block",
+         "abi-violation", "blocked-at-end", "masked-pending", "spurious-upcall")
+SEVERITIES = ("error", "warning", "info")
+SHADOW_NAMES = ("evtchn_callback_ml", "shadow")
+HANG = "hang"  # the role we give a snapshot taken at a hang (flag bit 1)
+
+
+@dataclass(slots=True)
+class Finding:
+    """One thing that loses (or may lose) an event, located in the recording.
+
+    ``snapshot`` is the key snapshot (where it happened or was proven);
+    ``upcall_snapshot``/``block_snapshot`` the upcall and block hits involved; ``fields``
+    the shared_info/vcpu_info fields at fault.  Fields that do not apply are None.
+    """
+
+    kind: str
+    snapshot: int
+    upcall_snapshot: int | None = None
+    block_snapshot: int | None = None
+    vcpu: int | None = None
+    ports: list[int] | None = None
+    fields: list[str] | None = None
+    message: str = ""
+    severity: str = "error"
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+@dataclass
+class ReplayOptions:
+    """``shadow`` names the watch region holding the guest's shadow of pending ports (one
+    byte per port, nonzero = marked); None looks for one named like ``evtchn_callback_ml``
+    or ``shadow``; ``use_shadow=False`` ignores it.  A blocked vCPU whose state has not
+    changed for ``stall_ns`` while other vCPUs kept hitting probes counts as hung."""
+
+    shadow: str | None = None
+    use_shadow: bool = True
+    stall_ns: int = 1_000_000_000
+    max_findings: int = 1000  # per kind; the rest are counted in stats["dropped"]
+    info: bool = True
+
+
+@dataclass(slots=True)
+class VcpuTrack:
+    """What one vCPU's probe hits say about where it is in the event-handling loop."""
+
+    vcpu: int
+    last_hit: int | None = None
+    last_hit_t: int = 0
+    last_role: str | None = None
+    last_bottom_half: int | None = None
+    last_block: int | None = None
+    block_if: bool | None = None
+    first_upcall_since_bh: int | None = None
+    upcalls_since_bh: int = 0
+    blocked: bool = False  # entered the block function, no bottom half since
+    quiet: bool = False  # its last hit was a block entry: only Xen writes until its next hit
+
+
+@dataclass(slots=True)
+class Step:
+    """One snapshot and the one before it; ``quiet``: every vCPU was blocked at ``prev``."""
+
+    prev: Snapshot | None
+    cur: Snapshot
+    role: str
+    quiet: bool
+
+
+@dataclass(slots=True)
+class End:
+    last: Snapshot | None
+    trailer: dict[str, Any] | None
+
+    @property
+    def reason(self) -> str | None:
+        return None if self.trailer is None else self.trailer.get("reason")
+
+
+class Walk:
+    """Shared state of one replay: geometry, routing, probe roles, per-vCPU tracks."""
+
+    def __init__(self, header: RecordingHeader, options: ReplayOptions) -> None:
+        self.header = header
+        self.options = options
+        self.geometry = Geometry.for_arch(header.arch)
+        self.routing = Routing(self.geometry, header.vcpus, header.notify)
+        self.roles = {p.name: p.role for p in header.probes}
+        self.has_role = set(self.roles.values())
+        self.labels = header.labels
+        self.tracks = {v: VcpuTrack(v) for v in self.routing.vcpus}
+        self.findings: list[Finding] = []
+        self.per_kind: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self.hits: Counter[str] = Counter()
+        self.t0: int | None = None
+        self.count = 0
+
+    # -- reporting helpers ---------------------------------------------------------------
+
+    def add(self, f: Finding) -> Finding | None:
+        if f.severity == "info" and not self.options.info:
+            return None
+        self.per_kind[f.kind] += 1
+        if self.per_kind[f.kind] > self.options.max_findings:
+            self.dropped[f.kind] += 1
+            return None
+        self.findings.append(f)
+        return f
+
+    def port_name(self, port: int) -> str:
+        label = self.labels.get(port)
+        return f"{port} ({label})" if label else str(port)
+
+    def ports_text(self, ports: Iterable[int], snap: Snapshot | None = None,
+                   limit: int = 16) -> str:
+        ports = list(ports)
+        parts = [self.port_name(p) + (f" {snap.port_state(p).pms}" if snap else "")
+                 for p in ports[:limit]]
+        if len(ports) > limit:
+            parts.append(f"and {len(ports) - limit} more")
+        return ", ".join(parts)
+
+    def when(self, snap: Snapshot) -> str:
+        return f"#{snap.index} (t={(snap.t_ns - (self.t0 or 0)) / 1e9:.6f} s)"
+
+    # -- state queries -------------------------------------------------------------------
+
+    def role_of(self, snap: Snapshot) -> str:
+        return HANG if snap.hang else self.roles.get(snap.probe, "other")
+
+    def upcall_pending(self, snap: Snapshot, vcpu: int) -> int:
+        v = snap.vcpus.get(vcpu)
+        return 0 if v is None else v.evtchn_upcall_pending
+
+    def deliverable(self, snap: Snapshot, vcpu: int) -> int:
+        """Pending, unmasked ports of ``vcpu`` whose selector bit is set: ``[1/0/1]``."""
+        v = snap.vcpus.get(vcpu)
+        if v is None:
+            return 0
+        return (snap.evtchn_pending & ~snap.evtchn_mask & self.routing.ports_of(vcpu)
+                & self.geometry.expand_sel(v.evtchn_pending_sel))
+
+    def stranded(self, snap: Snapshot) -> int:
+        """Pending, unmasked ports with no selector bit whose vCPU has no upcall pending."""
+        g = self.geometry
+        live = snap.evtchn_pending & ~snap.evtchn_mask & g.all_ports
+        if not live:
+            return 0
+        out = 0
+        for vcpu, v in snap.vcpus.items():
+            if v.evtchn_upcall_pending:
+                continue
+            out |= live & self.routing.ports_of(vcpu) & ~g.expand_sel(v.evtchn_pending_sel)
+        return out
+
+    def quiet(self) -> bool:
+        return all(self.tracks[v].quiet for v in self.header.vcpus if v in self.tracks)
+
+    def update_track(self, snap: Snapshot, role: str) -> None:
+        if role == HANG:
+            return
+        tr = self.tracks.get(snap.vcpu)
+        if tr is None:
+            tr = self.tracks[snap.vcpu] = VcpuTrack(snap.vcpu)
+        tr.last_hit, tr.last_hit_t, tr.last_role = snap.index, snap.t_ns, role
+        if role == "block":
+            tr.last_block, tr.block_if = snap.index, snap.interrupts_enabled
+            tr.blocked = tr.quiet = True
+            return
+        tr.quiet = False
+        if role == "upcall":
+            if tr.first_upcall_since_bh is None:
+                tr.first_upcall_since_bh = snap.index
+            tr.upcalls_since_bh += 1
+        elif role == "bottom-half":
+            tr.last_bottom_half = snap.index
+            tr.first_upcall_since_bh = None
+            tr.upcalls_since_bh = 0
+            tr.blocked = False
+
+
+class Detector:
+    """A rule over the stream of steps; reports through :meth:`Walk.add`."""
+
+    kinds: tuple[str, ...] = ()
+
+    def step(self, w: Walk, s: Step) -> None:
+        pass
+
+    def finish(self, w: Walk, end: End) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- missed clear
+
+
+class MissedClear(Detector):
+    """The thread's bug: upcall EOI'd, bottom half never ran, the vCPU blocked for good.
+
+    A vCPU is *blocked* from a block-probe hit until its next bottom-half hit (an upcall
+    hit in between is the interrupt arriving inside the block function).  The *hang
+    signature* of vCPU v in a snapshot is ``evtchn_upcall_pending=1`` with at least one
+    port of v pending, unmasked and with its selector bit set.  A block hit in that state
+    is not a bug by itself: mirage-xen's fix re-checks upcall_pending with interrupts off
+    and returns, and the bottom half runs next.  It is a missed clear when the vCPU is
+    still blocked, with the signature, at (a) a hang snapshot, (b) a snapshot of another
+    vCPU ``stall_ns`` after its own last hit, or (c) the end of a recording that the
+    recorder stopped because of a hang.  Any other end of the recording is only
+    ``blocked-at-end`` (info): the recording stopped before we could see it re-check.
+    """
+
+    kinds = ("missed-clear", "blocked-at-end")
+
+    def __init__(self) -> None:
+        self.reported: set[int] = set()
+
+    def _blocked(self, w: Walk, vcpu: int) -> bool:
+        tr = w.tracks.get(vcpu)
+        if "block" not in w.has_role:  # no block probe: a hang is the only evidence
+            return tr is not None
+        return tr is not None and tr.blocked
+
+    def _signature(self, w: Walk, snap: Snapshot, vcpu: int) -> int:
+        if not w.upcall_pending(snap, vcpu):
+            return 0
+        return w.deliverable(snap, vcpu)
+
+    def step(self, w: Walk, s: Step) -> None:
+        cur = s.cur
+        if s.role == "bottom-half":
+            self.reported.discard(cur.vcpu)
+        if s.role == HANG:
+            for v in w.tracks:
+                if v not in self.reported and self._blocked(w, v):
+                    ports = self._signature(w, cur, v)
+                    if ports:
+                        self._report(w, cur, v, ports, "the hang snapshot")
+            return
+        for v, tr in w.tracks.items():
+            if (v == cur.vcpu or v in self.reported or not tr.blocked or tr.last_hit is None
+                    or cur.t_ns - tr.last_hit_t < w.options.stall_ns):
+                continue
+            ports = self._signature(w, cur, v)
+            if ports:
+                secs = (cur.t_ns - tr.last_hit_t) / 1e9
+                self._report(w, cur, v, ports, f"#{cur.index}, {secs:.3f} s after its last "
+                             f"probe hit while vCPU {cur.vcpu} kept running")
+
+    def finish(self, w: Walk, end: End) -> None:
+        last = end.last
+        if last is None or last.hang:
+            return
+        for v in w.tracks:
+            if v in self.reported or not self._blocked(w, v) or w.tracks[v].last_hit is None:
+                continue
+            ports = self._signature(w, last, v)
+            if not ports:
+                continue
+            if end.reason == "hang":
+                self._report(w, last, v, ports, "the end of the recording (stopped by the "
+                             "recorder's hang detection)")
+            else:
+                tr = w.tracks[v]
+                w.add(Finding(
+                    "blocked-at-end", last.index, tr.first_upcall_since_bh, tr.last_block, v,
+                    list(iter_bits(ports)), ["evtchn_upcall_pending", "evtchn_pending_sel"],
+                    f"the recording ends (#{last.index}, {end.reason or 'no clean close'}) "
+                    f"with vCPU {v} in its block function, evtchn_upcall_pending=1 and ports "
+                    f"{w.ports_text(iter_bits(ports), last)}: a missed clear if it stayed "
+                    "there, but the recording stopped before showing whether it re-checked "
+                    "upcall_pending; re-record with --hang-after to take a hang snapshot",
+                    "info"))
+
+    def _report(self, w: Walk, snap: Snapshot, vcpu: int, ports: int, proof: str) -> None:
+        self.reported.add(vcpu)
+        tr = w.tracks[vcpu]
+        up, blk, bh = tr.first_upcall_since_bh, tr.last_block, tr.last_bottom_half
+        sel = snap.vcpus[vcpu].evtchn_pending_sel
+        parts = []
+        if up is not None:
+            parts.append(f"vCPU {vcpu} took the upcall at #{up}" + (
+                f" (and {tr.upcalls_since_bh - 1} more)" if tr.upcalls_since_bh > 1 else ""))
+        elif "upcall" in w.has_role:
+            parts.append(f"vCPU {vcpu} hit no upcall probe since its last bottom half (the "
+                         "upcall was taken somewhere the recording does not probe, or never)")
+        else:
+            parts.append(f"vCPU {vcpu} has evtchn_upcall_pending=1 (the recording has no "
+                         "upcall probe)")
+        if blk is not None:
+            if_text = "" if tr.block_if is None else f", IF={int(tr.block_if)}"
+            if up is not None and blk < up:
+                parts.append(f"after entering its block function at #{blk}{if_text}: the "
+                             "upcall landed between the block entry and the halt, the top half "
+                             "acknowledged (EOI'd) it and the vCPU halted")
+            else:
+                parts.append(f"then entered its block function at #{blk}{if_text} with "
+                             "evtchn_upcall_pending=1 and halted without re-checking it")
+        parts.append(f"no bottom half ran after #{bh}" if bh is not None else
+                     "no bottom half ever ran")
+        text = (", ".join(parts) + f". At {proof} (#{snap.index}) evtchn_upcall_pending=1 and "
+                f"evtchn_pending_sel={sel:#x} are still set and port(s) "
+                f"{w.ports_text(iter_bits(ports), snap)} wait: Xen notifies only on the 0->1 "
+                f"edge of evtchn_upcall_pending, so it will never interrupt vCPU {vcpu} again. "
+                "Demux in the upcall handler, or re-check evtchn_upcall_pending with "
+                "interrupts disabled before 'sti; hlt'.")
+        w.add(Finding("missed-clear", snap.index, up, blk, vcpu, list(iter_bits(ports)),
+                      ["evtchn_upcall_pending", "evtchn_pending_sel"], text, "error"))
+
+
+# --------------------------------------------------------------------------- stranded port
+
+
+@dataclass(slots=True)
+class _Strand:
+    since: int
+    cause: str
+    field: str | None
+    finding: Finding | None = None
+
+
+class StrandedPort(Detector):
+    """Pending, unmasked, no selector bit, no upcall pending on its vCPU.
+
+    The state is tracked from the snapshot where a port enters it (with the transition
+    that put it there) and reported when it is seen at a block hit of the port's vCPU or
+    at a hang snapshot: a bottom half in the middle of its loop can show it for an
+    instant, a vCPU going to sleep cannot.  The finding's message says whether a later
+    raise of another port of the same selector word rescued it, or it stayed stranded.
+    """
+
+    kinds = ("stranded-port",)
+
+    def __init__(self) -> None:
+        self.current = 0
+        self.runs: dict[int, _Strand] = {}
+
+    def step(self, w: Walk, s: Step) -> None:
+        cur = s.cur
+        new = w.stranded(cur)
+        old = self.current
+        if new == old and s.role not in ("block", HANG):
+            return
+        for p in iter_bits(old & ~new):
+            run = self.runs.pop(p)
+            if run.finding is not None:
+                run.finding.message += f" It left that state at #{cur.index}: {_fate(cur, p)}."
+        for p in iter_bits(new & ~old):
+            cause, fld = self._cause(w, s.prev, cur, p)
+            self.runs[p] = _Strand(cur.index, cause, fld)
+        self.current = new
+        if s.role == HANG:
+            scope = new
+        elif s.role == "block":
+            scope = new & w.routing.ports_of(cur.vcpu)
+        else:
+            return
+        for p in iter_bits(scope):
+            run = self.runs[p]
+            if run.finding is None:
+                run.finding = self._report(w, cur, p, run, s.role)
+
+    def finish(self, w: Walk, end: End) -> None:
+        for run in self.runs.values():
+            if run.finding is not None and end.last is not None:
+                run.finding.message += f" Still stranded at the end (#{end.last.index})."
+
+    @staticmethod
+    def _cause(w: Walk, prev: Snapshot | None, cur: Snapshot, p: int) -> tuple[str, str | None]:
+        if prev is None:
+            return "already so in the first snapshot", None
+        g, v = w.geometry, w.routing.vcpu_of(p)
+        word = g.word(p)
+        if prev.is_masked(p):
+            return (f"evtchn_mask port {p} 1->0 by the guest while pending, no selector bit / "
+                    f"upcall raised (EVTCHNOP_unmask would have re-raised it)", "evtchn_mask")
+        psel, csel = prev.selector_bit(p, v), cur.selector_bit(p, v)
+        if psel and not csel and prev.is_pending(p):
+            return (f"evtchn_pending_sel word {word} of vCPU {v} 1->0 (the bottom half took "
+                    f"the word) but port {p} was left pending and unmasked: the demux skipped "
+                    "it", "evtchn_pending_sel")
+        if not prev.is_pending(p):
+            return (f"evtchn_pending port {p} 0->1 without selector word {word} of vCPU {v} "
+                    "(evtchn_2l_set_pending sets it for an unmasked port)", "evtchn_pending")
+        if w.upcall_pending(prev, v) and not w.upcall_pending(cur, v):
+            return (f"evtchn_upcall_pending 1->0 on vCPU {v} while port {p} was pending, "
+                    "unmasked and without a selector bit", "evtchn_upcall_pending")
+        return "its bits did not change between the two probe hits", None
+
+    @staticmethod
+    def _report(w: Walk, cur: Snapshot, p: int, run: _Strand, role: str) -> Finding | None:
+        v = w.routing.vcpu_of(p)
+        where = ("at the hang snapshot" if role == HANG else
+                 f"when vCPU {v} entered its block function")
+        text = (f"port {w.port_name(p)} became stranded at #{run.since}: {run.cause}. It is "
+                f"pending and unmasked, but selector word {w.geometry.word(p)} of vCPU {v} is "
+                "clear and no upcall is pending, so no bottom half will look at it and Xen "
+                f"will not raise it again (already pending); still {cur.port_state(p).pms} "
+                f"{where} (#{cur.index}).")
+        return w.add(Finding("stranded-port", run.since, None, cur.index, v, [p],
+                             [run.field] if run.field else None, text, "error"))
+
+
+def _fate(cur: Snapshot, p: int) -> str:
+    if not cur.is_pending(p):
+        return "its pending bit was cleared"
+    if cur.is_masked(p):
+        return "it was masked"
+    if cur.selector_bit(p):
+        return ("its selector word was set again (another port of the same word was raised, "
+                "which rescued it by luck)")
+    return "an upcall became pending"
+
+
+# --------------------------------------------------------------------------- lost pending
+
+
+@dataclass(slots=True)
+class _Taken:
+    snapshot: int
+    prev: int
+    block: int | None = None
+
+
+class LostPending(Detector):
+    """A pending bit cleared without the port being dispatched.
+
+    With a shadow region (the guest's own "marked pending" bytes, e.g. mirage-xen's
+    ``evtchn_callback_ml``): a port whose pending bit went 1->0 and which is masked
+    afterwards, with its shadow byte still 0, was taken by the bottom half (masked,
+    cleared) but never marked, so no handler will see it or unmask it.  Without a shadow:
+    a port whose pending bit was cleared and mask set in the same interval (the
+    take-and-mask bottom half) that is still masked at the end of the recording although
+    its vCPU blocked at least once since (so its handlers had their chance).
+    """
+
+    kinds = ("lost-pending",)
+
+    def __init__(self, w: Walk) -> None:
+        self.shadow = _find_shadow(w) if w.options.use_shadow else None
+        self.taken: dict[int, _Taken] = {}
+        self.taken_bits = 0
+
+    def step(self, w: Walk, s: Step) -> None:
+        prev, cur = s.prev, s.cur
+        if prev is not None:
+            cleared = prev.evtchn_pending & ~cur.evtchn_pending & w.geometry.all_ports
+            if cleared:
+                if self.shadow is not None:
+                    self._check_shadow(w, prev, cur, cleared)
+                else:
+                    for p in iter_bits(cleared & cur.evtchn_mask & ~prev.evtchn_mask):
+                        self.taken[p] = _Taken(cur.index, prev.index)
+                        self.taken_bits |= 1 << p
+        if self.taken_bits:
+            for p in iter_bits(self.taken_bits & ~cur.evtchn_mask):
+                del self.taken[p]
+                self.taken_bits &= ~(1 << p)
+            if s.role in ("block", HANG):
+                scope = w.geometry.all_ports if s.role == HANG else w.routing.ports_of(cur.vcpu)
+                for p in iter_bits(self.taken_bits & scope):
+                    t = self.taken[p]
+                    if t.block is None:
+                        t.block = cur.index
+
+    def _check_shadow(self, w: Walk, prev: Snapshot, cur: Snapshot, cleared: int) -> None:
+        assert self.shadow is not None
+        new, old = cur.watch.get(self.shadow), prev.watch.get(self.shadow)
+        if new is None:
+            return
+        for p in iter_bits(cleared & cur.evtchn_mask):
+            if p >= len(new) or new[p]:
+                continue
+            hint = ""
+            marked = [q for q in _newly_marked(old, new) if not prev.is_pending(q)]
+            if p + 1 in marked:
+                hint = (f" {self.shadow}[{p + 1}] was marked instead although port {p + 1} "
+                        "was not pending: an off-by-one port number (a 1-based ffs() used as "
+                        "a bit index?).")
+            elif marked:
+                hint = (f" Marked instead although not pending: "
+                        f"{w.ports_text(marked, limit=8)}.")
+            text = (f"port {w.port_name(p)}: evtchn_pending 1->0 and masked between "
+                    f"#{prev.index} ({prev.probe}) and #{cur.index} ({cur.probe}), but "
+                    f"{self.shadow}[{p}] is 0: the bottom half took the event without marking "
+                    "it, so no handler runs for it and nothing unmasks the port; the event is "
+                    f"lost.{hint}")
+            w.add(Finding("lost-pending", cur.index, None, None, w.routing.vcpu_of(p), [p],
+                          ["evtchn_pending", "evtchn_mask", self.shadow], text, "error"))
+
+    def finish(self, w: Walk, end: End) -> None:
+        if end.last is None:
+            return
+        for p, t in sorted(self.taken.items(), key=lambda kv: kv[1].snapshot):
+            if t.block is None:
+                continue
+            text = (f"port {w.port_name(p)}: the guest cleared its pending bit and masked it "
+                    f"between #{t.prev} and #{t.snapshot}, as a bottom half does when it takes "
+                    f"an event, but nothing unmasked it again: still masked when vCPU "
+                    f"{w.routing.vcpu_of(p)} blocked at #{t.block} and at the end "
+                    f"(#{end.last.index}). The event was never handled (a bottom half that "
+                    "marks the wrong port, e.g. a 1-based ffs() used as a bit index, does "
+                    "this); record the guest's shadow of pending ports as a watch region "
+                    "named evtchn_callback_ml to confirm.")
+            w.add(Finding("lost-pending", t.snapshot, None, t.block, w.routing.vcpu_of(p), [p],
+                          ["evtchn_pending", "evtchn_mask"], text, "error"))
+
+
+def _find_shadow(w: Walk) -> str | None:
+    watches = [r for r in w.header.regions if r.kind == "watch"]
+    want = w.options.shadow
+    if want is not None:
+        if not any(r.name == want for r in watches):
+            names = ", ".join(r.name for r in watches) or "none"
+            raise XReplayError(f"no watch region named {want!r} in the recording "
+                               f"(watch regions: {names})")
+        return want
+    for key in SHADOW_NAMES:
+        for r in watches:
+            if key in r.name.lower():
+                return r.name
+    return None
+
+
+def _newly_marked(old: bytes | None, new: bytes) -> list[int]:
+    if old is None or old == new:
+        return []
+    return [i for i, (a, b) in enumerate(zip(old, new, strict=False)) if b and not a]
+
+
+# --------------------------------------------------------------------------- upcall mask
+
+
+class UpcallMaskedAtBlock(Detector):
+    """``evtchn_upcall_mask`` set at a block-probe hit; one finding per run of such hits."""
+
+    kinds = ("upcall-masked-at-block",)
+
+    def __init__(self) -> None:
+        self.open: dict[int, tuple[Finding, int]] = {}
+
+    def step(self, w: Walk, s: Step) -> None:
+        if s.role != "block":
+            return
+        cur, v = s.cur, s.cur.vcpu
+        st = cur.vcpus.get(v)
+        if st is None or st.evtchn_upcall_mask is None:
+            return
+        if not st.evtchn_upcall_mask:
+            self._close(v)
+            return
+        if v in self.open:
+            f, n = self.open[v]
+            self.open[v] = (f, n + 1)
+            return
+        ports = w.deliverable(cur, v) | (cur.evtchn_pending & ~cur.evtchn_mask
+                                         & w.routing.ports_of(v) & w.geometry.all_ports)
+        waiting = (f"; pending for it: {w.ports_text(iter_bits(ports), cur)}" if ports
+                   else "")
+        text = (f"vCPU {v} entered its block function at #{cur.index} with "
+                f"evtchn_upcall_mask={st.evtchn_upcall_mask}: while the mask is set Xen does "
+                "not deliver the upcall to a PV vCPU, and a guest that blocks with it set "
+                "sleeps through its events (an HVM/PVH vector ignores the byte, but guest code "
+                f"that tests it does not){waiting}.")
+        f = w.add(Finding("upcall-masked-at-block", cur.index, None, cur.index, v,
+                          list(iter_bits(ports)) or None, ["evtchn_upcall_mask"], text,
+                          "error"))
+        if f is not None:
+            self.open[v] = (f, 0)
+
+    def _close(self, v: int) -> None:
+        f, n = self.open.pop(v, (None, 0))
+        if f is not None and n:
+            f.message += f" The next {n} block entries had it set too."
+
+    def finish(self, w: Walk, end: End) -> None:
+        for v in list(self.open):
+            self._close(v)
+
+
+# --------------------------------------------------------------------------- ABI checks
+
+
+class AbiViolation(Detector):
+    """Changes in a quiet interval that Xen's ``event_2l.c`` cannot make (see
+    :func:`xreplay.replay.model.explain`)."""
+
+    kinds = ("abi-violation",)
+    FIELDS = ("evtchn_pending", "evtchn_pending_sel", "evtchn_upcall_pending")
+
+    def step(self, w: Walk, s: Step) -> None:
+        if not s.quiet or s.prev is None:
+            return
+        prev, cur = s.prev, s.cur
+        bad = [e for e in explain(prev, cur, w.geometry, w.routing, quiet=True)
+               if not e.legal and e.change.field in self.FIELDS]
+        if not bad:
+            return
+        ports = sorted({e.change.index for e in bad if e.change.field == "evtchn_pending"})
+        vcpus = sorted({e.change.vcpu for e in bad if e.change.vcpu is not None})
+        text = (f"between #{prev.index} and #{cur.index} ({cur.probe}), while every vCPU sat in "
+                "its block function so that only Xen could write: "
+                + "; ".join(e.describe(w.labels) for e in bad))
+        w.add(Finding("abi-violation", cur.index, None, prev.index,
+                      vcpus[0] if len(vcpus) == 1 else None, ports or None,
+                      sorted({e.change.field for e in bad}), text, "warning"))
+
+
+# --------------------------------------------------------------------------- informational
+
+
+class SpuriousUpcall(Detector):
+    """Upcalls that found nothing pending and unmasked for their vCPU (counted)."""
+
+    kinds = ("spurious-upcall",)
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: Snapshot | None = None
+
+    def step(self, w: Walk, s: Step) -> None:
+        if s.role != "upcall":
+            return
+        cur = s.cur
+        if cur.evtchn_pending & ~cur.evtchn_mask & w.routing.ports_of(cur.vcpu):
+            return
+        self.count += 1
+        if self.first is None:
+            self.first = cur
+
+    def finish(self, w: Walk, end: End) -> None:
+        if self.first is None:
+            return
+        f = self.first
+        w.add(Finding("spurious-upcall", f.index, f.index, None, f.vcpu, None,
+                      ["evtchn_upcall_pending"],
+                      f"{self.count} upcall(s) found nothing pending and unmasked (first at "
+                      f"{w.when(f)} on vCPU {f.vcpu}): harmless, usually Xen's set_pending "
+                      "racing with a bottom half that already took the event", "info"))
+
+
+class MaskedPending(Detector):
+    """Ports pending but masked in the last snapshot (the 'e' key's ``[1/1/x]``)."""
+
+    kinds = ("masked-pending",)
+
+    def finish(self, w: Walk, end: End) -> None:
+        last = end.last
+        if last is None:
+            return
+        ports = list(iter_bits(last.evtchn_pending & last.evtchn_mask & w.geometry.all_ports))
+        if not ports:
+            return
+        w.add(Finding("masked-pending", last.index, None, None, None, ports, ["evtchn_mask"],
+                      f"at the end (#{last.index}) port(s) {w.ports_text(ports, last)} are "
+                      "pending but masked: Xen delivers them only when the guest unmasks them "
+                      "with EVTCHNOP_unmask (fine for a port the guest ignores on purpose, a "
+                      "hang if it waits for it)", "info"))
+
+
+# --------------------------------------------------------------------------- the replay
+
+
+@dataclass
+class ReplayResult:
+    """The findings in snapshot order, and statistics about the walk."""
+
+    findings: list[Finding]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        """True when a finding is not informational (the CLI's exit status 1)."""
+        return any(f.severity != "info" for f in self.findings)
+
+    def by_kind(self, kind: str) -> list[Finding]:
+        return [f for f in self.findings if f.kind == kind]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"findings": [f.to_json() for f in self.findings], "stats": self.stats}
+
+
+def default_detectors(w: Walk) -> list[Detector]:
+    return [MissedClear(), StrandedPort(), LostPending(w), UpcallMaskedAtBlock(),
+            AbiViolation(), SpuriousUpcall(), MaskedPending()]
+
+
+class Replayer:
+    """Feed snapshots in recording order, then :meth:`finish`."""
+
+    def __init__(self, header: RecordingHeader, options: ReplayOptions | None = None) -> None:
+        self.walk = Walk(header, options or ReplayOptions())
+        self.detectors = default_detectors(self.walk)
+        self.prev: Snapshot | None = None
+
+    def feed(self, snap: Snapshot) -> None:
+        w = self.walk
+        if w.t0 is None:
+            w.t0 = snap.t_ns
+        w.count += 1
+        role = w.role_of(snap)
+        w.hits[role] += 1
+        quiet = self.prev is not None and w.quiet()
+        w.update_track(snap, role)
+        s = Step(self.prev, snap, role, quiet)
+        for d in self.detectors:
+            d.step(w, s)
+        self.prev = snap
+
+    def finish(self, trailer: dict[str, Any] | None = None,
+               problems: Iterable[str] = ()) -> ReplayResult:
+        w = self.walk
+        end = End(self.prev, trailer)
+        for d in self.detectors:
+            d.finish(w, end)
+        order = {k: i for i, k in enumerate(KINDS)}
+        findings = sorted(w.findings, key=lambda f: (f.snapshot, order.get(f.kind, 99)))
+        last = self.prev
+        stats = {
+            "arch": w.header.arch,
+            "snapshots": w.count,
+            "duration_s": 0.0 if last is None else (last.t_ns - (w.t0 or 0)) / 1e9,
+            "last_snapshot": None if last is None else last.index,
+            "hits": dict(w.hits),
+            "vcpus": sorted(w.tracks),
+            "shadow": next((d.shadow for d in self.detectors if isinstance(d, LostPending)),
+                           None),
+            "end_reason": end.reason,
+            "closed_cleanly": trailer is not None,
+            "findings": dict(Counter(f.kind for f in findings)),
+            "dropped": dict(w.dropped),
+            "problems": list(problems),
+        }
+        return ReplayResult(findings, stats)
+
+
+def replay(source: XrrReader | str | os.PathLike[str],
+           options: ReplayOptions | None = None) -> ReplayResult:
+    """Replay a whole recording (a reader, or a path) and return its findings."""
+    if isinstance(source, XrrReader):
+        return _replay_reader(source, options)
+    with XrrReader(source) as reader:
+        return _replay_reader(reader, options)
+
+
+def _replay_reader(reader: XrrReader, options: ReplayOptions | None) -> ReplayResult:
+    r = Replayer(reader.header, options)
+    for snap in reader.snapshots():
+        r.feed(snap)
+    return r.finish(reader.trailer, reader.problems)
