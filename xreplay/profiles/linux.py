@@ -104,6 +104,7 @@ class LinuxSymbols:
     evtchn_ops_2l: int | None = None
     evtchn_ops_fifo: int | None = None
     source: str = ""
+    extra: Mapping[str, int] = field(default_factory=dict, repr=False)  # the whole map
 
     @classmethod
     def from_map(cls, syms: Mapping[str, int], source: str = "symbol map") -> LinuxSymbols:
@@ -132,7 +133,7 @@ class LinuxSymbols:
             start_info_ptr=syms.get("xen_start_info"),
             domain_type=syms.get("xen_domain_type"), evtchn_ops=syms.get("evtchn_ops"),
             evtchn_ops_2l=syms.get("evtchn_ops_2l"),
-            evtchn_ops_fifo=syms.get("evtchn_ops_fifo"), source=source)
+            evtchn_ops_fifo=syms.get("evtchn_ops_fifo"), source=source, extra=dict(syms))
 
     @classmethod
     def load(cls, path: str | Path) -> LinuxSymbols:
@@ -172,11 +173,15 @@ class LinuxSymbols:
                      f"{START_INFO_SHARED_INFO:#x}) == {shared_info_ma:#x}")
         return expr
 
-    def probes(self, block: bool = True) -> list[ProbeSpec]:
+    def probes(self, block: bool = True, extra: Mapping[str, int] | None = None
+               ) -> list[ProbeSpec]:
+        """Upcall, bottom half, block (if wanted and present), then ``extra`` (name ->
+        address, role ``other``)."""
         out = [ProbeSpec("upcall", f"*{self.upcall:#x}", "upcall"),
                ProbeSpec("bottom-half", f"*{self.bottom_half:#x}", "bottom-half")]
         if block and self.block is not None:
             out.append(ProbeSpec("block", f"*{self.block:#x}", "block"))
+        out += [ProbeSpec(name, f"*{addr:#x}", "other") for name, addr in (extra or {}).items()]
         return out
 
 
@@ -189,21 +194,29 @@ def _symbols(symbols: str | Path | LinuxSymbols) -> LinuxSymbols:
 
 def linux_profile(symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] = (0,),
                   domain: str | None = None, *, block: bool = True,
-                  shared_info_ma: int | None = None) -> dict[str, Any]:
+                  extra: Iterable[str] = (), shared_info_ma: int | None = None
+                  ) -> dict[str, Any]:
     """RecordOptions keyword arguments for a Linux guest, from its symbol map.
 
     ``domain`` (``dom0``/``domu``) is for whole-machine stubs such as QEMU's: hits in other
     domains are resumed at once and counted as foreign. ``None`` records every hit (a
-    per-guest stub).
+    per-guest stub). ``extra`` names more kernel functions to probe, e.g.
+    ``xen_timer_interrupt``: Linux has acked (cleared) VIRQ_TIMER's pending bit when it
+    runs, so the guest's side of each timer event shows up between two upcalls.
     """
     s = _symbols(symbols)
+    extra_addrs = {}
+    for name in extra:
+        if name not in s.extra:
+            raise XReplayError(f"{s.source} lacks {name} (asked for as an extra probe)")
+        extra_addrs[name] = s.extra[name]
     cpus = sorted(set(vcpus)) or [0]
     if any(c < 0 for c in cpus):
         raise XReplayError(f"bad vCPU list {cpus}")
     where = f" ({domain})" if domain else ""
     return {
         "arch": "x86_64",
-        "probes": s.probes(block),
+        "probes": s.probes(block, extra_addrs),
         "shared_info": s.shared_info_expr,
         "vcpu_info": {c: s.vcpu_info_expr(c) for c in cpus},
         "reeval_vcpu_info": True,
@@ -217,7 +230,7 @@ def linux_profile(symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] = (0,
 
 
 def apply(options: Any, symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] | None = None,
-          domain: str | None = None, *, block: bool = True,
+          domain: str | None = None, *, block: bool = True, extra: Iterable[str] = (),
           facts: GuestFacts | None = None) -> Any:
     """Fill a :class:`~xreplay.record.RecordOptions` for a Linux guest (returns it).
 
@@ -225,13 +238,50 @@ def apply(options: Any, symbols: str | Path | LinuxSymbols, vcpus: Iterable[int]
     ``facts`` (from :func:`inspect_guest`) adds the xenstore/console labels and the upcall
     delivery mechanism.
     """
-    kw = linux_profile(symbols, options.vcpus if vcpus is None else vcpus, domain, block=block)
+    kw = linux_profile(symbols, options.vcpus if vcpus is None else vcpus, domain, block=block,
+                       extra=extra)
     for key, value in kw.items():
         setattr(options, key, value)
     if facts is not None:
         options.labels = {**facts.labels(), **options.labels}
         options.delivery = {**facts.delivery(), **options.delivery}
     return options
+
+
+def apply_cli(options: Any, symbols: str | Path, *, domain: str | None = None,
+              check: bool = True, shared_info_given: bool = False,
+              dedupe: bool | None = None, timeout: float = 30.0) -> GuestFacts | None:
+    """What ``xreplay record --symbols MAP [--domain dom0|domu] [--no-guest-check]`` does.
+
+    Call it on the RecordOptions the CLI built from its other options. The profile gives
+    the probes, shared_info and a live vcpu_info for each of ``options.vcpus``; what the
+    user gave explicitly wins: ``--upcall``/``--bottom-half``/``--block`` replace the
+    profile's probe of that role, ``--probe`` adds one, ``--vcpu-info`` replaces that
+    vCPU's expression, ``--label`` a label, ``--shared-info`` (``shared_info_given``) the
+    pointer, ``--dedupe/--no-dedupe`` (``dedupe``) the profile's de-duplication.
+
+    Unless ``check`` is False (or ``--launch`` starts the target, so it is not running
+    yet), the guest is stopped once first (:func:`inspect_guest`): a FIFO guest is refused, and the
+    xenstore/console labels and the delivery mechanism are filled in.
+    """
+    user_probes = list(options.probes)
+    user_vinfo = dict(options.vcpu_info)
+    user_shared = options.shared_info
+    syms = LinuxSymbols.load(symbols)
+    facts = None
+    if check and options.target and not options.launch:
+        facts = inspect_guest(options.target, syms, domain, options.vcpus, timeout=timeout,
+                              gdb=options.gdb, machine_addresses=False)
+    apply(options, syms, options.vcpus, domain, facts=facts)
+    roles = {p.role for p in user_probes if p.role != "other"}
+    options.probes = [p for p in options.probes if p.role not in roles] + user_probes
+    options.vcpu_info.update(user_vinfo)
+    options.vcpus = sorted(set(options.vcpus) | set(options.vcpu_info))
+    if shared_info_given:
+        options.shared_info = user_shared
+    if dedupe is not None:
+        options.dedupe = dedupe
+    return facts
 
 
 # ----------------------------------------------------------------------------- live check

@@ -160,3 +160,51 @@ def down_cmd(run_dir: Path | None) -> None:
     pid = the_lab.pid
     the_lab.stop()
     click.echo(f"stopped QEMU pid {pid}")
+
+
+@lab.command("record")
+@_run_dir_option
+@click.option("--domain", type=click.Choice(["domu", "dom0"]), default="domu",
+              show_default=True, help="Which guest to record; the other's hits are skipped.")
+@click.option("--count", type=click.IntRange(1), default=300, show_default=True,
+              help="Stop after N snapshots.")
+@click.option("--duration", type=click.FloatRange(0, min_open=True), default=None,
+              help="Stop after S seconds instead.")
+@click.option("--no-block", "no_block", is_flag=True, help="No probe at xen_safe_halt.")
+@click.option("--no-timer", "no_timer", is_flag=True,
+              help="No probe at xen_timer_interrupt (where Linux has cleared VIRQ_TIMER).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              required=True, help="Recording file to write.")
+def record_cmd(run_dir: Path | None, domain: str, count: int, duration: float | None,
+               no_block: bool, no_timer: bool, output: Path) -> None:
+    """Record a guest of the running lab (Linux profile from the lab's symbol map)."""
+    from xreplay.lab.xen.record import LAB_EXTRA_PROBES, record_lab
+
+    the_lab = Lab.attach(run_dir)
+    result, facts = record_lab(the_lab, output, domain=domain, block=not no_block,
+                               extra=() if no_timer else LAB_EXTRA_PROBES,
+                               count=None if duration else count, duration=duration)
+    click.echo(f"{result.output}: {result.snapshots} snapshots in {result.elapsed:.2f} s "
+               f"({result.rate:.0f}/s), ended by {result.reason}; {result.foreign} hits in "
+               f"other domains skipped, {result.duplicates} duplicate hits dropped; "
+               f"{facts.domain_type} guest on the {facts.abi or '?'} ABI")
+
+
+@lab.command("crosscheck")
+@_run_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the paused state as a one-snapshot recording.")
+def crosscheck_cmd(run_dir: Path | None, as_json: bool, output: Path | None) -> None:
+    """Pause the domU, compare Xen's 'e'/'q' keys with its memory port by port, unpause.
+
+    Exit status 1 when they disagree.
+    """
+    from xreplay.lab.xen.record import cross_check
+
+    check = cross_check(Lab.attach(run_dir), output=output, progress=_say)
+    if as_json:
+        click.echo(json.dumps(check.to_json(), indent=2))
+    else:
+        click.echo(check.report())
+    sys.exit(0 if check.agrees else 1)

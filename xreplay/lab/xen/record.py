@@ -42,6 +42,9 @@ VIRQ_NAMES = {0: "VIRQ_TIMER", 1: "VIRQ_DEBUG", 2: "VIRQ_CONSOLE", 3: "VIRQ_DOM_
               9: "VIRQ_PCPU_STATE", 10: "VIRQ_MEM_EVENT", 11: "VIRQ_ARGO",
               12: "VIRQ_ENOMEM", 13: "VIRQ_XENPMU"}
 VIRQ_TIMER = 0
+#: Linux's VIRQ_TIMER handler: it runs after the guest cleared the port's pending bit, so
+#: each timer event shows Xen's set and the guest's clear.
+LAB_EXTRA_PROBES = ("xen_timer_interrupt",)
 VIRQ_DEBUG = 1
 ARCH = "x86_64"
 
@@ -126,6 +129,7 @@ def port_labels(bindings: dict[int, Binding], facts: GuestFacts | None = None) -
 
 def lab_record_options(lab: Lab, output: Path, *, domain: str = "domu",
                        vcpus: Iterable[int] = (0,), block: bool = True,
+                       extra: Iterable[str] = LAB_EXTRA_PROBES,
                        count: int | None = None, duration: float | None = None,
                        hang_after: float | None = None,
                        ) -> tuple[RecordOptions, GuestFacts]:
@@ -143,7 +147,7 @@ def lab_record_options(lab: Lab, output: Path, *, domain: str = "domu",
     options = RecordOptions(
         output=Path(output), target=lab.gdb_address, count=count, duration=duration,
         hang_after=hang_after, target_kind="qemu")
-    apply(options, syms, list(vcpus), domain, block=block, facts=facts)
+    apply(options, syms, list(vcpus), domain, block=block, extra=extra, facts=facts)
     options.labels = port_labels(bindings, facts)
     options.description = (f"xreplay Xen 4.17 lab, {domain} (domid {domid}, {facts.domain_type}"
                            f" Linux {lab.state.kver if lab.state else ''}) via QEMU's gdbstub")
@@ -151,11 +155,12 @@ def lab_record_options(lab: Lab, output: Path, *, domain: str = "domu",
 
 
 def record_lab(lab: Lab, output: Path, *, domain: str = "domu", vcpus: Iterable[int] = (0,),
-               block: bool = True, count: int | None = 300, duration: float | None = None,
+               block: bool = True, extra: Iterable[str] = LAB_EXTRA_PROBES,
+               count: int | None = 300, duration: float | None = None,
                ) -> tuple[RecordResult, GuestFacts]:
     """Record one of the lab's guests until ``count`` snapshots or ``duration`` seconds."""
     options, facts = lab_record_options(lab, output, domain=domain, vcpus=vcpus, block=block,
-                                        count=count, duration=duration)
+                                        extra=extra, count=count, duration=duration)
     return Recorder(options).run(), facts
 
 
