@@ -45,6 +45,7 @@ KINDS = ("missed-clear", "stranded-port", "lost-pending", "upcall-masked-at-bloc
 SEVERITIES = ("error", "warning", "info")
 SHADOW_NAMES = ("evtchn_callback_ml", "shadow")
 HANG = "hang"  # the role we give a snapshot taken at a hang (flag bit 1)
+_ORDINARY_ENDS = ("count", "duration", "target-exited")  # recorder end reasons
 
 
 @dataclass(slots=True)
@@ -301,15 +302,19 @@ class MissedClear(Detector):
             ports = self._signature(w, last, v)
             if not ports:
                 continue
+            tr = w.tracks[v]
             if end.reason == "hang":
                 self._report(w, last, v, ports, "the end of the recording (stopped by the "
                              "recorder's hang detection)")
-            else:
-                tr = w.tracks[v]
+            elif tr.last_hit != last.index or end.reason not in _ORDINARY_ENDS:
+                # A vCPU whose own hit ends a recording stopped by --count/--duration/exit is
+                # just on its usual wake-up path; anything else is worth a note.
+                why = end.reason or ("no reason recorded" if end.trailer is not None
+                                     else "not closed cleanly")
                 w.add(Finding(
                     "blocked-at-end", last.index, tr.first_upcall_since_bh, tr.last_block, v,
                     list(iter_bits(ports)), ["evtchn_upcall_pending", "evtchn_pending_sel"],
-                    f"the recording ends (#{last.index}, {end.reason or 'no clean close'}) "
+                    f"the recording ends (#{last.index}, {why}) "
                     f"with vCPU {v} in its block function, evtchn_upcall_pending=1 and ports "
                     f"{w.ports_text(iter_bits(ports), last)}: a missed clear if it stayed "
                     "there, but the recording stopped before showing whether it re-checked "
@@ -420,9 +425,14 @@ class StrandedPort(Detector):
                     f"upcall raised (EVTCHNOP_unmask would have re-raised it)", "evtchn_mask")
         psel, csel = prev.selector_bit(p, v), cur.selector_bit(p, v)
         if psel and not csel and prev.is_pending(p):
+            # Between two probe hits both stories leave the same bits: mask and pending
+            # went 0->1->0 and 1->0->1 unseen in the first.
             return (f"evtchn_pending_sel word {word} of vCPU {v} 1->0 (the bottom half took "
-                    f"the word) but port {p} was left pending and unmasked: the demux skipped "
-                    "it", "evtchn_pending_sel")
+                    f"the word), yet port {p} is still pending and unmasked: either the "
+                    "bottom half took it (mask, clear), Xen raised it again while masked and "
+                    "the guest then cleared the mask bit without re-raising it "
+                    "(EVTCHNOP_unmask would have set the selector bit and the upcall), or the "
+                    "bottom half skipped the port", "evtchn_pending_sel")
         if not prev.is_pending(p):
             return (f"evtchn_pending port {p} 0->1 without selector word {word} of vCPU {v} "
                     "(evtchn_2l_set_pending sets it for an unmasked port)", "evtchn_pending")
@@ -441,8 +451,10 @@ class StrandedPort(Detector):
                 "clear and no upcall is pending, so no bottom half will look at it and Xen "
                 f"will not raise it again (already pending); still {cur.port_state(p).pms} "
                 f"{where} (#{cur.index}).")
-        return w.add(Finding("stranded-port", run.since, None, cur.index, v, [p],
-                             [run.field] if run.field else None, text, "error"))
+        fields = {"evtchn_pending_sel": ["evtchn_pending_sel", "evtchn_mask"]}.get(
+            run.field or "", [run.field] if run.field else None)
+        return w.add(Finding("stranded-port", run.since, None, cur.index, v, [p], fields,
+                             text, "error"))
 
 
 def _fate(cur: Snapshot, p: int) -> str:
