@@ -291,20 +291,15 @@ def _print_diff(r: Any) -> None:
                    f"{kinds}); upcalls {pat.upcalls}, followed by: {follow}")
     if not r.divergences:
         click.echo("no divergence: the two recordings handle events in the same pattern")
+    from xreplay.replay.diff import context_text
+
     for i, d in enumerate(r.divergences):
         click.echo("")
         click.echo(_wrap(("first divergence: " if i == 0 else "also: ") + d.message, ""))
-        if d.episode:
-            click.echo(f"  {d.side.upper()} episode: "
-                       + " -> ".join(f"{e['role']}" + (f" #{e['snapshot']}"
-                                                      if e["snapshot"] is not None else "")
-                                     for e in d.episode))
-        if d.match:
-            other = "A" if d.side == "b" else "B"
-            click.echo(f"  closest in {other}: "
-                       + " -> ".join(f"{e['role']}" + (f" #{e['snapshot']}"
-                                                      if e["snapshot"] is not None else "")
-                                     for e in d.match))
+        me, them = d.side.upper(), "A" if d.side == "b" else "B"
+        click.echo(f"  {me}: {context_text(d.seen)}")
+        if d.match is not None:
+            click.echo(f"  {them}: {context_text(d.match)}")
     if r.aligned:
         click.echo("")
         click.echo("state at aligned points:")

@@ -326,28 +326,28 @@ class MissedClear(Detector):
         tr = w.tracks[vcpu]
         up, blk, bh = tr.first_upcall_since_bh, tr.last_block, tr.last_bottom_half
         sel = snap.vcpus[vcpu].evtchn_pending_sel
-        parts = []
-        if up is not None:
-            parts.append(f"vCPU {vcpu} took the upcall at #{up}" + (
-                f" (and {tr.upcalls_since_bh - 1} more)" if tr.upcalls_since_bh > 1 else ""))
+        if_text = "" if tr.block_if is None else f" (IF={int(tr.block_if)})"
+        more = f" (and {tr.upcalls_since_bh - 1} more)" if tr.upcalls_since_bh > 1 else ""
+        if up is not None and blk is not None and blk < up:
+            story = (f"vCPU {vcpu} entered its block function at #{blk}{if_text} and took an "
+                     f"upcall at #{up}{more} before halting: the top half acknowledged (EOI'd) "
+                     "it and the vCPU halted anyway.")
+        elif up is not None and blk is not None:
+            story = (f"vCPU {vcpu} took an upcall at #{up}{more}, then entered its block "
+                     f"function at #{blk}{if_text} with evtchn_upcall_pending=1 and halted "
+                     "without re-checking it.")
+        elif up is not None:
+            story = f"vCPU {vcpu} took an upcall at #{up}{more} and stopped making progress."
         elif "upcall" in w.has_role:
-            parts.append(f"vCPU {vcpu} hit no upcall probe since its last bottom half (the "
-                         "upcall was taken somewhere the recording does not probe, or never)")
+            story = (f"vCPU {vcpu} hit no upcall probe since its last bottom half (the upcall "
+                     "was taken somewhere the recording does not probe, or never)"
+                     + (f" and entered its block function at #{blk}{if_text}." if blk is not None
+                        else "."))
         else:
-            parts.append(f"vCPU {vcpu} has evtchn_upcall_pending=1 (the recording has no "
-                         "upcall probe)")
-        if blk is not None:
-            if_text = "" if tr.block_if is None else f", IF={int(tr.block_if)}"
-            if up is not None and blk < up:
-                parts.append(f"after entering its block function at #{blk}{if_text}: the "
-                             "upcall landed between the block entry and the halt, the top half "
-                             "acknowledged (EOI'd) it and the vCPU halted")
-            else:
-                parts.append(f"then entered its block function at #{blk}{if_text} with "
-                             "evtchn_upcall_pending=1 and halted without re-checking it")
-        parts.append(f"no bottom half ran after #{bh}" if bh is not None else
-                     "no bottom half ever ran")
-        text = (", ".join(parts) + f". At {proof} (#{snap.index}) evtchn_upcall_pending=1 and "
+            story = f"vCPU {vcpu} has evtchn_upcall_pending=1 (the recording has no upcall probe)."
+        story += (f" No bottom half ran after #{bh}." if bh is not None else
+                  " No bottom half ever ran.")
+        text = (f"{story} At {proof} (#{snap.index}) evtchn_upcall_pending=1 and "
                 f"evtchn_pending_sel={sel:#x} are still set and port(s) "
                 f"{w.ports_text(iter_bits(ports), snap)} wait: Xen notifies only on the 0->1 "
                 f"edge of evtchn_upcall_pending, so it will never interrupt vCPU {vcpu} again. "

@@ -1,20 +1,25 @@
 """Compare two recordings by their event-handling pattern, or two snapshots of one.
 
 Two runs of a guest never hit their probes at the same instants, so a snapshot-by-snapshot
-alignment says little.  What should match is the *pattern*: per vCPU, an *episode* is the
-sequence of probe roles from one bottom-half hit up to and including the next one (or
-``hang`` / ``end``), e.g. ``bottom-half block upcall bottom-half``; and every upcall is
-followed, on its vCPU, by a bottom half (or a block, a hang, the end).  Both are
-summarised while streaming each file once (bounded: distinct episode shapes are capped),
-the first episode or upcall follow-up of one recording that never occurs in the other is
-the divergence, and the port states are compared at aligned points: the last common step of
-the divergent episode and its best match, the first differing step, and the two ends.
+alignment says little.  What should match is the *pattern*, summarised per recording while
+streaming it once (bounded memory: a few counters per pair of probe roles):
+
+* every upcall is followed, on its vCPU, by a bottom half (or by a block, a hang, the end:
+  its *follow-up*);
+* the *steps*: which probe role follows which on the same vCPU (``block -> upcall``,
+  ``upcall -> bottom-half`` ...; a hang snapshot follows every vCPU's last hit);
+* *episodes*: the roles from one bottom half to the next, for the summary.
+
+B *diverges* from A where B has a follow-up or a step that A never has; the first such
+(by snapshot number) is the divergence.  The port states are then compared at aligned
+points: the step where both recordings were in the same place (A's first occurrence of the
+same role), the step where B went elsewhere, and the two ends.
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -31,9 +36,12 @@ from xreplay.xrr import XrrReader
 
 MAX_EPISODE = 12  # roles kept per episode; longer ones end in "..."
 MAX_SHAPES = 512  # distinct episode shapes kept per recording
+CONTEXT = 5  # roles of history kept with the first occurrence of each step
 START = "start"  # first role of a prologue episode (before the vCPU's first bottom half)
 END = "end"
 FOLLOW_ROLES = ("bottom-half", "block", HANG, END)
+
+Context = tuple[tuple[str, int], ...]  # (role, snapshot) leading up to a step
 
 
 # --------------------------------------------------------------------------- pattern
@@ -46,62 +54,108 @@ class _Shape:
     vcpu: int
 
 
+@dataclass(frozen=True, slots=True)
+class StepSeen:
+    """The first time a recording did ``before -> after`` on one vCPU."""
+
+    before: str
+    after: str
+    at: tuple[int, int]  # (snapshot of before, snapshot of after)
+    vcpu: int
+    context: Context
+
+    def to_json(self) -> dict[str, Any]:
+        return {"before": self.before, "after": self.after, "snapshots": list(self.at),
+                "vcpu": self.vcpu, "context": [{"role": r, "snapshot": i}
+                                               for r, i in self.context]}
+
+
 class PatternSummary:
-    """Streaming summary of one recording's episodes and upcall follow-ups."""
+    """Streaming summary of one recording's steps, upcall follow-ups and episodes."""
 
     def __init__(self) -> None:
+        self.steps: Counter[tuple[str, str]] = Counter()
+        self.first_step: dict[tuple[str, str], StepSeen] = {}
+        self.followups: Counter[str] = Counter()
+        self.first_followup: dict[str, StepSeen] = {}
         self.shapes: dict[tuple[str, ...], _Shape] = {}
         self.dropped_shapes = 0
-        self.open: dict[int, tuple[list[str], list[int | None]]] = {}
-        self.followups: Counter[str] = Counter()
-        self.first_followup: dict[str, tuple[int, int | None, int]] = {}
-        self.awaiting: dict[int, tuple[int, int]] = {}  # vcpu -> (first upcall, count)
         self.upcalls = 0
+        self._recent: dict[int, deque[tuple[str, int]]] = {}
+        # vcpu -> (first upcall, upcalls, role before the first upcall)
+        self._awaiting: dict[int, tuple[int, int, str]] = {}
+        self.first_followup_after: dict[tuple[str, str], StepSeen] = {}
+        self._open: dict[int, tuple[list[str], list[int | None]]] = {}
 
     def feed(self, snap: Snapshot, role: str) -> None:
         if role == HANG:
-            for v in list(self.open):
-                self._close(v, HANG, snap.index)
-            for v in list(self.awaiting):
-                self._follow(v, HANG, snap.index)
+            for v in list(self._recent):
+                self._step(v, role, snap.index)
+            for v in list(self._awaiting):
+                self._follow(v, role, snap.index)
+            for v in list(self._open):
+                self._close(v, role, snap.index)
             return
         v = snap.vcpu
+        self._step(v, role, snap.index)
         if role == "upcall":
             self.upcalls += 1
-            first, n = self.awaiting.get(v, (snap.index, 0))
-            self.awaiting[v] = (first, n + 1)
+            recent = self._recent[v]
+            before = recent[-2][0] if len(recent) > 1 else START
+            first, n, before = self._awaiting.get(v, (snap.index, 0, before))
+            self._awaiting[v] = (first, n + 1, before)
         elif role in FOLLOW_ROLES:
             self._follow(v, role, snap.index)
-        if role == "bottom-half":
-            if v in self.open:
-                self._close(v, role, snap.index)
-            self.open[v] = ([role], [snap.index])
+        self._episode(v, role, snap.index)
+
+    def finish(self, last: Snapshot | None) -> None:
+        for v in list(self._awaiting):
+            self._follow(v, END, None)
+        for v in list(self._open):
+            self._close(v, END, None)
+
+    def _context(self, v: int) -> Context:
+        return tuple(self._recent.get(v, ()))
+
+    def _step(self, v: int, role: str, index: int) -> None:
+        recent = self._recent.setdefault(v, deque(maxlen=CONTEXT))
+        if recent:
+            before, at = recent[-1]
+            key = (before, role)
+            self.steps[key] += 1
+            if key not in self.first_step:
+                self.first_step[key] = StepSeen(before, role, (at, index), v,
+                                                (*recent, (role, index)))
+        recent.append((role, index))
+
+    def _follow(self, v: int, role: str, index: int | None) -> None:
+        got = self._awaiting.pop(v, None)
+        if got is None:
             return
-        roles, idx = self.open.setdefault(v, ([START], [None]))
+        first, n, before = got
+        self.followups[role] += n
+        if (before, role) not in self.first_followup_after:
+            # the history ends with the follow-up itself
+            seen = StepSeen("upcall", role, (first, index or first), v, self._context(v))
+            self.first_followup_after[(before, role)] = seen
+            self.first_followup.setdefault(role, seen)
+
+    def _episode(self, v: int, role: str, index: int) -> None:
+        if role == "bottom-half":
+            if v in self._open:
+                self._close(v, role, index)
+            self._open[v] = ([role], [index])
+            return
+        roles, idx = self._open.setdefault(v, ([START], [None]))
         if len(roles) < MAX_EPISODE:
             roles.append(role)
-            idx.append(snap.index)
+            idx.append(index)
         elif roles[-1] != "...":
             roles.append("...")
             idx.append(None)
 
-    def finish(self, last: Snapshot | None) -> None:
-        at = None if last is None else last.index
-        for v in list(self.open):
-            self._close(v, END, None)
-        for v in list(self.awaiting):
-            self._follow(v, END, at)
-
-    def _follow(self, v: int, role: str, index: int | None) -> None:
-        got = self.awaiting.pop(v, None)
-        if got is None:
-            return
-        first, n = got
-        self.followups[role] += n
-        self.first_followup.setdefault(role, (first, index, v))
-
     def _close(self, v: int, role: str, index: int | None) -> None:
-        roles, idx = self.open.pop(v)
+        roles, idx = self._open.pop(v)
         shape = (*roles, role)
         st = self.shapes.get(shape)
         if st is not None:
@@ -111,19 +165,22 @@ class PatternSummary:
         else:
             self.dropped_shapes += 1
 
+    def next_roles(self, before: str) -> Counter[str]:
+        return Counter({after: n for (b, after), n in self.steps.items() if b == before})
+
     def top(self, n: int = 10) -> list[dict[str, Any]]:
         rows = sorted(self.shapes.items(), key=lambda kv: (-kv[1].count, kv[1].first[0] or 0))
-        return [{"shape": list(k), "count": s.count, "first": _first_index(s.first),
-                 "vcpu": s.vcpu} for k, s in rows[:n]]
+        return [{"shape": [r for r in k if r != START], "count": s.count,
+                 "first": next((i for i in s.first if i is not None), None), "vcpu": s.vcpu}
+                for k, s in rows[:n]]
 
     def to_json(self) -> dict[str, Any]:
         return {"upcalls": self.upcalls, "followups": dict(self.followups),
+                "steps": [{"before": b, "after": a, "count": n,
+                           "first": list(self.first_step[(b, a)].at)}
+                          for (b, a), n in self.steps.most_common()],
                 "episodes": self.top(), "distinct_episodes": len(self.shapes),
                 "dropped_episodes": self.dropped_shapes}
-
-
-def _first_index(idx: tuple[int | None, ...]) -> int | None:
-    return next((i for i in idx if i is not None), None)
 
 
 # --------------------------------------------------------------------------- results
@@ -131,18 +188,22 @@ def _first_index(idx: tuple[int | None, ...]) -> int | None:
 
 @dataclass
 class Divergence:
-    """Where recording ``side`` does something the other one never does."""
+    """Where recording ``side`` does something the other one never does.
+
+    ``seen`` is that step (with the roles leading up to it); ``match`` the other
+    recording's first step from the same role, the closest thing it did instead.
+    """
 
     side: str  # "a" or "b"
-    snapshot: int | None
+    snapshot: int
     message: str
-    episode: list[dict[str, Any]] | None = None  # [{"role", "snapshot"}]
-    match: list[dict[str, Any]] | None = None  # the other side's closest episode
-    common: int = 0  # roles the two share from the start
+    seen: StepSeen
+    match: StepSeen | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"side": self.side, "snapshot": self.snapshot, "message": self.message,
-                "episode": self.episode, "match": self.match, "common": self.common}
+                "seen": self.seen.to_json(),
+                "match": None if self.match is None else self.match.to_json()}
 
 
 @dataclass
@@ -179,10 +240,12 @@ class DiffResult:
 
     @property
     def divergence(self) -> Divergence | None:
+        """B's first departure from A's pattern, else A's from B's."""
         return self.divergences[0] if self.divergences else None
 
     @property
     def diverged(self) -> bool:
+        """The two recordings differ in pattern (either way round)."""
         return bool(self.divergences)
 
     def to_json(self) -> dict[str, Any]:
@@ -239,90 +302,68 @@ def compare_states(a: Snapshot, b: Snapshot, label: str,
     return out
 
 
-def _episode(shape: tuple[str, ...], idx: tuple[int | None, ...]) -> list[dict[str, Any]]:
-    return [{"role": r, "snapshot": i} for r, i in zip(shape, idx, strict=False)
-            if r != START]
+def _names(side: str) -> tuple[str, str]:
+    return (side.upper(), "A" if side == "b" else "B")
 
 
-def _describe(ep: list[dict[str, Any]]) -> str:
-    return " -> ".join(r["role"] + (f" #{r['snapshot']}" if r["snapshot"] is not None else "")
-                       for r in ep)
-
-
-def _shape_text(shape: Iterable[str]) -> str:
-    return " -> ".join(r for r in shape if r != START)
-
-
-def _lcp(x: tuple[str, ...], y: tuple[str, ...]) -> int:
-    n = 0
-    for p, q in zip(x, y, strict=False):
-        if p != q:
-            break
-        n += 1
-    return n
-
-
-def _covered(shape: tuple[str, ...], other: dict[tuple[str, ...], _Shape]) -> bool:
-    """Does ``other`` have this episode?  A prologue never diverges, and an episode cut by
-    the end of the recording only needs to be the beginning of one of ``other``'s."""
-    if shape[0] == START:
-        return True
-    if shape in other:
-        return True
-    if shape[-1] == END:
-        head = shape[:-1]
-        return any(s[:len(head)] == head for s in other)
-    return False
+def _counts(c: Counter[str]) -> str:
+    return ", ".join(f"{r} ({n}x)" for r, n in c.most_common()) or "nothing"
 
 
 def _followup_divergence(side: str, mine: PatternSummary,
-                         other: PatternSummary, names: dict[str, str]) -> Divergence | None:
-    new = [(mine.first_followup[r], r) for r in mine.followups
+                         other: PatternSummary) -> Divergence | None:
+    new = [mine.first_followup[r] for r in mine.followups
            if r != END and other.followups.get(r, 0) == 0]
     if not new:
         return None
-    (up, at, v), role = min(new, key=lambda x: x[0][0])
-    o = "b" if side == "a" else "a"
-    theirs = ", ".join(f"{n} by a {r}" for r, n in other.followups.most_common()) or "none"
-    where = f" #{at}" if at is not None else ""
+    seen = min(new, key=lambda x: x.at[0])
+    before = next((b for (b, r), st in mine.first_followup_after.items() if st is seen), START)
+    me, them = _names(side)
     if other.followups and set(other.followups) <= {"bottom-half", END}:
-        them = (f"in {names[o]} every upcall ({other.upcalls}) is followed by a bottom-half")
+        usual = f"in {them} every upcall ({other.upcalls}) is followed by a bottom-half"
+    elif other.followups:
+        usual = f"in {them} upcalls are followed by {_counts(other.followups)}"
     else:
-        them = f"in {names[o]} upcalls are followed {theirs}"
-    msg = (f"in {names[side]}, the upcall at #{up} (vCPU {v}) is followed by {role}{where} "
-           f"with no bottom-half; {them}")
-    return Divergence(side, up, msg)
-
-
-def _episode_divergence(side: str, mine: PatternSummary, other: PatternSummary,
-                        names: dict[str, str]) -> Divergence | None:
-    best: tuple[int, tuple[str, ...], _Shape] | None = None
-    for shape, st in mine.shapes.items():
-        if _covered(shape, other.shapes):
-            continue
-        start = _first_index(st.first) or 0
-        if best is None or start < best[0]:
-            best = (start, shape, st)
-    if best is None:
-        return None
-    _, shape, st = best
-    o = "b" if side == "a" else "a"
+        usual = f"{them} takes no upcall"
     match = None
-    common = 0
-    if other.shapes:
-        mshape, mst = max(other.shapes.items(),
-                          key=lambda kv: (_lcp(shape, kv[0]), kv[1].count))
-        common = _lcp(shape, mshape)
-        match = _episode(mshape, mst.first)
-    episode = _episode(shape, st.first)
-    usual = "; ".join(f"{_shape_text(s['shape'])} ({s['count']}x)" for s in other.top(3))
-    msg = (f"in {names[side]}, episode {_describe(episode)} (vCPU {st.vcpu}) never occurs in "
-           f"{names[o]}" + (f" (its episodes: {usual})" if usual else ""))
-    if match is not None and 0 < common < len(shape):
-        msg += (f"; after {_shape_text(shape[:common])} {names[side]} goes on with "
-                f"{shape[common]} where {names[o]} goes on with "
-                f"{mshape[common] if common < len(mshape) else 'nothing'}")
-    return Divergence(side, _first_index(st.first), msg, episode, match, common)
+    if other.followups:  # the other's usual follow-up, after the same role if it can
+        usual_role = other.followups.most_common(1)[0][0]
+        match = (other.first_followup_after.get((before, usual_role))
+                 or other.first_followup.get(usual_role))
+    msg = (f"in {me}, the upcall at #{seen.at[0]} (vCPU {seen.vcpu}) is followed by "
+           f"{seen.after} #{seen.at[1]} with no bottom-half; {usual}")
+    return Divergence(side, seen.at[0], msg, seen, match)
+
+
+def _step_divergence(side: str, mine: PatternSummary,
+                     other: PatternSummary) -> Divergence | None:
+    new = [st for key, st in mine.first_step.items() if key not in other.steps]
+    if not new:
+        return None
+    seen = min(new, key=lambda x: x.at[1])
+    me, them = _names(side)
+    nxt = other.next_roles(seen.before)
+    match = None
+    if nxt:
+        match = other.first_step[(seen.before, nxt.most_common(1)[0][0])]
+        usual = f"after a {seen.before} {them} goes on with {_counts(nxt)}"
+    else:
+        usual = f"{them} never goes on from a {seen.before}"
+    msg = (f"in {me}, {seen.before} #{seen.at[0]} is followed on vCPU {seen.vcpu} by "
+           f"{seen.after} #{seen.at[1]}, which never happens in {them} ({usual})")
+    return Divergence(side, seen.at[1], msg, seen, match)
+
+
+def divergence(side: str, mine: PatternSummary, other: PatternSummary) -> Divergence | None:
+    """The first thing ``mine`` does that ``other`` never does (an upcall follow-up wins a
+    tie: it says more)."""
+    found = [d for d in (_followup_divergence(side, mine, other),
+                         _step_divergence(side, mine, other)) if d is not None]
+    return min(found, key=lambda d: d.snapshot) if found else None
+
+
+def context_text(st: StepSeen) -> str:
+    return " -> ".join(f"{r} #{i}" for r, i in st.context)
 
 
 # --------------------------------------------------------------------------- public API
@@ -368,31 +409,17 @@ def diff_recordings(a: XrrReader | str | os.PathLike[str], b: XrrReader | str | 
         ra, rb = _open(a, stack), _open(b, stack)
         pa, fa, la = _pass(ra, options)
         pb, fb, lb = _pass(rb, options)
-        names = {"a": "A", "b": "B"}
         pats = {"a": pa, "b": pb}
-        divs: list[Divergence] = []
-        for side, o in (("b", "a"), ("a", "b")):
-            d = (_followup_divergence(side, pats[side], pats[o], names)
-                 or _episode_divergence(side, pats[side], pats[o], names))
-            if d is not None:
-                divs.append(d)
-        # Aligned points: around the first divergence, then the two ends.
-        pairs: list[tuple[str, int | None, int | None]] = []
+        divs = [d for d in (divergence("b", pb, pa), divergence("a", pa, pb)) if d is not None]
+        # Aligned points: where both were at the same role, where B (or A) went elsewhere,
+        # and the two ends.
+        pairs: list[tuple[str, int, int]] = []
         d = divs[0] if divs else None
-        if d is not None and d.episode is None:  # a follow-up divergence: find its episode
-            ep = _episode_divergence(d.side, pats[d.side], pats["b" if d.side == "a" else "a"],
-                                     names)
-            if ep is not None:
-                d.episode, d.match, d.common = ep.episode, ep.match, ep.common
-        if d is not None and d.episode and d.match and d.common > 0:
-            mine, theirs = d.episode, d.match
-            k = min(d.common, len(mine), len(theirs))
-            for label, i in (("last common step", k - 1), ("first different step", k)):
-                if 0 <= i < len(mine) and i < len(theirs):
-                    x, y = mine[i]["snapshot"], theirs[i]["snapshot"]
-                    pa_, pb_ = (y, x) if d.side == "b" else (x, y)
-                    if pa_ is not None and pb_ is not None:
-                        pairs.append((label, pa_, pb_))
+        if d is not None and d.match is not None:
+            mine, theirs = d.seen.at, d.match.at
+            for label, k in (("same step", 0), ("different step", 1)):
+                x, y = (theirs[k], mine[k]) if d.side == "b" else (mine[k], theirs[k])
+                pairs.append((f"{label} ({d.seen.before if k == 0 else 'next'})", x, y))
         if la is not None and lb is not None:
             pairs.append(("end", la.index, lb.index))
         snaps_a = fetch(ra, [p[1] for p in pairs])
