@@ -404,9 +404,8 @@ class Recorder:
             if sig in ("SIGINT", "SIGTRAP", "0"):
                 return self._stop_reason or "interrupted"
             return None
-        if why in ("breakpoint-hit", "") and self.o.count and self.writer is not None \
-                and self.writer.count >= self.o.count:
-            return "count"
+        if why in ("breakpoint-hit", "") and self.o.count:
+            return "count"  # only the agent's count-limit stop is a user-visible stop
         return self._stop_reason or "stopped"
 
     def _gone(self) -> bool:

@@ -100,6 +100,7 @@ Frame = Struct(
 )
 
 snapshot_payload = SnapshotPayload.compile()
+delta_run = DeltaRun.compile()
 delta_runs = DeltaRuns.compile()
 frame_head = FrameHead.compile()
 

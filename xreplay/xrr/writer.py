@@ -29,7 +29,7 @@ def encode_delta(prev: bytes, cur: bytes) -> bytes:
     end = 0
     for m in _RUN.finditer(diff):
         start, stop = m.span()
-        out += fmt.DeltaRun.build({"skip": start - end, "data": cur[start:stop]})
+        out += fmt.delta_run.build({"skip": start - end, "data": cur[start:stop]})
         end = stop
     return bytes(out)
 
