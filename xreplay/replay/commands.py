@@ -81,7 +81,7 @@ def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | N
                    shadow: str | None, no_shadow: bool, stall: float,
                    explain_range: str | None, tables: int, no_info: bool) -> None:
     """Replay a recording through Xen's 2-level rules and report lost event deliveries."""
-    from xreplay.replay.detectors import _replay_reader
+    from xreplay.replay.detectors import replay
     from xreplay.replay.diff import check_debugkeys, fetch, pick_domain
     from xreplay.xrr import XrrReader
 
@@ -89,7 +89,7 @@ def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | N
                             stall_ns=int(stall * 1e9), info=not no_info)
     check = None
     with XrrReader(file) as reader:
-        result = _replay_reader(reader, options)
+        result = replay(reader, options)
         last_index = result.stats["last_snapshot"]
         want = {f.snapshot for f in _shown(result)[:tables]}
         if dump is not None and last_index is not None:

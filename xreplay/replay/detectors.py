@@ -609,8 +609,8 @@ class UpcallMaskedAtBlock(Detector):
             f, n = self.open[v]
             self.open[v] = (f, n + 1)
             return
-        ports = w.deliverable(cur, v) | (cur.evtchn_pending & ~cur.evtchn_mask
-                                         & w.routing.ports_of(v) & w.geometry.all_ports)
+        ports = (cur.evtchn_pending & ~cur.evtchn_mask & w.routing.ports_of(v)
+                 & w.geometry.all_ports)
         waiting = (f"; pending for it: {w.ports_text(iter_bits(ports), cur)}" if ports
                    else "")
         text = (f"vCPU {v} entered its block function at #{cur.index} with "
