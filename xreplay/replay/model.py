@@ -275,7 +275,7 @@ def explain(prev: Snapshot, cur: Snapshot, geometry: Geometry, routing: Routing,
     for c in changes:
         f = c.field
         if f == "evtchn_pending":
-            out.append(_explain_pending(c, cur, geometry, routing, quiet))
+            out.append(_explain_pending(c, prev, cur, geometry, routing, quiet))
         elif f == "evtchn_mask":
             out.append(_explain_mask(c, cur, geometry, routing))
         elif f == "evtchn_pending_sel":
@@ -322,7 +322,7 @@ def explain(prev: Snapshot, cur: Snapshot, geometry: Geometry, routing: Routing,
     return out
 
 
-def _explain_pending(c: BitChange, cur: Snapshot, g: Geometry, r: Routing,
+def _explain_pending(c: BitChange, prev: Snapshot, cur: Snapshot, g: Geometry, r: Routing,
                      quiet: bool) -> Explanation:
     if not c.set:
         return Explanation(c, GUEST, "the bottom half clears the event (clear_pending)")
@@ -332,6 +332,10 @@ def _explain_pending(c: BitChange, cur: Snapshot, g: Geometry, r: Routing,
                            "masked: no selector bit, no upcall until EVTCHNOP_unmask")
     v = r.vcpu_of(port)
     if cur.selector_bit(port, v):
+        if prev.selector_bit(port, v) and _vcpu_int(prev, v, "evtchn_upcall_pending"):
+            return Explanation(c, XEN, "evtchn_2l_set_pending", True,
+                               f"selector word {g.word(port)} and evtchn_upcall_pending of "
+                               f"vCPU {v} were already set: no new upcall")
         return Explanation(c, XEN, "evtchn_2l_set_pending")
     if quiet:
         return Explanation(c, XEN, "evtchn_2l_set_pending", False,
