@@ -56,7 +56,10 @@ class GdbSession:
         # mi-async: gdb keeps reading commands while the target runs, so -exec-interrupt works.
         for cmd in ("-gdb-set mi-async on", "-gdb-set pagination off", "-gdb-set confirm off",
                     "-gdb-set breakpoint pending off", "-gdb-set width 0",
-                    "-gdb-set print pretty off"):
+                    "-gdb-set print pretty off",
+                    # gdb re-sends QPassSignals around every resume; that is 2 of ~8 packets
+                    # per hit. Without it the stub reports signals and gdb passes them on.
+                    "-gdb-set remote pass-signals-packet off"):
             self.mi(cmd)
 
     # -- raw I/O -------------------------------------------------------------------
