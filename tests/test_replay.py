@@ -433,8 +433,9 @@ def test_cli_exit_codes_and_text(tmp_path: Path) -> None:
     bad = sim.write(tmp_path / "bad.xrr")
     res = run("replay", bad)
     assert res.exit_code == 1, res.output
-    assert f"missed-clear (error) at #{at['hang']}; vCPU 0; upcall #{at['upcall']}; " \
-           f"block #{at['block']}" in res.output
+    t = at["hang"] * 1000 / 1e9  # write_recording_ex: 1 us per snapshot
+    assert f"missed-clear (error) at #{at['hang']} (t={t:.6f} s); vCPU 0; upcall " \
+           f"#{at['upcall']}; block #{at['block']}" in res.output
     assert "state at #" in res.output and "1 [1/0/1]  (xenstore)" in res.output
     assert "1 finding(s): missed-clear x1" in res.output
     junk = tmp_path / "junk.xrr"

@@ -20,6 +20,7 @@ from xreplay.replay.detectors import Finding, ReplayOptions, ReplayResult, Walk
 from xreplay.snapshot import Snapshot
 
 _WRAP = 96
+_TIMED = 50  # findings whose key snapshot is fetched to print its time
 
 
 def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -91,7 +92,7 @@ def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | N
     with XrrReader(file) as reader:
         result = replay(reader, options)
         last_index = result.stats["last_snapshot"]
-        want = {f.snapshot for f in _shown(result)[:tables]}
+        want = {f.snapshot for f in _shown(result)[:max(tables, _TIMED)]}
         if dump is not None and last_index is not None:
             want.add(last_index)
         snaps = fetch(reader, want) if not as_json or dump is not None else {}
@@ -133,9 +134,10 @@ def _print_replay(name: str, result: ReplayResult, snaps: dict[int, Snapshot], t
     serious = _shown(result)
     for i, f in enumerate(serious):
         click.echo("")
-        click.echo(_finding_head(f))
-        click.echo(_wrap(f.message))
         snap = snaps.get(f.snapshot)
+        t0 = st.get("start_t_ns") or 0
+        click.echo(_finding_head(f, None if snap is None else (snap.t_ns - t0) / 1e9))
+        click.echo(_wrap(f.message))
         if i < tables and snap is not None:
             click.echo(f"  state at #{f.snapshot}:")
             click.echo(render_snapshot(snap, f.ports))
@@ -182,8 +184,9 @@ def _count(findings: list[Finding]) -> dict[str, int]:
     return out
 
 
-def _finding_head(f: Finding) -> str:
-    bits = [f"{f.kind} ({f.severity}) at #{f.snapshot}"]
+def _finding_head(f: Finding, t: float | None = None) -> str:
+    bits = [f"{f.kind} ({f.severity}) at #{f.snapshot}"
+            + ("" if t is None else f" (t={t:.6f} s)")]
     if f.vcpu is not None:
         bits.append(f"vCPU {f.vcpu}")
     if f.upcall_snapshot is not None:

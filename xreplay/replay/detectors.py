@@ -776,6 +776,7 @@ class Replayer:
             "arch": w.header.arch,
             "snapshots": w.count,
             "duration_s": 0.0 if last is None else (last.t_ns - (w.t0 or 0)) / 1e9,
+            "start_t_ns": w.t0,
             "last_snapshot": None if last is None else last.index,
             "hits": dict(w.hits),
             "vcpus": sorted(w.tracks),
