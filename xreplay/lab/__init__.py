@@ -1,1 +1,1 @@
-"""The guest lab: small C guests that reproduce Xen 2-level event delivery, and their launchers."""
+"""Labs that produce real event-channel state to record: see :mod:`xreplay.lab.xen`."""
