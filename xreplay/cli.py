@@ -321,8 +321,11 @@ def export(file: Path, fmt: str, output: str) -> None:
 def _register_subsystems() -> None:
     """Command groups that live beside their library (lab, replay) join the main CLI."""
     from xreplay.lab.xen.commands import lab
+    from xreplay.replay.commands import diff_command, replay_command
 
     main.add_command(lab)
+    main.add_command(replay_command)
+    main.add_command(diff_command)
 
 
 _register_subsystems()
