@@ -76,7 +76,7 @@ def test_hang_is_detected_and_snapshotted(counter: Path, tmp_path: Path) -> None
 def test_count_then_detach_leaves_the_guest_running(counter: Path, tmp_path: Path) -> None:
     out = tmp_path / "d.xrr"
     marker = tmp_path / "finished"
-    opts = options(counter, out, "400", "slow", str(marker), count=20)
+    opts = options(counter, out, "400", "slow", str(marker), count=20, kill_target=False)
     rec = Recorder(opts)
     result = rec.run()
     assert result.reason == "count" and result.snapshots == 20

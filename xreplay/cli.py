@@ -150,7 +150,7 @@ def _parse_kv(values: tuple[str, ...], what: str, key_int: bool = True) -> dict:
 @main.command()
 @click.option("--target", help="HOST:PORT of a gdbstub (gdbserver, QEMU -gdb, gdbsx).")
 @click.option("--launch", help="Command that starts the target's gdbstub (then --target "
-              "attaches to it). After a detach it runs on; --kill stops it by PID.")
+              "attaches to it); stopped by its PID at the end unless --detach.")
 @click.option("--elf", type=click.Path(dir_okay=False, path_type=Path),
               help="Guest image with symbols.")
 @click.option("--arch", default="x86_64", show_default=True,
@@ -173,8 +173,9 @@ def _parse_kv(values: tuple[str, ...], what: str, key_int: bool = True) -> dict:
 @click.option("--duration", type=click.FloatRange(0, min_open=True), help="Stop after S s.")
 @click.option("--hang-after", "hang_after", type=click.FloatRange(0, min_open=True),
               help="No probe hit for S s: interrupt, take a hang snapshot, stop.")
-@click.option("--kill", "kill_target", is_flag=True, help="Kill the target at the end "
-              "instead of detaching.")
+@click.option("--kill/--detach", "kill_target", default=None,
+              help="At the end, kill the target or detach and let it run on (default: kill "
+              "what --launch started, detach from anything else).")
 @click.option("--dedupe/--no-dedupe", default=None,
               help="Drop exact repeated hits (default: on for QEMU targets).")
 @click.option("--qemu", "is_qemu", is_flag=True, help="The stub is QEMU's (sets gdb's "
@@ -188,7 +189,7 @@ def record(target: str | None, launch: str | None, elf: Path | None, arch: str,
            upcall: str | None, bottom_half: str | None, block: str | None,
            extra_probes: tuple[str, ...], shared_info: str, vcpu_info: tuple[str, ...],
            watch: tuple[str, ...], label: tuple[str, ...], vcpus: str, count: int | None,
-           duration: float | None, hang_after: float | None, kill_target: bool,
+           duration: float | None, hang_after: float | None, kill_target: bool | None,
            dedupe: bool | None, is_qemu: bool, filter_expr: str | None, gdb: str,
            output: Path) -> None:
     """Record a live guest's event-channel state at its upcall, bottom half and block."""

@@ -72,7 +72,9 @@ class RecordOptions:
     count: int | None = None
     duration: float | None = None
     hang_after: float | None = None
-    kill_target: bool = False
+    # True: kill the target at the end; False: detach and let it run on; None: kill what
+    # --launch started (nobody else owns it), detach from anything else.
+    kill_target: bool | None = None
     gdb: str = "gdb"
     gdb_arch: str | None = None  # e.g. i386:x86-64 for QEMU's x86 stub
     dedupe: bool = False  # drop exact repeats (gdb + QEMU can report a hit twice)
@@ -116,6 +118,8 @@ class Recorder:
     def __init__(self, options: RecordOptions,
                  on_progress: Callable[[Progress], None] | None = None) -> None:
         self.o = options
+        self.kill = (options.launch is not None if options.kill_target is None
+                     else options.kill_target)
         self.on_progress = on_progress
         self.structs = layout(options.arch)
         self._stop_reason: str | None = None
@@ -446,7 +450,7 @@ class Recorder:
         if reason in ("target-exited", "target-lost") or reason.startswith("target-crashed"):
             return
         try:
-            if self.o.kill_target:
+            if self.kill:
                 g.console_command("kill", timeout=10)
             else:
                 g.mi("-target-detach", timeout=10)
@@ -459,9 +463,9 @@ class Recorder:
         if self.writer is not None and not self.writer.closed:
             with self._lock:
                 self.writer.close(reason="aborted")
-        # A launched target that was detached runs on (it is the guest's run); one that
-        # never got recorded, or that --kill asked for, is stopped by its PID.
-        if self.launched is not None and (self.o.kill_target or failed):
+        # A launched target is stopped by its PID unless the user asked to detach from it
+        # and leave it running; so is one whose recording never started.
+        if self.launched is not None and (self.kill or failed):
             _stop_pid(self.launched)
 
 
