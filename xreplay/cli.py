@@ -147,6 +147,16 @@ def _parse_kv(values: tuple[str, ...], what: str, key_int: bool = True) -> dict:
     return out
 
 
+def _parse_int_map(values: tuple[str, ...], what: str) -> dict[int, int]:
+    out = {}
+    for key, value in _parse_kv(values, what).items():
+        try:
+            out[key] = int(value, 0)
+        except ValueError:
+            raise XReplayError(f"bad {what} {key}={value!r}: {value!r} is not a number") from None
+    return out
+
+
 @main.command()
 @click.option("--target", help="HOST:PORT of a gdbstub (gdbserver, QEMU -gdb, gdbsx).")
 @click.option("--launch", help="Command that starts the target's gdbstub (then --target "
@@ -168,6 +178,8 @@ def _parse_kv(values: tuple[str, ...], what: str, key_int: bool = True) -> dict:
 @click.option("--watch", multiple=True, metavar="NAME=EXPR:LEN",
               help="Extra guest memory stored with each snapshot (repeatable).")
 @click.option("--label", multiple=True, metavar="PORT=NAME", help="Name a port (repeatable).")
+@click.option("--bind", multiple=True, metavar="PORT=VCPU", help="A port's notify vCPU "
+              "(Xen's n=, see lsevtchn; default 0; repeatable).")
 @click.option("--vcpus", default="0", show_default=True, help="vCPUs to decode, e.g. 0,1.")
 @click.option("--count", type=click.IntRange(1), help="Stop after N snapshots.")
 @click.option("--duration", type=click.FloatRange(0, min_open=True), help="Stop after S s.")
@@ -188,7 +200,8 @@ def _parse_kv(values: tuple[str, ...], what: str, key_int: bool = True) -> dict:
 def record(target: str | None, launch: str | None, elf: Path | None, arch: str,
            upcall: str | None, bottom_half: str | None, block: str | None,
            extra_probes: tuple[str, ...], shared_info: str, vcpu_info: tuple[str, ...],
-           watch: tuple[str, ...], label: tuple[str, ...], vcpus: str, count: int | None,
+           watch: tuple[str, ...], label: tuple[str, ...], bind: tuple[str, ...],
+           vcpus: str, count: int | None,
            duration: float | None, hang_after: float | None, kill_target: bool | None,
            dedupe: bool | None, is_qemu: bool, filter_expr: str | None, gdb: str,
            output: Path) -> None:
@@ -221,6 +234,7 @@ def record(target: str | None, launch: str | None, elf: Path | None, arch: str,
         output=output, arch=arch, target=target, launch=shlex.split(launch) if launch else None,
         elf=elf, probes=probes, shared_info=shared_info, vcpu_info=vinfo,
         watch=[WatchSpec.parse(w) for w in watch], labels=_parse_kv(label, "--label"),
+        notify=_parse_int_map(bind, "--bind"),
         vcpus=sorted(set(vcpu_list) | set(vinfo)) or [0], count=count, duration=duration,
         hang_after=hang_after, kill_target=kill_target, gdb=gdb,
         gdb_arch="i386:x86-64" if is_qemu and arch.startswith("x86") else None,

@@ -68,6 +68,7 @@ class RecordOptions:
     reeval_vcpu_info: bool = False  # re-read the vcpu_info pointer at every hit
     watch: list[WatchSpec] = field(default_factory=list)
     labels: dict[int, str] = field(default_factory=dict)
+    notify: dict[int, int] = field(default_factory=dict)  # port -> notify vCPU (Xen's n=)
     vcpus: list[int] = field(default_factory=lambda: [0])
     count: int | None = None
     duration: float | None = None
@@ -260,7 +261,7 @@ class Recorder:
         probes = [*o.probes, ProbeSpec(HANG_PROBE, "(target interrupted)", "other")]
         header = RecordingHeader(
             arch=self.structs.arch, probes=probes, regions=self.regions, vcpus=o.vcpus,
-            labels=o.labels, delivery=o.delivery,
+            labels=o.labels, notify=o.notify, delivery=o.delivery,
             target={"kind": o.target_kind, "address": o.target,
                     "description": o.description or f"{o.target_kind} at {o.target}",
                     "elf": str(o.elf) if o.elf else None,
