@@ -150,7 +150,7 @@ def test_apply_merges_the_guests_labels_under_the_users(tmp_path: Path) -> None:
     options = apply(RecordOptions(output=tmp_path / "x.xrr", labels={2: "hvc"}),
                     write_map(tmp_path / "m", LAB_SYMBOLS), facts=facts)
     assert options.labels == {1: "xenstore", 2: "hvc"}
-    assert options.delivery == {"mechanism": "pv-callback"}
+    assert options.delivery == {"mechanism": "pv-callback", "block": "schedop_block"}
     dom0 = GuestFacts(abi="2l", domain_type="pv", start_flags=0x30B, shared_info_va=0,
                       shared_info_ma=None, store_evtchn=1, console_evtchn=0)
     assert dom0.labels() == {} and dom0.is_dom0
@@ -222,6 +222,7 @@ def test_recording_shows_a_linux_2level_guest_at_work(recorded) -> None:
     assert result.reason == "count" and result.snapshots == 300
     with XrrReader(path) as reader:
         labels = reader.header.labels
+        header_extra = reader.header.extra
         timer = next(p for p, name in labels.items() if name == "VIRQ_TIMER")
         snaps = list(reader.snapshots())
     by_probe: dict[str, list] = {}
@@ -236,6 +237,8 @@ def test_recording_shows_a_linux_2level_guest_at_work(recorded) -> None:
 
     live = [s.vcpus[0] for s in snaps]
     assert all(v.source == "registered" for v in live)
+    # QEMU numbers physical CPUs; the one-vCPU domU's snapshots are pinned to its vCPU 0
+    assert {s.vcpu for s in snaps} == {0} and "vcpu_pinned" in header_extra
     # Xen raised the upcall: evtchn_upcall_pending and selector word 0 set at entry...
     assert share(ups, lambda s: s.vcpus[0].evtchn_upcall_pending == 1) >= 0.9
     assert share(ups, lambda s: s.vcpus[0].evtchn_pending_sel & 1) >= 0.9
@@ -258,6 +261,16 @@ def test_recording_shows_a_linux_2level_guest_at_work(recorded) -> None:
     # Only the domU's ports: the guest unmasks exactly what it bound (lsevtchn: 1..8 here).
     unmasked = {p for s in snaps for p in range(1, 64) if not s.is_masked(p)}
     assert labels.keys() <= unmasked | {0} and max(unmasked) < 64
+
+
+@pytest.mark.xenlab
+def test_replay_finds_no_lost_delivery_in_a_healthy_linux_guest(recorded) -> None:
+    replay_mod = pytest.importorskip("xreplay.replay")
+    _, _, path = recorded
+    result = replay_mod.replay(path)
+    bugs = [f for f in result.findings
+            if f.kind in ("missed-clear", "stranded-port", "lost-pending", "abi-violation")]
+    assert not bugs, [f.message for f in bugs]
 
 
 @pytest.mark.xenlab

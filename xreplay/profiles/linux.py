@@ -318,7 +318,12 @@ class GuestFacts:
         return out
 
     def delivery(self) -> dict[str, Any]:
-        return {"mechanism": "pv-callback"} if self.domain_type == "pv" else {}
+        """How events reach the guest. PV Linux idles in xen_safe_halt with
+        evtchn_upcall_mask set, legitimately: SCHEDOP_block clears the mask as it blocks
+        (Xen's vcpu_block_enable_events), hence ``block``."""
+        if self.domain_type != "pv":
+            return {}
+        return {"mechanism": "pv-callback", "block": "schedop_block"}
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
