@@ -31,7 +31,7 @@ from xreplay.lab.xen.record import (
     record_lab,
 )
 from xreplay.profiles import LinuxSymbols, apply, inspect_guest, linux_profile
-from xreplay.profiles.linux import GuestFacts, apply_cli, read_system_map
+from xreplay.profiles.linux import GDB_HELPERS, GuestFacts, apply_cli, read_system_map
 from xreplay.record import RecordOptions
 from xreplay.snapshot import SnapshotDecoder
 from xreplay.xrr import ProbeSpec, XrrReader
@@ -65,9 +65,14 @@ def test_profile_is_numeric_and_follows_the_live_per_cpu_vcpu_info(tmp_path: Pat
         ("block", "*0xffffffff81027750", "block"),
         ("xen_timer_interrupt", "*0xffffffff8101e8e0", "other")]
     assert kw["shared_info"] == "*(unsigned long *)0xffffffff82a25f00"
-    assert kw["vcpu_info"] == {
-        0: "*(unsigned long *)(*(unsigned long *)0xffffffff8241cb60 + 0x1e0e0)",
-        1: "*(unsigned long *)(*(unsigned long *)0xffffffff8241cb68 + 0x1e0e0)"}
+    assert kw["vcpu_info"] == {0: "$xr_u64($xr_u64(0xffffffff8241cb60) + 0x1e0e0)",
+                               1: "$xr_u64($xr_u64(0xffffffff8241cb68) + 0x1e0e0)"}
+    assert kw["extra_gdb_commands"] == [f"source {GDB_HELPERS}"]
+    s = LinuxSymbols.load(tmp_path / "System.map")
+    assert s.vcpu_info_expr(1) == (
+        "*(unsigned long *)(*(unsigned long *)0xffffffff8241cb68 + 0x1e0e0)")
+    assert linux_profile(s, shared_info_va=0xFFFFFFFFFF57C000)["shared_info"] == (
+        "0xffffffffff57c000")
     assert kw["reeval_vcpu_info"] is True and kw["vcpus"] == [0, 1]
     assert kw["filter"] == "(*(unsigned int *)0xffffffff8241b1c8 & 2) == 0"
     assert kw["gdb_arch"] == "i386:x86-64" and kw["dedupe"] is True

@@ -145,12 +145,19 @@ class LinuxSymbols:
     def shared_info_expr(self) -> str:
         return f"*(unsigned long *){self.shared_info_ptr:#x}"
 
-    def per_cpu_base_expr(self, cpu: int) -> str:
-        return f"*(unsigned long *){self.per_cpu_offset + 8 * cpu:#x}"
+    def per_cpu_base_expr(self, cpu: int, safe: bool = False) -> str:
+        return _deref(self.per_cpu_offset + 8 * cpu, safe)
 
-    def vcpu_info_expr(self, cpu: int) -> str:
-        """``per_cpu(xen_vcpu, cpu)``: the address of the vcpu_info Xen updates."""
-        return f"*(unsigned long *)({self.per_cpu_base_expr(cpu)} + {self.xen_vcpu:#x})"
+    def vcpu_info_expr(self, cpu: int, safe: bool = False) -> str:
+        """``per_cpu(xen_vcpu, cpu)``: the address of the vcpu_info Xen updates.
+
+        ``safe`` uses ``$xr_u64`` (:data:`GDB_HELPERS`), which gives 0 instead of an error
+        where the guest's memory is not mapped (attaching to a whole-machine stub).
+        """
+        base = self.per_cpu_base_expr(cpu, safe)
+        if safe:
+            return f"$xr_u64({base} + {self.xen_vcpu:#x})"
+        return f"*(unsigned long *)({base} + {self.xen_vcpu:#x})"
 
     def domain_filter(self, domain: str, shared_info_ma: int | None = None) -> str:
         """gdb expression true only at hits in ``domain`` (``dom0`` or ``domu``).
@@ -185,7 +192,14 @@ class LinuxSymbols:
         return out
 
 
+def _deref(address: int, safe: bool) -> str:
+    return f"$xr_u64({address:#x})" if safe else f"*(unsigned long *){address:#x}"
+
+
 # ----------------------------------------------------------------------------- profile
+
+#: Sourced into gdb before attaching: defines ``$xr_u64``/``$xr_u32`` (read or 0).
+GDB_HELPERS = Path(__file__).with_name("gdb_linux.py")
 
 
 def _symbols(symbols: str | Path | LinuxSymbols) -> LinuxSymbols:
@@ -194,8 +208,8 @@ def _symbols(symbols: str | Path | LinuxSymbols) -> LinuxSymbols:
 
 def linux_profile(symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] = (0,),
                   domain: str | None = None, *, block: bool = True,
-                  extra: Iterable[str] = (), shared_info_ma: int | None = None
-                  ) -> dict[str, Any]:
+                  extra: Iterable[str] = (), shared_info_ma: int | None = None,
+                  shared_info_va: int | None = None) -> dict[str, Any]:
     """RecordOptions keyword arguments for a Linux guest, from its symbol map.
 
     ``domain`` (``dom0``/``domu``) is for whole-machine stubs such as QEMU's: hits in other
@@ -203,6 +217,14 @@ def linux_profile(symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] = (0,
     per-guest stub). ``extra`` names more kernel functions to probe, e.g.
     ``xen_timer_interrupt``: Linux has acked (cleared) VIRQ_TIMER's pending bit when it
     runs, so the guest's side of each timer event shows up between two upcalls.
+
+    The vcpu_info pointers are read with ``$xr_u64`` (gdb commands in
+    ``extra_gdb_commands`` define it), so attaching where the guest is not mapped does not
+    fail. The recorder resolves shared_info once, at attach: ``shared_info_va`` (read in the
+    guest by :func:`inspect_guest`) makes that a plain number, right in any context;
+    without it the pointer is dereferenced wherever the machine is stopped, which fails
+    if that is not a guest running this kernel (for PV Linux any such domain gives the
+    same fixmap address).
     """
     s = _symbols(symbols)
     extra_addrs = {}
@@ -217,8 +239,10 @@ def linux_profile(symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] = (0,
     return {
         "arch": "x86_64",
         "probes": s.probes(block, extra_addrs),
-        "shared_info": s.shared_info_expr,
-        "vcpu_info": {c: s.vcpu_info_expr(c) for c in cpus},
+        "shared_info": (s.shared_info_expr if shared_info_va is None
+                        else f"{shared_info_va:#x}"),
+        "vcpu_info": {c: s.vcpu_info_expr(c, safe=True) for c in cpus},
+        "extra_gdb_commands": [f"source {GDB_HELPERS}"],
         "reeval_vcpu_info": True,
         "vcpus": cpus,
         "filter": s.domain_filter(domain, shared_info_ma) if domain else None,
@@ -239,8 +263,11 @@ def apply(options: Any, symbols: str | Path | LinuxSymbols, vcpus: Iterable[int]
     delivery mechanism.
     """
     kw = linux_profile(symbols, options.vcpus if vcpus is None else vcpus, domain, block=block,
-                       extra=extra)
+                       extra=extra, shared_info_va=facts.shared_info_va if facts else None)
     for key, value in kw.items():
+        if key == "extra_gdb_commands":
+            value = [*options.extra_gdb_commands,
+                     *(c for c in value if c not in options.extra_gdb_commands)]
         setattr(options, key, value)
     if facts is not None:
         options.labels = {**facts.labels(), **options.labels}
