@@ -288,8 +288,8 @@ def apply_cli(options: Any, symbols: str | Path, *, domain: str | None = None,
     pointer, ``--dedupe/--no-dedupe`` (``dedupe``) the profile's de-duplication.
 
     Unless ``check`` is False (or ``--launch`` starts the target, so it is not running
-    yet), the guest is stopped once first (:func:`inspect_guest`): a FIFO guest is refused, and the
-    xenstore/console labels and the delivery mechanism are filled in.
+    yet), the guest is stopped once first (:func:`inspect_guest`): a FIFO guest is
+    refused, and the xenstore/console labels and the delivery mechanism are filled in.
     """
     user_probes = list(options.probes)
     user_vinfo = dict(options.vcpu_info)
