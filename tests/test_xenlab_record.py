@@ -228,6 +228,7 @@ def test_recording_shows_a_linux_2level_guest_at_work(recorded) -> None:
     with XrrReader(path) as reader:
         labels = reader.header.labels
         header_extra = reader.header.extra
+        assert reader.header.notify == {p: 0 for p in labels}  # lsevtchn: all on VCPU 0
         timer = next(p for p, name in labels.items() if name == "VIRQ_TIMER")
         snaps = list(reader.snapshots())
     by_probe: dict[str, list] = {}

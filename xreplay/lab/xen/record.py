@@ -149,6 +149,7 @@ def lab_record_options(lab: Lab, output: Path, *, domain: str = "domu",
         hang_after=hang_after, target_kind="qemu")
     apply(options, syms, list(vcpus), domain, block=block, extra=extra, facts=facts)
     options.labels = port_labels(bindings, facts)
+    options.notify = {p: b.vcpu for p, b in bindings.items()}  # replay routes each port
     options.description = (f"xreplay Xen 4.17 lab, {domain} (domid {domid}, {facts.domain_type}"
                            f" Linux {lab.state.kver if lab.state else ''}) via QEMU's gdbstub")
     return options, facts
