@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from xreplay.errors import XReplayError
 from xreplay.lab.guests import (
     LAB_DATA_SYMBOLS,
     LAB_PROBES,
@@ -95,6 +96,35 @@ def test_build_is_cached_by_source_hash(cache: Path, tmp_path: Path) -> None:
     assert first.stat().st_mtime_ns == mtime
     other = build_guest("process", tmp_path)
     assert other.name == first.name and other.parent == tmp_path
+
+
+def test_missing_gcc_names_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no compiler on it
+    with pytest.raises(XReplayError, match="Debian package gcc"):
+        build_guest("process", tmp_path / "cache")
+
+
+def _gone(pid: int) -> bool:
+    """Dead: no such process, or a zombie (a killed inferior whose parent, gdbserver, was
+    killed too waits for init to reap it; some container inits never do)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_launcher_attributes_and_stop_by_pid(kind: str, cache: Path) -> None:
+    if kind == "process" and shutil.which("gdbserver") is None:
+        pytest.skip("gdbserver not installed")
+    with start_guest(kind, "correct", cache_dir=cache) as guest:  # type: ignore[arg-type]
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", guest.address or "")
+        assert guest.arch == ("x86_64" if kind == "process" else "x86_32")
+        assert guest.gdb_arch == "i386:x86-64" and guest.elf.is_file()
+        assert guest.alive() and guest.output() == ""  # frozen until a debugger continues
+        pids = [p for p in (guest.pid, guest.guest_pid) if p is not None]
+    assert all(_gone(p) for p in pids)
+    assert not guest.output_path.exists()  # its scratch directory went with it
 
 
 @pytest.mark.parametrize("kind", KINDS)

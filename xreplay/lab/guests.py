@@ -186,7 +186,7 @@ def build_guest(kind: GuestKind, cache_dir: Path | None = None) -> Path:
             if "xen/foreign" in err:
                 raise XReplayError("Xen's public headers are missing: install the Debian "
                                    f"package libxen-dev (apt-get install libxen-dev)\n{err}")
-            if kind == "baremetal" and ("-lgcc" in err or "32" in err and "cannot find" in err):
+            if kind == "baremetal" and ("-lgcc" in err or ("32" in err and "cannot find" in err)):
                 raise XReplayError("32-bit toolchain incomplete: install the Debian package "
                                    f"gcc-multilib (apt-get install gcc-multilib)\n{err}")
             raise XReplayError(f"building the {kind} lab guest failed:\n{err}")
