@@ -348,8 +348,6 @@ def test_lab_cli_records_and_cross_checks(lab: Lab, tmp_path: Path) -> None:
 def test_record_cli_with_symbols(lab: Lab, tmp_path: Path) -> None:
     from xreplay.cli import main
 
-    if not any(p.name == "symbols" for p in main.commands["record"].params):
-        pytest.skip("xreplay record has no --symbols option yet (wire profiles.linux.apply_cli)")
     out = tmp_path / "sym.xrr"
     res = CliRunner().invoke(main, ["record", "--target", lab.gdb_address, "--symbols",
                                     str(lab.symbol_map), "--domain", "domu", "--count", "50",

@@ -194,6 +194,15 @@ def _parse_int_map(values: tuple[str, ...], what: str) -> dict[int, int]:
               "architecture to i386:x86-64 for x86 guests, de-duplicates hits).")
 @click.option("--filter", "filter_expr", help="gdb expression: record a hit only where it is "
               "true (whole-machine stubs); other hits are resumed and counted.")
+@click.option("--vcpu-expr", "vcpu_expr", help="gdb expression giving the guest's vCPU id at a "
+              "hit (default: gdb's thread, i.e. QEMU's physical CPU).")
+@click.option("--symbols", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="System.map or /proc/kallsyms of a Linux guest: probes, shared_info and "
+              "each vCPU's live vcpu_info from it (no debug info needed).")
+@click.option("--domain", type=click.Choice(["dom0", "domu"]), help="With --symbols on a "
+              "whole-machine stub (QEMU): record only this domain's hits.")
+@click.option("--no-guest-check", "no_guest_check", is_flag=True, help="With --symbols: do "
+              "not stop once in the guest first (ABI and domain-type check, port labels).")
 @click.option("--gdb", default="gdb", show_default=True, help="gdb executable.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               required=True, help="Recording file to write.")
@@ -203,7 +212,8 @@ def record(target: str | None, launch: str | None, elf: Path | None, arch: str,
            watch: tuple[str, ...], label: tuple[str, ...], bind: tuple[str, ...],
            vcpus: str, count: int | None,
            duration: float | None, hang_after: float | None, kill_target: bool | None,
-           dedupe: bool | None, is_qemu: bool, filter_expr: str | None, gdb: str,
+           dedupe: bool | None, is_qemu: bool, filter_expr: str | None, vcpu_expr: str | None,
+           symbols: Path | None, domain: str | None, no_guest_check: bool, gdb: str,
            output: Path) -> None:
     """Record a live guest's event-channel state at its upcall, bottom half and block."""
     import shlex
@@ -239,7 +249,20 @@ def record(target: str | None, launch: str | None, elf: Path | None, arch: str,
         hang_after=hang_after, kill_target=kill_target, gdb=gdb,
         gdb_arch="i386:x86-64" if is_qemu and arch.startswith("x86") else None,
         dedupe=is_qemu if dedupe is None else dedupe, filter=filter_expr,
-        target_kind="qemu" if is_qemu else "gdbstub")
+        target_kind="qemu" if is_qemu else "gdbstub", vcpu_expr=vcpu_expr)
+    if symbols is not None:
+        from xreplay.profiles.linux import apply_cli
+
+        given = (click.get_current_context().get_parameter_source("shared_info")
+                 != click.core.ParameterSource.DEFAULT)
+        apply_cli(options, symbols, domain=domain, check=not no_guest_check,
+                  shared_info_given=given, dedupe=dedupe)
+        if filter_expr:
+            options.filter = filter_expr
+        if vcpu_expr:
+            options.vcpu_expr = vcpu_expr
+    elif domain:
+        raise XReplayError("--domain needs --symbols (or write the gdb expression: --filter)")
     result = run_recorder(options)
     _print_record_result(result)
 

@@ -66,6 +66,8 @@ class RecordOptions:
     shared_info: str = "HYPERVISOR_shared_info"
     vcpu_info: dict[int, str] = field(default_factory=dict)  # vCPU -> expression
     reeval_vcpu_info: bool = False  # re-read the vcpu_info pointer at every hit
+    reeval_shared_info: bool = False  # likewise for shared_info (whole-machine stubs)
+    vcpu_expr: str | None = None  # gdb expression for the guest's vCPU id (default: thread)
     watch: list[WatchSpec] = field(default_factory=list)
     labels: dict[int, str] = field(default_factory=dict)
     notify: dict[int, int] = field(default_factory=dict)  # port -> notify vCPU (Xen's n=)
@@ -227,12 +229,14 @@ class Recorder:
             "socket": sock_path,
             "probes": [{"name": p.name, "location": p.location} for p in o.probes],
             "regions": [{"name": r.name, "expr": r.expr, "size": r.size,
-                         "reeval": o.reeval_vcpu_info and r.kind == "vcpu_info"}
+                         "reeval": (o.reeval_vcpu_info and r.kind == "vcpu_info")
+                         or (o.reeval_shared_info and r.kind == "shared_info")}
                         for r in self.regions],
             "flags_register": flags_register(self.structs.arch),
             "count": o.count or 0,
             "dedupe": o.dedupe,
             "filter": o.filter,
+            "vcpu_expr": o.vcpu_expr,
         }
         cfg = os.path.join(tmp, "agent.json")
         with open(cfg, "w") as f:

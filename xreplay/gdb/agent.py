@@ -76,9 +76,18 @@ class Agent:
         self.stopped_for_count = False
         resolved = []
         for spec in config["regions"]:
-            addr = self.resolve(spec["expr"])
-            self.regions.append([addr, spec["size"], spec["expr"] if spec.get("reeval") else None])
-            resolved.append({"name": spec["name"], "address": addr})
+            reeval = spec["expr"] if spec.get("reeval") else None
+            try:
+                addr = self.resolve(spec["expr"])
+            except gdb.error:
+                # On a whole-machine stub the attach may stop in Xen or another domain, where
+                # the guest's pointers are not mapped; a re-evaluated region resolves per hit.
+                if reeval is None:
+                    raise
+                addr = None
+            self.regions.append([addr, spec["size"], reeval])
+            resolved.append({"name": spec["name"], "address": addr, "per_hit": bool(reeval)})
+        self.vcpu_expr = config.get("vcpu_expr")
         try:
             for i, spec in enumerate(config["probes"]):
                 self.probes.append(_Probe(self, i, spec))
@@ -137,6 +146,17 @@ class Agent:
     def send_json(self, obj):
         self.send(ord("J"), json.dumps(obj).encode())
 
+    def vcpu_id(self):
+        """The guest's vCPU number: from the configured expression (a guest's own CPU id,
+        e.g. Linux's per-cpu xen_vcpu_id) or else gdb's thread (QEMU: the physical CPU)."""
+        if self.vcpu_expr:
+            try:
+                return int(gdb.parse_and_eval(self.vcpu_expr)) & 0xFFFF
+            except (gdb.error, ValueError):
+                pass
+        thread = gdb.selected_thread()
+        return max(0, thread.num - 1) if thread is not None else 0
+
     def register(self, name):
         # "$pc" reads the register cache directly; gdb.selected_frame() would first compute
         # the frame's id, which costs two stack reads from the stub per hit (~20% of the rate).
@@ -174,8 +194,7 @@ class Agent:
             if not keep:
                 self.foreign += 1
                 return False
-        thread = gdb.selected_thread()
-        vcpu = max(0, thread.num - 1) if thread is not None else 0
+        vcpu = self.vcpu_id()
         pc = self.register("pc") or 0
         sp = self.register("sp")
         regflags = self.register(self.flags_reg) if self.flags_reg else None

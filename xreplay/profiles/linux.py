@@ -248,6 +248,10 @@ def linux_profile(symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] = (0,
         "filter": s.domain_filter(domain, shared_info_ma) if domain else None,
         "gdb_arch": QEMU_GDB_ARCH,
         "dedupe": True,
+        # The guest's own vCPU id (per-cpu xen_vcpu_id at $gs_base), not QEMU's physical
+        # CPU, which is what gdb's thread number would give on a whole-machine stub.
+        "vcpu_expr": (f"*(unsigned int *)((unsigned long)$gs_base + {s.extra['xen_vcpu_id']:#x})"
+                      if "xen_vcpu_id" in s.extra else None),
         "description": f"Linux guest{where} via {s.upcall_name} / {BOTTOM_HALF_SYMBOL}, "
                        f"symbols from {s.source}",
     }

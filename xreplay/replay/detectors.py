@@ -598,6 +598,10 @@ class UpcallMaskedAtBlock(Detector):
     def step(self, w: Walk, s: Step) -> None:
         if s.role != "block":
             return
+        if w.header.delivery.get("block") == "schedop_block":
+            # PV Linux enters xen_safe_halt masked on purpose: SCHEDOP_block clears
+            # evtchn_upcall_mask as it blocks (Xen's do_block, local_event_delivery_enable).
+            return
         cur, v = s.cur, s.cur.vcpu
         st = cur.vcpus.get(v)
         if st is None or st.evtchn_upcall_mask is None:
