@@ -356,6 +356,38 @@ def export(file: Path, fmt: str, output: str) -> None:
         click.echo(f"{output}: {n} snapshots as {fmt}", err=True)
 
 
+@main.command()
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("xreplay-demo"), show_default=True, help="Where the recordings go.")
+@click.option("--variant", type=click.Choice(["correct", "lost-upcall", "unmask-no-reraise",
+                                              "ffs-off-by-one"]),
+              default="lost-upcall", show_default=True, help="Which lab guest bug to record.")
+@click.option("--target", "kinds", multiple=True, type=click.Choice(["process", "baremetal"]),
+              help="gdbserver (process) and/or QEMU (baremetal); default: both if QEMU exists.")
+@click.option("--seed", type=int, default=1, show_default=True)
+def demo(out_dir: Path, variant: str, kinds: tuple[str, ...], seed: int) -> None:
+    """Record the bundled lab guest until it hangs, then show and replay the recording."""
+    from xreplay import inspect
+    from xreplay.demo import run_demo
+    from xreplay.replay import replay as replay_recording
+    from xreplay.xrr import XrrReader
+
+    for run in run_demo(out_dir, list(kinds) or None, variant, seed, say=click.echo):
+        _print_record_result(run.result)
+        with XrrReader(run.output) as reader:
+            s = inspect.summary(reader)
+            first, last = s.pop("_first"), s.pop("_last")
+            _print_summary(s, first, last)
+        result = replay_recording(run.output)
+        click.echo(f"\n== verdict (xreplay replay {run.output})")
+        serious = [f for f in result.findings if f.severity != "info"]
+        if not serious:
+            click.echo("no lost event delivery found")
+        for f in serious:
+            click.echo(f"{f.kind} at #{f.snapshot}: {f.message}")
+        click.echo("")
+
+
 def _register_subsystems() -> None:
     """Command groups that live beside their library (lab, replay) join the main CLI."""
     from xreplay.lab.xen.commands import lab
