@@ -365,14 +365,16 @@ def export(file: Path, fmt: str, output: str) -> None:
 @click.option("--target", "kinds", multiple=True, type=click.Choice(["process", "baremetal"]),
               help="gdbserver (process) and/or QEMU (baremetal); default: both if QEMU exists.")
 @click.option("--seed", type=int, default=1, show_default=True)
-def demo(out_dir: Path, variant: str, kinds: tuple[str, ...], seed: int) -> None:
+@click.option("--events", type=click.IntRange(1), default=2000, show_default=True,
+              help="Events the guest's schedule raises.")
+def demo(out_dir: Path, variant: str, kinds: tuple[str, ...], seed: int, events: int) -> None:
     """Record the bundled lab guest until it hangs, then show and replay the recording."""
     from xreplay import inspect
     from xreplay.demo import run_demo
     from xreplay.replay import replay as replay_recording
     from xreplay.xrr import XrrReader
 
-    for run in run_demo(out_dir, list(kinds) or None, variant, seed, say=click.echo):
+    for run in run_demo(out_dir, list(kinds) or None, variant, seed, events, say=click.echo):
         _print_record_result(run.result)
         with XrrReader(run.output) as reader:
             s = inspect.summary(reader)

@@ -66,13 +66,14 @@ def available_kinds() -> list[str]:
 
 
 def run_demo(out_dir: Path, kinds: list[str] | None = None, variant: str = "lost-upcall",
-             seed: int = 1, say: Callable[[str], None] = print) -> list[DemoRun]:
+             seed: int = 1, events: int = 2000,
+             say: Callable[[str], None] = print) -> list[DemoRun]:
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     for kind in kinds or available_kinds():
         target = "gdbserver" if kind == "process" else "QEMU (TCG, bare-metal 32-bit guest)"
         out = out_dir / f"{variant}-{kind}.xrr"
         say(f"== recording the {variant} lab guest under {target} until it hangs -> {out}")
-        result = record_lab_guest(kind, variant, out, seed=seed)
+        result = record_lab_guest(kind, variant, out, seed=seed, events=events)
         runs.append(DemoRun(kind, out, result))
     return runs
