@@ -62,3 +62,15 @@ def test_record_benchmark_runs_and_verifies() -> None:
         assert re.fullmatch(r"\S+/raw = [0-9.e+-]+", ratio), (name, ratio)
     assert rows["raw-rsp"][7] == "raw/raw = 1"
     assert "NOT verified" not in r.stderr
+
+
+def test_replay_benchmark_machinery(tmp_path, monkeypatch) -> None:
+    """The replay benchmark's recording is clean and every method counts every snapshot."""
+    from benchmarks import replay_bench
+
+    monkeypatch.setattr(replay_bench, "_CACHE", tmp_path)
+    path = replay_bench.make_recording(300)
+    for method in ("read", "decode", "replay"):
+        m = replay_bench._child(path, method)
+        assert m.verified and m.hits == 300, (method, m.note)
+        assert m.maxrss_kb > 0

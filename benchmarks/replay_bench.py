@@ -1,0 +1,139 @@
+"""Replay speed and memory: replaying a recording vs only reading and decoding it.
+
+A synthetic lab-like recording (block -> upcall -> bottom half episodes on a few ports,
+x86_64, with a shadow watch region) is written once per size, outside the timed span.  Each
+method then runs in a fresh Python process, so its peak RSS is its own:
+
+* ``read``   — frames, checksums and region deltas (``XrrReader.records``);
+* ``decode`` — the above plus decoding every snapshot (``XrrReader.snapshots``);
+* ``replay`` — the above plus the 2-level model and every detector (``xreplay.replay``).
+
+Ratios are against ``decode`` measured in the same run; the peak RSS of ``replay`` at the
+full size and at a tenth of it shows whether memory stays constant.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import BenchArgs, Measurement, Method, register, run_interleaved, table
+
+DEFAULT_SNAPSHOTS = 200_000
+_CACHE = Path(tempfile.gettempdir()) / "xreplay-bench"
+
+_CHILD = r"""
+import json, resource, sys, time
+from xreplay.xrr import XrrReader
+from xreplay.replay import replay
+path, method = sys.argv[1], sys.argv[2]
+t = time.perf_counter()
+if method == "read":
+    with XrrReader(path) as r:
+        n = sum(1 for _ in r.records())
+elif method == "decode":
+    with XrrReader(path) as r:
+        n = sum(1 for _ in r.snapshots())
+else:
+    res = replay(path)
+    n = res.stats.get("snapshots", 0) if isinstance(res.stats, dict) else 0
+    bad = [f.kind for f in res.findings if f.severity != "info"]
+    if bad:
+        print(json.dumps({"error": "unexpected findings: " + ",".join(sorted(set(bad)))}))
+        sys.exit(1)
+dt = time.perf_counter() - t
+print(json.dumps({"n": n, "seconds": dt,
+                  "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def make_recording(n: int) -> Path:
+    """A recording of ``n`` snapshots of a guest that handles every event correctly."""
+    from xreplay.abi import layout
+    from xreplay.xrr import ProbeSpec, RecordingHeader, RegionSpec, XrrWriter
+
+    path = _CACHE / f"synthetic-{n}.xrr"
+    if path.exists():
+        return path
+    _CACHE.mkdir(parents=True, exist_ok=True)
+    s = layout("x86_64")
+    f = s.fields("shared_info")
+    pend, mask = f["evtchn_pending"][0], f["evtchn_mask"][0]
+    sel = s.fields("vcpu_info")["evtchn_pending_sel"][0]
+    probes = [ProbeSpec("upcall", "evtchn_upcall_handler", "upcall"),
+              ProbeSpec("bottom-half", "evtchn_demux_pending", "bottom-half"),
+              ProbeSpec("block", "evtchn_block_domain", "block")]
+    header = RecordingHeader.for_arch(
+        "x86_64", probes, labels={1: "xenstore", 3: "timer", 4: "netfront"},
+        watch=[RegionSpec("evtchn_callback_ml", "watch", 64, "&evtchn_callback_ml")])
+    page = bytearray(s.shared_info.sizeof())
+    page[mask:mask + 512] = b"\xff" * 512
+    page[mask] = 0xFF & ~0b11010  # ports 1, 3, 4 unmasked; every other port masked
+    shadow = bytearray(64)
+    tmp = path.with_suffix(".tmp")
+    with XrrWriter(tmp, header) as w:
+        i = 0
+        t_ns = 0
+        while w.count < n:
+            port = (1, 3, 4)[i % 3]
+            t_ns += 1000
+            w.append(probe="block", vcpu=0, pc=0x401300, regions=[bytes(page), bytes(shadow)],
+                     regflags=0x202, t_ns=t_ns)
+            page[pend] |= 1 << port  # Xen: set_pending, selector, upcall_pending
+            page[sel] |= 1
+            page[0] = 1
+            if w.count < n:
+                w.append(probe="upcall", vcpu=0, pc=0x401100,
+                         regions=[bytes(page), bytes(shadow)], regflags=0x2, t_ns=t_ns + 100)
+            if w.count < n:
+                w.append(probe="bottom-half", vcpu=0, pc=0x401200,
+                         regions=[bytes(page), bytes(shadow)], regflags=0x202, t_ns=t_ns + 200)
+            page[0] = 0  # the bottom half: clear upcall_pending, take the selector, demux
+            page[sel] = 0
+            page[pend] &= ~(1 << port) & 0xFF
+            shadow[port] = 0  # handled at once (mark, run, unmask all between two hits)
+            i += 1
+    tmp.rename(path)
+    return path
+
+
+def _child(path: Path, method: str) -> Measurement:
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), method],
+                          capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t
+    try:
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return Measurement(0, 0.0, False, wall, note=proc.stderr.strip()[-200:])
+    if "error" in out:
+        return Measurement(0, 0.0, False, wall, note=out["error"])
+    m = Measurement(out["n"], out["seconds"], True, wall)
+    m.note = ""
+    m.maxrss_kb = out["maxrss_kb"]  # type: ignore[attr-defined]
+    return m
+
+
+@register("replay", "snapshots/s replayed vs read+decode only, and peak memory")
+def run(args: BenchArgs) -> bool:
+    n = args.hits or DEFAULT_SNAPSHOTS
+    print(f"replay: writing synthetic recordings of {n} and {n // 10} snapshots (cached in "
+          f"{_CACHE}) ...", flush=True)
+    big, small = make_recording(n), make_recording(max(1, n // 10))
+    methods = [Method(name, name, n, lambda _h, m=name: _child(big, m))
+               for name in ("read", "decode", "replay")]
+    methods.append(Method("replay (1/10 size)", "replay-small", n // 10,
+                          lambda _h: _child(small, "replay")))
+    run_interleaved(methods, args.runs)
+    print()
+    print(table(methods, "decode", f"replay, {big.stat().st_size / 1e6:.1f} MB recording "
+                                   "(snapshots/s; ratios against decode in the same run):"))
+    for m in methods:
+        rss = [getattr(x, "maxrss_kb", 0) for x in m.results if x.verified]
+        if rss:
+            print(f"  peak RSS {m.name:<20} {max(rss) / 1024:7.1f} MiB")
+    return all(x.verified for m in methods for x in m.results)
