@@ -225,3 +225,25 @@ class GuestSim:
         watch = {"evtchn_callback_ml": self.m.geometry.nr_ports} if self.shadow else None
         return write_recording_ex(path, self.arch, self.steps, labels=self.labels,
                                   vcpus=self.vcpus, notify=self.notify, watch=watch, **kw)
+
+
+def boot_xen_lab(tmp_path_factory: pytest.TempPathFactory, name: str):
+    """Generator behind the Xen-lab test modules' fixtures: set up (skip with the reason
+    when Debian's packages or host tools cannot be had), boot, yield, stop by PID."""
+    import shutil
+
+    from xreplay.errors import XReplayError
+    from xreplay.lab.xen import Lab, setup
+
+    if shutil.which("gdb") is None:
+        pytest.skip("gdb not installed (apt-get install gdb)")
+    try:
+        setup(progress=print)
+    except XReplayError as exc:
+        pytest.skip(f"cannot set up the Xen lab (Debian packages or host tools): {exc}")
+    lab = Lab(tmp_path_factory.mktemp(name), domu="pv", progress=print)
+    try:
+        lab.start()
+        yield lab
+    finally:
+        lab.stop()  # by PID; start() also stops QEMU itself when the boot fails

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import boot_xen_lab
 
 from xreplay.errors import XReplayError
-from xreplay.lab.xen import Lab, is_dom0, kallsyms_to_system_map, read_system_map, setup
+from xreplay.lab.xen import Lab, is_dom0, kallsyms_to_system_map, read_system_map
 from xreplay.lab.xen.commands import lab as lab_group
 from xreplay.lab.xen.initramfs import domu_config
 from xreplay.lab.xen.lab import SIF_INITDOMAIN
@@ -64,16 +65,7 @@ def test_qemu_command_uses_given_ports_not_1234(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the booted lab
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory):
-    try:
-        setup(progress=print)
-    except XReplayError as exc:
-        pytest.skip(f"cannot set up the Xen lab (Debian packages or host tools): {exc}")
-    the_lab = Lab(tmp_path_factory.mktemp("xenlab"), domu="pv", progress=print)
-    try:
-        the_lab.start()
-        yield the_lab
-    finally:
-        the_lab.stop()  # by PID; also done by start() itself when the boot fails
+    yield from boot_xen_lab(tmp_path_factory, "xenlab")
 
 
 @pytest.mark.xenlab

@@ -12,15 +12,15 @@ down at the end of the module.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import boot_xen_lab
 
 from xreplay.debugkeys import compare, latest, parse
 from xreplay.errors import XReplayError
-from xreplay.lab.xen import Lab, setup
+from xreplay.lab.xen import Lab
 from xreplay.lab.xen.commands import lab as lab_group
 from xreplay.lab.xen.record import (
     VIRQ_TIMER,
@@ -187,18 +187,7 @@ def test_lsevtchn_and_q_parsers() -> None:
 # ---------------------------------------------------------------- the booted lab
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory):
-    if shutil.which("gdb") is None:
-        pytest.skip("gdb not installed (apt-get install gdb)")
-    try:
-        setup(progress=print)
-    except XReplayError as exc:
-        pytest.skip(f"cannot set up the Xen lab (Debian packages or host tools): {exc}")
-    the_lab = Lab(tmp_path_factory.mktemp("xenlab-record"), domu="pv", progress=print)
-    try:
-        the_lab.start()
-        yield the_lab
-    finally:
-        the_lab.stop()  # by PID
+    yield from boot_xen_lab(tmp_path_factory, "xenlab-record")
 
 
 @pytest.fixture(scope="module")

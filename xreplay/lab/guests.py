@@ -40,6 +40,7 @@ from types import TracebackType
 from typing import Literal, get_args
 
 from xreplay.errors import XReplayError
+from xreplay.lab import cache_root
 
 GuestKind = Literal["process", "baremetal"]
 GUEST_KINDS: tuple[str, ...] = get_args(GuestKind)
@@ -116,8 +117,7 @@ def _check_variant(variant: str) -> None:
 
 def default_cache_dir() -> Path:
     """``$XREPLAY_CACHE/lab``, else ``~/.cache/xreplay/lab``."""
-    base = os.environ.get("XREPLAY_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "xreplay") / "lab"
+    return cache_root() / "lab"
 
 
 # -- building -------------------------------------------------------------------------------

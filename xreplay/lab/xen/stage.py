@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xreplay.errors import XReplayError
+from xreplay.lab import cache_root
 
 Progress = Callable[[str], None]
 
@@ -58,9 +59,7 @@ STATE_FILE = "stage.json"
 
 def default_cache_dir() -> Path:
     """``$XREPLAY_CACHE/xenlab``, else ``~/.cache/xreplay/xenlab``."""
-    base = os.environ.get("XREPLAY_CACHE")
-    root = Path(base) if base else Path.home() / ".cache" / "xreplay"
-    return root / "xenlab"
+    return cache_root() / "xenlab"
 
 
 def _quiet(msg: str) -> None:
