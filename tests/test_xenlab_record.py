@@ -216,7 +216,6 @@ def test_recording_shows_a_linux_2level_guest_at_work(recorded) -> None:
     assert result.reason == "count" and result.snapshots == 300
     with XrrReader(path) as reader:
         labels = reader.header.labels
-        header_extra = reader.header.extra
         assert reader.header.notify == {p: 0 for p in labels}  # lsevtchn: all on VCPU 0
         timer = next(p for p, name in labels.items() if name == "VIRQ_TIMER")
         snaps = list(reader.snapshots())
@@ -232,8 +231,8 @@ def test_recording_shows_a_linux_2level_guest_at_work(recorded) -> None:
 
     live = [s.vcpus[0] for s in snaps]
     assert all(v.source == "registered" for v in live)
-    # QEMU numbers physical CPUs; the one-vCPU domU's snapshots are pinned to its vCPU 0
-    assert {s.vcpu for s in snaps} == {0} and "vcpu_pinned" in header_extra
+    # the guest's own vCPU id (xen_vcpu_id), not QEMU's physical CPU (the domU may run on 1)
+    assert {s.vcpu for s in snaps} == {0}
     # Xen raised the upcall: evtchn_upcall_pending and selector word 0 set at entry...
     assert share(ups, lambda s: s.vcpus[0].evtchn_upcall_pending == 1) >= 0.9
     assert share(ups, lambda s: s.vcpus[0].evtchn_pending_sel & 1) >= 0.9

@@ -32,7 +32,7 @@ from xreplay.profiles.linux import GuestFacts, LinuxSymbols, apply, inspect_gues
 from xreplay.profiles.peek import StubPeek
 from xreplay.record import Recorder, RecordOptions, RecordResult
 from xreplay.snapshot import PortState, Snapshot, SnapshotDecoder, VcpuState
-from xreplay.xrr import ProbeSpec, RecordingHeader, XrrReader, XrrWriter
+from xreplay.xrr import ProbeSpec, RecordingHeader, XrrWriter
 
 Progress = Callable[[str], None]
 
@@ -161,61 +161,12 @@ def record_lab(lab: Lab, output: Path, *, domain: str = "domu", vcpus: Iterable[
                ) -> tuple[RecordResult, GuestFacts]:
     """Record one of the lab's guests until ``count`` snapshots or ``duration`` seconds.
 
-    QEMU's stub numbers *physical* CPUs, which the recorder stores as the hitting vCPU; a
-    one-vCPU guest's snapshots are therefore renumbered to vCPU 0 afterwards (see
-    :func:`pin_vcpu`), so replay does not look for a vCPU 1 the guest does not have.
+    Each snapshot's vCPU is the guest's own (Linux's per-cpu ``xen_vcpu_id``, read through
+    ``$gs_base`` by the profile's ``vcpu_expr``), not QEMU's physical CPU.
     """
-    domid = lab.domid if domain == "domu" else 0
     options, facts = lab_record_options(lab, output, domain=domain, vcpus=vcpus, block=block,
                                         extra=extra, count=count, duration=duration)
-    result = Recorder(options).run()
-    if domid is not None and domain_vcpus(lab, domid) == 1:
-        pin_vcpu(Path(output), 0, why=f"domain {domid} has one vCPU; QEMU's gdbstub numbers "
-                 "physical CPUs")
-    return result, facts
-
-
-def domain_vcpus(lab: Lab, domid: int) -> int | None:
-    """The domain's vCPU count from ``xl list`` (None if it cannot be read)."""
-    for line in lab.dom0("xl list", timeout=30).splitlines()[1:]:
-        parts = line.split()
-        if len(parts) >= 4 and parts[1] == str(domid) and parts[3].isdigit():
-            return int(parts[3])
-    return None
-
-
-def pin_vcpu(path: Path, vcpu: int, why: str) -> None:
-    """Rewrite a recording with every snapshot's hitting vCPU set to ``vcpu``.
-
-    A stop-gap for whole-machine stubs until the recorder can take the guest's own vCPU
-    id at each hit (Linux: ``per_cpu(xen_vcpu_id)`` through ``$gs_base``). Notes, the
-    trailer and every region are kept; the header's ``extra`` says what was done.
-    """
-    tmp = path.with_name(path.name + ".pin")
-    with XrrReader(path) as reader:
-        header = reader.header
-        header.extra = {**header.extra, "vcpu_pinned": {"vcpu": vcpu, "why": why}}
-        written = 0
-        with XrrWriter(tmp, header) as w:
-            for rec in reader.records():
-                written = _copy_notes(reader, w, written, rec.seq)
-                w.append(probe=rec.probe, vcpu=vcpu, pc=rec.pc, regions=list(rec.regions),
-                         regflags=rec.regflags, sp=rec.sp, t_ns=rec.t_ns, hang=rec.hang)
-            _copy_notes(reader, w, written, None)
-            stats = {k: v for k, v in (reader.trailer or {}).items() if k != "snapshots"}
-            w.close(**stats)
-    tmp.replace(path)
-
-
-def _copy_notes(reader: XrrReader, w: XrrWriter, done: int, before: int | None) -> int:
-    """Write the notes not yet copied that precede snapshot ``before`` (None: all)."""
-    for note in reader.notes[done:]:
-        if before is not None and note.after > before:
-            break
-        data = {k: v for k, v in note.data.items() if k != "event"}
-        w.note(str(note.data.get("event", "note")), **data)
-        done += 1
-    return done
+    return Recorder(options).run(), facts
 
 
 # ----------------------------------------------------------------------------- cross-check
