@@ -6,7 +6,6 @@ Exit codes, as scripts expect (ruff's convention): 0 fine, 1 findings (replay/di
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import click
 
 from xreplay import __version__
 from xreplay.errors import XReplayError
+from xreplay.output import emit_json
 
 
 class XReplayGroup(click.Group):
@@ -28,20 +28,6 @@ class XReplayGroup(click.Group):
             ctx.exit(2)
         except BrokenPipeError:
             ctx.exit(0)
-
-
-def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=_json_default))
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "to_json"):
-        return obj.to_json()
-    if isinstance(obj, bytes):
-        return obj.hex()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(type(obj).__name__)
 
 
 @click.group(cls=XReplayGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -7,40 +7,19 @@ difference), 2 bad input, reported as one line on stderr.
 
 from __future__ import annotations
 
-import functools
 import textwrap
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 from xreplay.errors import XReplayError
+from xreplay.output import emit_json
 from xreplay.replay.detectors import Finding, ReplayOptions, ReplayResult, Walk
 from xreplay.snapshot import Snapshot
 
 _WRAP = 96
 _TIMED = 50  # findings whose key snapshot is fetched to print its time
-
-
-def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Exit 2 with one line on XReplayError even when not run under the xreplay group."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except XReplayError as e:
-            click.echo(f"xreplay: error: {e}", err=True)
-            click.get_current_context().exit(2)
-
-    return wrapper
-
-
-def _emit_json(data: Any) -> None:
-    from xreplay.cli import emit_json
-
-    emit_json(data)
 
 
 def _wrap(text: str, indent: str = "  ") -> str:
@@ -77,7 +56,6 @@ def render_snapshot(snap: Snapshot, ports: list[int] | None = None, indent: str 
 @click.option("--tables", type=click.IntRange(0), default=5, show_default=True,
               help="Print the [p/m/s] table for the first N findings.")
 @click.option("--no-info", is_flag=True, help="Leave out informational findings.")
-@_one_line_errors
 def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | None,
                    shadow: str | None, no_shadow: bool, stall: float,
                    explain_range: str | None, tables: int, no_info: bool) -> None:
@@ -110,7 +88,7 @@ def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | N
             data["debugkeys"] = check.to_json()
         if explained is not None:
             data["explain"] = explained
-        _emit_json(data)
+        emit_json(data)
     else:
         _print_replay(str(file), result, snaps, tables, check, explained)
         for problem in result.stats["problems"]:
@@ -238,7 +216,6 @@ def _explain(reader: Any, text: str) -> list[dict[str, Any]]:
 @click.option("--at", "at", nargs=2, type=int, metavar="N M", default=None,
               help="Compare snapshot N with snapshot M (of FILE, or N of A with M of B).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_one_line_errors
 def diff_command(files: tuple[Path, ...], at: tuple[int, int] | None, as_json: bool) -> None:
     """Where does B's event handling depart from A's?  (A B, or FILE --at N M.)"""
     from xreplay.replay.diff import diff_recordings, diff_snapshots
@@ -248,7 +225,7 @@ def diff_command(files: tuple[Path, ...], at: tuple[int, int] | None, as_json: b
             raise XReplayError("diff --at N M takes one recording (or two: N of A, M of B)")
         sd = diff_snapshots(files[0], at[0], at[1], files[1] if len(files) == 2 else None)
         if as_json:
-            _emit_json(sd.to_json())
+            emit_json(sd.to_json())
         else:
             click.echo(f"{sd.file}: #{at[0]} ({sd.state.a_probe}) vs #{at[1]} "
                        f"({sd.state.b_probe})")
@@ -266,7 +243,7 @@ def diff_command(files: tuple[Path, ...], at: tuple[int, int] | None, as_json: b
         raise XReplayError("diff takes two recordings A B (or one with --at N M)")
     result = diff_recordings(files[0], files[1])
     if as_json:
-        _emit_json(result.to_json())
+        emit_json(result.to_json())
     else:
         _print_diff(result)
     if result.diverged:
