@@ -156,3 +156,11 @@ def test_missing_gdb_is_one_clear_error(tmp_path: Path) -> None:
 def test_bad_watch_spec() -> None:
     with pytest.raises(XReplayError, match="NAME=EXPR:LEN"):
         WatchSpec.parse("shadow&x")
+
+
+def test_wrong_arch_is_caught_from_debug_info(counter: Path, tmp_path: Path) -> None:
+    out = tmp_path / "w.xrr"
+    opts = options(counter, out, "5", arch="x86_32")
+    with pytest.raises(XReplayError, match=r"3136 bytes .* 2344 bytes for --arch x86_32: "
+                                           r"pass --arch x86_64"):
+        Recorder(opts).run()

@@ -276,9 +276,23 @@ class Recorder:
         self._reader = threading.Thread(target=self._read_agent, args=(conn,), daemon=True)
         self._reader.start()
         hello = self._wait_json("hello", 10)
+        self._check_sizes(hello)
         if hello is not None:
             self.writer.note("attached", regions=hello.get("regions"), gdb_arch=hello.get("arch"))
         return conn
+
+    def _check_sizes(self, hello: dict[str, Any] | None) -> None:
+        """Debug info that knows shared_info's type must agree with the --arch layout."""
+        for info, spec in zip((hello or {}).get("regions", []), self.regions, strict=False):
+            size = info.get("type_size")
+            if spec.kind in ("vcpu_info", "shared_info") and size and size != spec.size:
+                fits = [a for a in ("x86_64", "x86_32", "arm64")
+                        if getattr(layout(a), spec.kind).sizeof() == size]
+                hint = f": pass --arch {fits[0]}" if fits else ""
+                raise XReplayError(
+                    f"{spec.expr} is {size} bytes in {self.o.elf or 'the target'}, but "
+                    f"struct {spec.kind} is {spec.size} bytes for --arch "
+                    f"{self.structs.arch}{hint}")
 
     def _explain_agent_error(self, msg: str) -> str:
         if "No symbol" in msg or "not defined" in msg:

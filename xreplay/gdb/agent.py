@@ -86,7 +86,8 @@ class Agent:
                     raise
                 addr = None
             self.regions.append([addr, spec["size"], reeval])
-            resolved.append({"name": spec["name"], "address": addr, "per_hit": bool(reeval)})
+            resolved.append({"name": spec["name"], "address": addr, "per_hit": bool(reeval),
+                             "type_size": self.object_size(spec["expr"])})
         self.vcpu_expr = config.get("vcpu_expr")
         try:
             for i, spec in enumerate(config["probes"]):
@@ -114,6 +115,20 @@ class Agent:
         if value.address is not None:
             return int(value.address)
         raise gdb.GdbError(f"cannot take an address of {expr!r}")
+
+    @staticmethod
+    def object_size(expr):
+        """sizeof the object an expression names or points to, when debug info says so
+        (lets the recorder catch a wrong --arch); None for bare addresses."""
+        try:
+            t = gdb.parse_and_eval(expr).type.strip_typedefs()
+            if t.code == gdb.TYPE_CODE_PTR:
+                t = t.target().strip_typedefs()
+            if t.code in (gdb.TYPE_CODE_STRUCT, gdb.TYPE_CODE_ARRAY):
+                return t.sizeof
+        except (gdb.error, RuntimeError):
+            pass
+        return None
 
     def send(self, kind, body, now=True):
         """Queue a message; flush at once (``now``) or when the batch is big or old.
