@@ -83,7 +83,11 @@ class GdbSession:
         """Run one MI command and return its result record; ``^error`` raises."""
         self._token += 1
         tok = self._token
-        self.ctl.write(f"{tok}{command}", read_response=False)
+        try:
+            self.ctl.write(f"{tok}{command}", read_response=False)
+        except (OSError, ValueError) as e:  # gdb is gone (e.g. it exited with its target)
+            raise XReplayError(f"gdb exited before {command!r} ({e.__class__.__name__})"
+                               ) from None
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
