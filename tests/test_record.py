@@ -164,3 +164,14 @@ def test_wrong_arch_is_caught_from_debug_info(counter: Path, tmp_path: Path) -> 
     with pytest.raises(XReplayError, match=r"3136 bytes .* 2344 bytes for --arch x86_32: "
                                            r"pass --arch x86_64"):
         Recorder(opts).run()
+
+
+def test_a_listener_that_is_no_gdbstub_is_one_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        port = srv.getsockname()[1]
+        res = CliRunner().invoke(main, ["record", "--target", f"127.0.0.1:{port}",
+                                        "--upcall", "f", "-o", str(tmp_path / "x.xrr")])
+    assert res.exit_code == 2
+    assert "no GDB remote-protocol answer" in res.output and res.output.count("\n") == 1

@@ -84,7 +84,7 @@ class RecordOptions:
     filter: str | None = None  # gdb expression: record only hits where it is true
     target_kind: str = "remote"
     description: str = ""
-    connect_timeout: float = 15.0
+    connect_timeout: float = 10.0
     delivery: dict[str, Any] = field(default_factory=dict)
     extra_gdb_commands: list[str] = field(default_factory=list)
 
@@ -204,12 +204,21 @@ class Recorder:
                 g.mi(f"-target-select remote {o.target}", timeout=o.connect_timeout)
                 return
             except GdbCommandError as e:
+                if "Connection timed out" in str(e) or "Ignoring packet error" in str(e):
+                    raise XReplayError(self._not_a_stub()) from None
                 launched_alive = self.launched is not None and self.launched.poll() is None
                 if launched_alive and time.monotonic() < deadline:
                     time.sleep(0.1)  # the launched stub may not listen yet
                     continue
                 raise XReplayError(f"cannot attach to the gdbstub at {o.target}: {e} "
                                    "(is the target running and listening there?)") from None
+            except XReplayError:  # no answer at all within connect_timeout
+                raise XReplayError(self._not_a_stub()) from None
+
+    def _not_a_stub(self) -> str:
+        return (f"no GDB remote-protocol answer from {self.o.target} within "
+                f"{self.o.connect_timeout:.0f} s: something listens there, but is it a gdbstub "
+                "(gdbserver, QEMU -gdb, gdbsx)?")
 
     def _regions(self) -> list[RegionSpec]:
         o = self.o

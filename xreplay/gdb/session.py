@@ -143,7 +143,7 @@ class GdbSession:
             return
         try:
             self.ctl.write("-gdb-exit", read_response=False)
-            self.ctl.gdb_process.wait(timeout=3)
+            self.ctl.gdb_process.wait(timeout=1.5)
         except (subprocess.TimeoutExpired, OSError, ValueError):
             pass
         if self.ctl.gdb_process is not None and self.ctl.gdb_process.poll() is None:

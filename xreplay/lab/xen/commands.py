@@ -15,7 +15,14 @@ from pathlib import Path
 import click
 
 from xreplay.errors import XReplayError
-from xreplay.lab.xen.lab import DOMU_KINDS, STATE_FILE, Lab, LabState, default_run_dir
+from xreplay.lab.xen.lab import (
+    DOMU_KINDS,
+    MAX_DOMU_VCPUS,
+    STATE_FILE,
+    Lab,
+    LabState,
+    default_run_dir,
+)
 from xreplay.lab.xen.stage import setup as stage_setup
 
 _run_dir_option = click.option(
@@ -71,6 +78,8 @@ def setup_cmd(cache_dir: Path | None, refresh: bool, no_install: bool) -> None:
     show_default=True,
     help="Guest to create next to dom0 (pvh: gdbstub cannot read its memory under TCG).",
 )
+@click.option("--domu-vcpus", type=click.IntRange(1, MAX_DOMU_VCPUS), default=1,
+              show_default=True, help="vCPUs of the domU (dom0 keeps one; QEMU has two CPUs).")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Boot timeout (s).")
 @click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C stops the lab.")
 @click.option("--json", "as_json", is_flag=True, help="Print the lab state as JSON.")
@@ -78,13 +87,15 @@ def up_cmd(
     run_dir: Path | None,
     cache_dir: Path | None,
     domu: str,
+    domu_vcpus: int,
     timeout: float,
     foreground: bool,
     as_json: bool,
 ) -> None:
     """Boot the lab and leave it running; print the gdb address, symbol map and PID."""
     stage_setup(cache_dir, install_tools=False, progress=_say)
-    the_lab = Lab(run_dir, cache_dir=cache_dir, domu=domu, boot_timeout=timeout, progress=_say)
+    the_lab = Lab(run_dir, cache_dir=cache_dir, domu=domu, domu_vcpus=domu_vcpus,
+                  boot_timeout=timeout, progress=_say)
     the_lab.start()
     st = the_lab.state
     assert st is not None
@@ -112,7 +123,8 @@ def _print_state(st: LabState) -> None:
                     f"-ex 'target remote 127.0.0.1:{st.gdb_port}')"),
         ("symbol map", st.symbol_map or "-"),
         ("QEMU pid", f"{st.pid}  (stop: {down}, or kill {st.pid})"),
-        ("domU", f"domid {st.domid} ({st.domu})" if st.domid is not None else st.domu),
+        ("domU", f"domid {st.domid} ({st.domu}, {st.domu_vcpus} vCPU"
+                 f"{'s' if st.domu_vcpus > 1 else ''})" if st.domid is not None else st.domu),
         ("dom0 shell", "xreplay lab exec 'xl list'  (needs the machine running, not in gdb)"),
         ("serial log", st.serial_log),
         ("serial in", f"{st.serial_socket}  (unix socket: Xen's console, input goes to dom0)"),
@@ -177,7 +189,10 @@ def down_cmd(run_dir: Path | None) -> None:
               required=True, help="Recording file to write.")
 def record_cmd(run_dir: Path | None, domain: str, count: int, duration: float | None,
                no_block: bool, no_timer: bool, output: Path) -> None:
-    """Record a guest of the running lab (Linux profile from the lab's symbol map)."""
+    """Record a guest of the running lab (Linux profile from the lab's symbol map).
+
+    Every vCPU of the domU is recorded (its live vcpu_info each); dom0 has one.
+    """
     from xreplay.lab.xen.record import LAB_EXTRA_PROBES, record_lab
 
     the_lab = Lab.attach(run_dir)

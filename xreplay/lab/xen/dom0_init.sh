@@ -2,7 +2,8 @@
 # /init of the xreplay lab's dom0 (busybox-static initramfs, PV dom0 under Xen 4.17).
 # Starts the minimal Xen toolstack (xenstored, xen-init-dom0, xenconsoled), a command
 # server for the host (nc on 7000, reached through QEMU user-net hostfwd), then creates the
-# domU chosen by the kernel argument xreplay.domu=pv|pvh|none. Progress lines start with
+# domU chosen by the kernel argument xreplay.domu=pv|pvh|none, with xreplay.domu_vcpus=N
+# vCPUs (an `xl create` key=value override of the config's vcpus). Progress lines start with
 # XREPLAY- and go to hvc0, i.e. Xen's serial console, where the host watches for them.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin:/usr/lib/xen-4.17/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
@@ -23,9 +24,15 @@ nc -ll -p 7000 -e /bin/xreplay-cmd &
 echo "XREPLAY-DOM0-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
 
 DOMU=pv
-for a in $(cat /proc/cmdline); do case $a in xreplay.domu=*) DOMU=${a#xreplay.domu=};; esac; done
+VCPUS=1
+for a in $(cat /proc/cmdline); do
+  case $a in
+    xreplay.domu=*) DOMU=${a#xreplay.domu=};;
+    xreplay.domu_vcpus=*) VCPUS=${a#xreplay.domu_vcpus=};;
+  esac
+done
 if [ "$DOMU" != none ]; then
-  out=$(xl create "/domu/$DOMU.cfg" 2>&1); rc=$?
+  out=$(xl create "/domu/$DOMU.cfg" "vcpus=$VCPUS" 2>&1); rc=$?
   echo "$out"
   domid=$(xl domid domu 2>/dev/null)
   if [ $rc -ne 0 ] || [ -z "$domid" ]; then
@@ -37,7 +44,10 @@ if [ "$DOMU" != none ]; then
       i=$((i+1)); sleep 1
     done
     if [ $i -lt 300 ]; then
-      echo "XREPLAY-DOMU-UP domid=$domid type=$DOMU uptime=$(cut -d' ' -f1 /proc/uptime)"
+      # xl list's VCPUs column: the vCPUs the guest brought online (the host checks it)
+      online=$(xl list domu 2>/dev/null | awk 'NR==2 {print $4}')
+      echo "XREPLAY-DOMU-UP domid=$domid type=$DOMU vcpus=$online" \
+        "uptime=$(cut -d' ' -f1 /proc/uptime)"
     else
       echo "XREPLAY-DOMU-FAILED domid=$domid no banner in /var/log/xen/guest-domu.log"
     fi

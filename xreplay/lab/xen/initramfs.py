@@ -52,7 +52,7 @@ def domu_config(kind: str) -> str:
         'ramdisk = "/domu/initrd.gz"',
         f'extra = "{DOMU_EXTRA}"',
         f"memory = {DOMU_MEMORY_MB}",
-        "vcpus = 1",
+        "vcpus = 1",  # dom0_init.sh overrides it from xreplay.domu_vcpus=N (xl key=value)
         'on_crash = "preserve"',
     ]
     if kind == "pvh":

@@ -44,6 +44,9 @@ XEN_ARGS = (
 #: ``xen.fifo_events=0``: Linux 6.1 would otherwise use the FIFO ABI, not the 2-level one.
 DOM0_ARGS = "console=hvc0 earlyprintk=xen ignore_loglevel xen.fifo_events=0"
 DOMU_KINDS = ("pv", "pvh", "none")
+#: The domU's vCPUs may outnumber QEMU's CPUs (Xen time-slices them), but every extra one
+#: slows TCG down; 8 is plenty for event-channel work and keeps a typo from booting 64.
+MAX_DOMU_VCPUS = 8
 #: Serial-log lines that mean the boot cannot succeed.
 FATAL_PATTERNS = (
     "XREPLAY-DOMU-FAILED",
@@ -162,6 +165,7 @@ class LabState:
     qemu_log: str
     symbol_map: str | None = None
     domid: int | None = None
+    domu_vcpus: int = 1  # the default keeps state files of older labs loadable
     started_at: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -195,6 +199,7 @@ class Lab:
         *,
         cache_dir: Path | None = None,
         domu: str = "pv",
+        domu_vcpus: int = 1,
         smp: int = 2,
         memory_mb: int = 2048,
         boot_timeout: float = 300.0,
@@ -204,9 +209,12 @@ class Lab:
     ) -> None:
         if domu not in DOMU_KINDS:
             raise XReplayError(f"unknown domU type {domu!r}: use one of {', '.join(DOMU_KINDS)}")
+        if not 1 <= domu_vcpus <= MAX_DOMU_VCPUS:
+            raise XReplayError(f"domU vCPUs must be 1..{MAX_DOMU_VCPUS}, not {domu_vcpus}")
         self.run_dir = Path(run_dir) if run_dir else default_run_dir()
         self.cache_dir = cache_dir
         self.domu = domu
+        self.domu_vcpus = domu_vcpus
         self.smp = smp
         self.memory_mb = memory_mb
         self.boot_timeout = boot_timeout
@@ -248,6 +256,11 @@ class Lab:
         return self._st().domid
 
     @property
+    def vcpus(self) -> list[int]:
+        """The domU's vCPU ids (``0..domu_vcpus-1``; Linux brings them all online at boot)."""
+        return list(range(self._st().domu_vcpus))
+
+    @property
     def symbol_map(self) -> Path:
         """System.map-style file of the guest kernel, read from dom0's ``/proc/kallsyms``.
 
@@ -287,7 +300,7 @@ class Lab:
                 f"the lab in {run_dir} is not running (QEMU pid {state.pid} is gone): "
                 "`xreplay lab up` starts one"
             )
-        lab = cls(run_dir, domu=state.domu)
+        lab = cls(run_dir, domu=state.domu, domu_vcpus=state.domu_vcpus)
         lab.state = state
         return lab
 
@@ -338,7 +351,8 @@ class Lab:
     def qemu_command(self, gdb_port: int, cmd_port: int) -> list[str]:
         """QEMU's command line; paths are relative to the run dir (QEMU's cwd), which keeps
         unix socket paths short and the multiboot module string free of commas."""
-        dom0_args = f"{self.dom0_args} xreplay.domu={self.domu}"
+        dom0_args = (f"{self.dom0_args} xreplay.domu={self.domu} "
+                     f"xreplay.domu_vcpus={self.domu_vcpus}")
         return [
             "qemu-system-x86_64",
             "-accel", "tcg,thread=multi", "-cpu", "max", "-machine", "q35",
@@ -380,7 +394,7 @@ class Lab:
         self._proc = proc
         self.state = LabState(
             run_dir=str(self.run_dir.resolve()), pid=proc.pid, gdb_port=gdb_port,
-            cmd_port=cmd_port, domu=self.domu, kver=stage.kver,
+            cmd_port=cmd_port, domu=self.domu, kver=stage.kver, domu_vcpus=self.domu_vcpus,
             serial_log=str((self.run_dir / "serial.log").resolve()),
             serial_socket=str((self.run_dir / "serial.sock").resolve()),
             monitor_socket=str((self.run_dir / "monitor.sock").resolve()),
@@ -399,6 +413,13 @@ class Lab:
             line = self._wait_marker("XREPLAY-DOMU-UP", deadline, "domu_up")
             m = re.search(r"domid=(\d+)", line)
             st.domid = int(m.group(1)) if m else None
+            # xl list's VCPUs column counts the *online* ones: a guest that failed to bring
+            # a secondary vCPU up (VCPUOP_up) would otherwise be recorded as if it had
+            m = re.search(r"vcpus=(\d+)", line)
+            if m is None or int(m.group(1)) != self.domu_vcpus:
+                raise XReplayError(
+                    f"the domU has {m.group(1) if m else '?'} of {self.domu_vcpus} vCPUs "
+                    f"online: {line} (see {st.serial_log})")
         self._fetch_symbol_map(st)
         st.timings["ready"] = round(time.time() - st.started_at, 1)
         st.save()

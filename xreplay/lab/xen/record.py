@@ -127,8 +127,14 @@ def port_labels(bindings: dict[int, Binding], facts: GuestFacts | None = None) -
 # ----------------------------------------------------------------------------- recording
 
 
+def lab_vcpus(lab: Lab, domain: str = "domu") -> list[int]:
+    """The vCPU ids of one of the lab's guests: the domU's ``domu_vcpus``, dom0's one
+    (``dom0_max_vcpus=1``). The default for recording and cross-checking: all of them."""
+    return lab.vcpus if domain == "domu" else [0]
+
+
 def lab_record_options(lab: Lab, output: Path, *, domain: str = "domu",
-                       vcpus: Iterable[int] = (0,), block: bool = True,
+                       vcpus: Iterable[int] | None = None, block: bool = True,
                        extra: Iterable[str] = LAB_EXTRA_PROBES,
                        count: int | None = None, duration: float | None = None,
                        hang_after: float | None = None,
@@ -136,33 +142,39 @@ def lab_record_options(lab: Lab, output: Path, *, domain: str = "domu",
     """RecordOptions for one of the lab's Linux guests, checked live (2-level ABI).
 
     Reads the port bindings from dom0 first (the machine must run for that), then stops
-    once in the guest (:func:`inspect_guest`).
+    once in the guest (:func:`inspect_guest`). ``vcpus`` defaults to all of the guest's
+    (:func:`lab_vcpus`): each gets its live vcpu_info region, and lsevtchn's notify vCPUs
+    route every port to one of them in the replay.
     """
     domid = lab.domid if domain == "domu" else 0
     if domid is None:
         raise XReplayError("the lab has no domU (booted with domu='none')")
+    vcpus = sorted(set(lab_vcpus(lab, domain) if vcpus is None else vcpus))
     syms = LinuxSymbols.load(lab.symbol_map)
     bindings = parse_lsevtchn(lab.dom0(f"lsevtchn {domid}", timeout=30))
     facts = inspect_guest(lab.gdb_address, syms, domain, vcpus)
     options = RecordOptions(
         output=Path(output), target=lab.gdb_address, count=count, duration=duration,
         hang_after=hang_after, target_kind="qemu")
-    apply(options, syms, list(vcpus), domain, block=block, extra=extra, facts=facts)
+    apply(options, syms, vcpus, domain, block=block, extra=extra, facts=facts)
     options.labels = port_labels(bindings, facts)
     options.notify = {p: b.vcpu for p, b in bindings.items()}  # replay routes each port
     options.description = (f"xreplay Xen 4.17 lab, {domain} (domid {domid}, {facts.domain_type}"
-                           f" Linux {lab.state.kver if lab.state else ''}) via QEMU's gdbstub")
+                           f" Linux {lab.state.kver if lab.state else ''}, vCPUs "
+                           f"{', '.join(map(str, vcpus))}) via QEMU's gdbstub")
     return options, facts
 
 
-def record_lab(lab: Lab, output: Path, *, domain: str = "domu", vcpus: Iterable[int] = (0,),
-               block: bool = True, extra: Iterable[str] = LAB_EXTRA_PROBES,
+def record_lab(lab: Lab, output: Path, *, domain: str = "domu",
+               vcpus: Iterable[int] | None = None, block: bool = True,
+               extra: Iterable[str] = LAB_EXTRA_PROBES,
                count: int | None = 300, duration: float | None = None,
                ) -> tuple[RecordResult, GuestFacts]:
     """Record one of the lab's guests until ``count`` snapshots or ``duration`` seconds.
 
     Each snapshot's vCPU is the guest's own (Linux's per-cpu ``xen_vcpu_id``, read through
-    ``$gs_base`` by the profile's ``vcpu_expr``), not QEMU's physical CPU.
+    ``$gs_base`` by the profile's ``vcpu_expr``), not QEMU's physical CPU; ``vcpus``
+    defaults to all of the guest's.
     """
     options, facts = lab_record_options(lab, output, domain=domain, vcpus=vcpus, block=block,
                                         extra=extra, count=count, duration=duration)
@@ -279,12 +291,14 @@ def _moved(a: DomainEvtchnDump, b: DomainEvtchnDump | None, *, ignore: set[int] 
     return out
 
 
-def cross_check(lab: Lab, *, vcpus: Iterable[int] = (0,), facts: GuestFacts | None = None,
+def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
+                facts: GuestFacts | None = None,
                 attempts: int = 3, settle: float = 3.0, output: Path | None = None,
                 progress: Progress = _quiet) -> CrossCheck:
     """Pause the lab's domU, compare Xen's 'e' dump with its memory, unpause it.
 
-    ``facts`` (machine addresses) are taken with :func:`inspect_guest` when not given.
+    ``vcpus`` defaults to all of the domU's; ``facts`` (machine addresses) are taken with
+    :func:`inspect_guest` when not given.
     A paused vCPU's one-shot timer still fires once, so the first dump waits up to
     ``settle`` seconds for every VIRQ_TIMER port to be pending (after that nothing in the
     lab raises events for the paused domU); the dumps around the read confirm it.
@@ -295,7 +309,7 @@ def cross_check(lab: Lab, *, vcpus: Iterable[int] = (0,), facts: GuestFacts | No
     domid = lab.domid
     if domid is None:
         raise XReplayError("the lab has no domU (booted with domu='none')")
-    cpus = sorted(set(vcpus))
+    cpus = sorted(set(lab_vcpus(lab) if vcpus is None else vcpus))
     syms = LinuxSymbols.load(lab.symbol_map)
     if facts is None:
         facts = inspect_guest(lab.gdb_address, syms, "domu", cpus)
