@@ -59,8 +59,15 @@ class GdbSession:
                     "-gdb-set print pretty off",
                     # gdb re-sends QPassSignals around every resume; that is 2 of ~8 packets
                     # per hit. Without it the stub reports signals and gdb passes them on.
-                    "-gdb-set remote pass-signals-packet off"):
+                    "-gdb-set remote pass-signals-packet off",
+                    # a refused connection fails at once (the recorder retries a stub it
+                    # launched itself) instead of gdb's silent 15 s of retries
+                    "-gdb-set tcp auto-retry off"):
             self.mi(cmd)
+        # gdb 13 can hit an internal error when a remote target vanishes mid-stop; quit
+        # without asking and without dropping a core file into the user's directory.
+        for cmd in ("maint set internal-error quit yes", "maint set internal-error corefile no"):
+            self.console_command(cmd)
 
     # -- raw I/O -------------------------------------------------------------------
 
