@@ -5,7 +5,9 @@ its rate is what the stub and the socket allow (see shared/gdbstub-limits.md): n
 check on input (TCP is reliable and gdbserver's no-ack mode assumes exactly that), replies
 found with ``bytes.find`` and hex decoded with a regex for run-length encoding plus
 ``bytes.fromhex``.  Neither gdbserver nor QEMU steps over its own Z0 breakpoint, so
-:meth:`RspClient.step_over` does ``z0`` / single-step / ``Z0``.
+:meth:`RspClient.step_over` does ``z0`` / single-step / ``Z0``.  A stub without
+``QStartNoAckMode`` (QEMU 7.2) is spoken to in ack mode: every reply is acknowledged with
+``+`` (an extra send, no extra wait), and the stub's own ``+`` acks are skipped.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class RspClient:
     host: str
     port: int
     timeout: float = 10.0
+    read_chunk: int | None = None  # bytes per ``m``; None = derived from PacketSize
     sock: socket.socket = field(init=False, repr=False)
     buf: bytearray = field(init=False, repr=False, default_factory=bytearray)
     ack: bool = field(init=False, default=True)
@@ -166,7 +169,13 @@ class RspClient:
         return stop
 
     def max_read(self) -> int:
-        """Bytes per ``m`` packet: the hex reply must fit PacketSize (QEMU caps at half)."""
+        """Bytes per ``m`` packet: the hex reply must fit PacketSize.
+
+        ``read_chunk`` overrides it for a stub whose exact limit is known (QEMU 7.2 accepts
+        up to PacketSize/2 = 2048 bytes), so a client reads in the same chunks gdb does.
+        """
+        if self.read_chunk:
+            return self.read_chunk
         return max(16, (self.packet_size - 16) // 2)
 
     def read_packets(self, addr: int, size: int) -> list[bytes]:
@@ -184,6 +193,14 @@ class RspClient:
         if len(data) != size:
             raise RspError(f"read {len(data)} of {size} bytes at {addr:#x}")
         return data
+
+    def read_registers(self) -> bytes:
+        """The whole register file with ``g`` (QEMU 7.2 answers ``p`` with "unsupported"),
+        in the stub's layout: QEMU's x86_64 stub sends x86-64 order even for 32-bit code."""
+        reply = self.request(b"g")
+        if reply[:1] == b"E" and len(reply) == 3:
+            raise RspError(f"g: {reply.decode()}")
+        return decode_hex(reply)
 
     def kill(self) -> None:
         """Ask the stub to kill the target; the reply (if any) is not awaited."""

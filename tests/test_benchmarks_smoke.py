@@ -1,4 +1,5 @@
-"""Smoke test of ``python -m benchmarks``: the machinery runs and every stored record verifies.
+"""Smoke test of ``python -m benchmarks``: the machinery runs and every stored record verifies
+(gdbserver table, and the QEMU table when qemu-system-x86_64 is installed).
 
 Not a timing test: hit counts are tiny and rates on a shared VM vary several-fold, so only
 sanity (positive, finite, every run verified, a ratio against raw-rsp) is checked.
@@ -39,29 +40,46 @@ def test_unknown_benchmark_is_a_usage_error() -> None:
     assert "unknown benchmark nope" in r.stderr and "record" in r.stderr
 
 
-@pytest.mark.gdbserver
-@pytest.mark.skipif(any(shutil.which(t) is None for t in NEEDED),
-                    reason=f"needs {', '.join(NEEDED)}")
-def test_record_benchmark_runs_and_verifies() -> None:
-    r = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "record", "--hits", "4",
-                        "--runs", "1"], cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stdout + r.stderr
+def _rows(text: str) -> dict[str, list[str]]:
+    """The cells of each table row in ``text``, by method name."""
     rows = {}
-    for line in r.stdout.splitlines():
+    for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 8 and re.fullmatch(r"\d+", cells[1]):
             rows[cells[0]] = cells
-    assert set(rows) == {"xreplay", "raw-rsp", "raw-rsp-pipelined", "pygdbmi-default",
-                         "pygdbmi-tuned"}, r.stdout
+    return rows
+
+
+def _check_rows(rows: dict[str, list[str]], names: set[str], out: str) -> None:
+    assert set(rows) == names, out
     for name, (_, hits, verified, median, lo, hi, _wall, ratio) in rows.items():
-        assert verified == "1/1", (name, r.stdout)
+        assert verified == "1/1", (name, out)
         rate = float(median)
         assert math.isfinite(rate) and rate > 0, (name, median)
         assert float(lo) <= rate <= float(hi)
         assert int(hits) >= 1
         assert re.fullmatch(r"\S+/raw = [0-9.e+-]+", ratio), (name, ratio)
     assert rows["raw-rsp"][7] == "raw/raw = 1"
+
+
+@pytest.mark.gdbserver
+@pytest.mark.qemu
+@pytest.mark.skipif(any(shutil.which(t) is None for t in NEEDED),
+                    reason=f"needs {', '.join(NEEDED)}")
+def test_record_benchmark_runs_and_verifies() -> None:
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "record", "--hits", "4",
+                        "--runs", "1"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    gdbserver_out, _, qemu_out = r.stdout.partition("\nrecord, QEMU")
+    _check_rows(_rows(gdbserver_out), {"xreplay", "raw-rsp", "raw-rsp-pipelined",
+                                       "pygdbmi-default", "pygdbmi-tuned"}, r.stdout)
     assert "NOT verified" not in r.stderr
+    if shutil.which("qemu-system-x86_64") is None:
+        assert "qemu: skipped (" in r.stdout, r.stdout
+        return
+    _check_rows(_rows(qemu_out), {"xreplay", "raw-rsp"}, r.stdout)
+    assert re.search(r"duplicate stops dropped per run: xreplay \[\d+\]; raw-rsp \[\d+\]",
+                     qemu_out), r.stdout
 
 
 def test_replay_benchmark_machinery(tmp_path, monkeypatch) -> None:
