@@ -158,15 +158,14 @@ class Recorder:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(sock_path)
             listener.listen(1)
-            start = time.monotonic()
             ok = False
             try:
                 if o.launch:
                     self._launch()
                 self.gdb = GdbSession(o.gdb)
                 self._connect()
-                conn = self._start_agent(tmp, sock_path, listener)
-                result = self._record(conn, start)
+                self._start_agent(tmp, sock_path, listener)
+                result = self._record()
                 ok = True
             finally:
                 listener.close()
@@ -230,7 +229,7 @@ class Recorder:
         regions += [RegionSpec(w.name, "watch", w.size, w.expr) for w in o.watch]
         return regions
 
-    def _start_agent(self, tmp: str, sock_path: str, listener: socket.socket) -> socket.socket:
+    def _start_agent(self, tmp: str, sock_path: str, listener: socket.socket) -> None:
         o, g = self.o, self.gdb
         assert g is not None
         self.regions = self._regions()
@@ -288,7 +287,6 @@ class Recorder:
         self._check_sizes(hello)
         if hello is not None:
             self.writer.note("attached", regions=hello.get("regions"), gdb_arch=hello.get("arch"))
-        return conn
 
     def _check_sizes(self, hello: dict[str, Any] | None) -> None:
         """Debug info that knows shared_info's type must agree with the --arch layout."""
@@ -375,7 +373,7 @@ class Recorder:
 
     # -- the run -----------------------------------------------------------------------
 
-    def _record(self, conn: socket.socket, start: float) -> RecordResult:
+    def _record(self) -> RecordResult:
         o, g = self.o, self.gdb
         assert g is not None and self.writer is not None
         self.hang_seq: int | None = None

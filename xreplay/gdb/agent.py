@@ -73,7 +73,6 @@ class Agent:
         self.filter_expr = config.get("filter")
         self.last = {}
         self.probes = []
-        self.stopped_for_count = False
         resolved = []
         for spec in config["regions"]:
             reeval = spec["expr"] if spec.get("reeval") else None
@@ -235,10 +234,7 @@ class Agent:
         self.hits += 1
         last = bool(self.count_limit) and self.hits >= self.count_limit and not hang
         self.send(ord("S"), b"".join(parts), now=hang or last)
-        if last:
-            self.stopped_for_count = True
-            return True  # a real stop: the recorder sees *stopped and finishes
-        return False
+        return last  # True is a real stop: the recorder sees *stopped and finishes
 
     def snapshot_now(self, pid):
         """A snapshot where the target is stopped now (the hang snapshot)."""
