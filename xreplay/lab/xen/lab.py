@@ -22,17 +22,14 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 from xreplay.errors import XReplayError
 from xreplay.lab.xen.initramfs import DOM0_CMD_PORT, build_images
-from xreplay.lab.xen.stage import Stage, default_cache_dir
+from xreplay.lab.xen.stage import Progress, Stage, default_cache_dir, quiet
 from xreplay.profiles.linux import read_system_map
-
-Progress = Callable[[str], None]
 
 STATE_FILE = "lab.json"
 #: ``smap=0``: without it Debian's Xen 4.17 under QEMU 7.2 TCG crashes PV dom0 on its first
@@ -61,9 +58,6 @@ SIF_INITDOMAIN = 0x2  # xen/include/public/xen.h: start_info.flags bit of the in
 _RC_MARK = "\n__XREPLAY_RC__ "
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
-
-def _quiet(msg: str) -> None:
-    del msg
 
 
 def default_run_dir() -> Path:
@@ -205,7 +199,7 @@ class Lab:
         boot_timeout: float = 300.0,
         xen_args: str = XEN_ARGS,
         dom0_args: str = DOM0_ARGS,
-        progress: Progress = _quiet,
+        progress: Progress = quiet,
     ) -> None:
         if domu not in DOMU_KINDS:
             raise XReplayError(f"unknown domU type {domu!r}: use one of {', '.join(DOMU_KINDS)}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,13 +28,12 @@ from typing import Any
 from xreplay.debugkeys import DomainEvtchnDump, PortDiff, compare, latest, parse
 from xreplay.errors import XReplayError
 from xreplay.lab.xen.lab import Lab
+from xreplay.lab.xen.stage import Progress, quiet
 from xreplay.profiles.linux import GuestFacts, LinuxSymbols, apply, inspect_guest
 from xreplay.profiles.peek import StubPeek
 from xreplay.record import Recorder, RecordOptions, RecordResult
 from xreplay.snapshot import PortState, Snapshot, SnapshotDecoder, VcpuState
 from xreplay.xrr import ProbeSpec, RecordingHeader, XrrWriter
-
-Progress = Callable[[str], None]
 
 #: VIRQ numbers (xen/include/public/xen.h) as labels.
 VIRQ_NAMES = {0: "VIRQ_TIMER", 1: "VIRQ_DEBUG", 2: "VIRQ_CONSOLE", 3: "VIRQ_DOM_EXC",
@@ -54,9 +53,6 @@ _INTERDOMAIN = re.compile(r"Interdomain \((\w+)\) - Remote Domain (\d+), Port (\
 _Q_VCPUS = re.compile(r"VCPU information and callbacks for domain (\d+):")
 _Q_VCPU = re.compile(r"VCPU(\d+): CPU\d+ .*?upcall_pend=([0-9a-f]{2}) upcall_mask=([0-9a-f]{2})")
 
-
-def _quiet(msg: str) -> None:
-    del msg
 
 
 # ----------------------------------------------------------------------------- lsevtchn
@@ -294,7 +290,7 @@ def _moved(a: DomainEvtchnDump, b: DomainEvtchnDump | None, *, ignore: set[int] 
 def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
                 facts: GuestFacts | None = None,
                 attempts: int = 3, settle: float = 3.0, output: Path | None = None,
-                progress: Progress = _quiet) -> CrossCheck:
+                progress: Progress = quiet) -> CrossCheck:
     """Pause the lab's domU, compare Xen's 'e' dump with its memory, unpause it.
 
     ``vcpus`` defaults to all of the domU's; ``facts`` (machine addresses) are taken with

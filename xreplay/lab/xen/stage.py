@@ -62,7 +62,8 @@ def default_cache_dir() -> Path:
     return cache_root() / "xenlab"
 
 
-def _quiet(msg: str) -> None:
+def quiet(msg: str) -> None:
+    """The default progress callback of the lab's steps: say nothing."""
     del msg
 
 
@@ -244,7 +245,7 @@ class _Apt:
 
 
 def ensure_host_tools(
-    progress: Progress = _quiet, *, install: bool = True, apt: _Apt | None = None
+    progress: Progress = quiet, *, install: bool = True, apt: _Apt | None = None
 ) -> None:
     """Install the missing host tools (QEMU, busybox-static, cpio, kmod, xz) with apt."""
     pkgs = missing_host_packages()
@@ -263,7 +264,7 @@ def setup(
     *,
     refresh: bool = False,
     install_tools: bool = True,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> Stage:
     """Make the lab's stage: host tools, extracted Xen + kernel, ``depmod``, unpacked Xen.
 
