@@ -7,6 +7,7 @@ the recorder afterwards, the snapshots already written stay readable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -142,6 +143,16 @@ class XrrWriter:
         if self._own:
             self._f.close()
         self.closed = True
+
+    def abandon(self) -> None:
+        """Close without the trailer (after a failed write): the file ends at its last
+        complete frame and reads back as not closed cleanly."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._own:
+            with contextlib.suppress(OSError):
+                self._f.close()
 
     def __enter__(self) -> XrrWriter:
         return self
