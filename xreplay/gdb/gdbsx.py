@@ -77,3 +77,20 @@ def adapt_options(options: Any, own_build: bool = False) -> Any:
                                     if c not in options.extra_gdb_commands)]
     options.target_kind = KIND
     return options
+
+
+def own_build(answers: dict[str, str]) -> bool:
+    """Whether identification answers (``StubInfo.answers``) are the project's gdbsx."""
+    return OWN_BUILD_FEATURE in answers.get("qSupported", "").split(";")
+
+
+def prepare_session(gdb: Any, options: Any, answers: dict[str, str]) -> None:
+    """What the recorder does once its gdb is attached and the stub found to be gdbsx:
+    the gdb settings of :func:`gdb_commands` (they take effect for the next reads and
+    breakpoints) and the vCPU from the thread id, unless the user gave a vCPU expression
+    that does not need ``$gs_base`` (which gdbsx does not send)."""
+    for cmd in gdb_commands(own_build(answers)):
+        if cmd not in options.extra_gdb_commands:
+            gdb.console_command(cmd)
+    if options.vcpu_expr is None or "$gs_base" in options.vcpu_expr:
+        options.vcpu_expr = VCPU_EXPR
