@@ -33,13 +33,24 @@ def _listening_cmd(port: int) -> str:
 
 
 def stop_gdbsx(lab: Lab) -> None:
-    """Stop any gdbsx left in dom0 (one that no gdb ever reached still pauses the domU)."""
+    """End a gdbsx left waiting in dom0 (one no gdb ever reached still pauses the domU).
+
+    Killing it would leave its pause on the domain (gdbsx unpauses only on its way out),
+    so the way out is the protocol's: connect from dom0 and send ``D`` (detach), which
+    makes it unpause and exit. Only one that does not go is killed.
+    """
+    rc, out = lab.dom0_run(f"pidof {NAMES} >/dev/null || {{ echo NONE; exit 0; }}; "
+                           f"printf '$D#44' | nc -w 2 127.0.0.1 {GDBSX_DOM0_PORT} "
+                           ">/dev/null 2>&1; sleep 0.3; pidof {NAMES} || echo NONE",
+                           timeout=30)
+    if "NONE" in out:
+        return
     for _ in range(3):  # busybox sh in dom0 has been seen to die once (rc 139): retry
-        rc, out = lab.dom0_run(f"for p in $(pidof {NAMES}); do kill $p; done; sleep 0.2; "
-                               f"for p in $(pidof {NAMES}); do kill -9 $p; done; "
-                               f"pidof {NAMES} || echo NONE", timeout=30)
+        rc, out = lab.dom0_run(f"for p in $(pidof {NAMES}); do kill -9 $p; done; "
+                               f"sleep 0.2; pidof {NAMES} || echo NONE", timeout=30)
         if "NONE" in out:
-            return
+            raise XReplayError("a gdbsx in dom0 did not detach and was killed: the domU may "
+                               f"stay paused (`xreplay lab exec 'xl unpause {lab.domid}'`)")
     raise XReplayError(f"cannot stop the gdbsx left in dom0 (rc={rc}): {out.strip()[-200:]}")
 
 
