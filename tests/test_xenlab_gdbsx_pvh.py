@@ -29,6 +29,25 @@ from xreplay.replay import replay
 from xreplay.xrr import XrrReader
 
 COUNT = 240
+REC = Path(__file__).parent.parent / "recordings" / "xenlab-pvh-domu-gdbsx.xrr"
+
+
+# ---------------------------------------------------------------- no QEMU needed
+def test_the_saved_pvh_recording_through_gdbsx_keeps_its_per_vcpu_facts() -> None:
+    """recordings/xenlab-pvh-domu-gdbsx.xrr (made as recordings/README.md says)."""
+    with XrrReader(REC) as reader:
+        header, snaps = reader.header, list(reader.snapshots())
+        assert reader.problems == [] and reader.trailer is not None
+    assert len(snaps) == 300 and header.vcpus == VCPUS
+    assert header.target["kind"] == "gdbsx" and "PVH" in header.target["description"]
+    assert header.delivery["mechanism"] == "callback-vector"
+    assert_both_vcpus_hit_with_live_copies(snaps)
+    assert_upcalls_see_their_own_upcall_pending(snaps)
+    assert_timers_pend_in_their_own_selector(header, snaps)
+    assert [f for f in replay(REC).findings if f.severity == "error"] == []
+
+
+# ---------------------------------------------------------------- the booted lab
 
 
 @pytest.fixture(scope="module")
