@@ -108,6 +108,11 @@ def _print_summary(s: dict[str, Any], first: Any, last: Any) -> None:
                    f"at {p['location']}")
     if s["labels"]:
         click.echo("  labels " + ", ".join(f"{k}={v}" for k, v in s["labels"].items()))
+    for name, u in s["unreadable"].items():
+        listed = ", ".join(f"#{i}" for i in u["first"])
+        more = ", ..." if u["snapshots"] > len(u["first"]) else ""
+        click.echo(f"  UNREADABLE {name} in {u['snapshots']} of {s['snapshots']} snapshots: "
+                   f"{listed}{more}")
     for note in s["notes"]:
         click.echo(f"  note after #{note.get('after')}: {note.get('event')}")
     if first is not None:
