@@ -107,6 +107,8 @@ class Recorder:
             self.elf = read_elf(o.elf)
         self.arch = resolve_arch(o.arch, self.elf)
         check_output(o.output)
+        if self.arch is not None:
+            self._check_ports_and_vcpus()
         with tempfile.TemporaryDirectory(prefix="xreplay-") as tmp:
             self.channel = AgentChannel(tmp)
             started = False
