@@ -132,3 +132,24 @@ def test_disk_full_stops_cleanly_and_keeps_every_complete_snapshot(small_disk: P
         records = list(r.records())
         assert r.trailer is None  # not "closed cleanly"
     assert len(records) >= n - 1 and [rec.seq for rec in records] == list(range(len(records)))
+
+
+def test_nothing_readable_is_loud_in_record_show_and_replay(tmp_path: Path) -> None:
+    """A shared_info expression that never points at mapped memory: record says so and
+    exits 5, show lists the snapshots, replay refuses a verdict (exit 2)."""
+    out = tmp_path / "empty.xrr"
+    with start_guest("process", "lost-upcall") as guest:
+        res = cli("record", "--target", guest.address, "--elf", str(guest.elf),
+                  "--profile", "xreplay-lab", "--shared-info",
+                  "(struct shared_info_x86_64 *)lab_upcall_count", "--count", "50",
+                  "--kill", "-o", str(out))
+    assert res.exit_code == 5, res.output
+    assert "shared_info could not be read in 50 of 50 snapshots" in res.output
+    assert "no snapshot could read shared_info" in res.output
+    shown = cli("show", str(out))
+    assert shown.exit_code == 0 and "UNREADABLE shared_info in 50 of 50 snapshots: #0, #1" in (
+        shown.output)
+    verdict = cli("replay", str(out))
+    assert verdict.exit_code == 2
+    assert "no verdict: shared_info could not be read in 50 of 50 snapshots, so only 0 could " \
+           "be judged" in verdict.output

@@ -379,7 +379,8 @@ def demo(out_dir: Path, variant: str, kinds: tuple[str, ...], seed: int, events:
         click.echo(f"\n== verdict (xreplay replay {run.output})")
         serious = [f for f in result.findings if f.severity != "info"]
         if not serious:
-            click.echo("no lost event delivery found")
+            why = result.incomplete()
+            click.echo(f"no verdict: {why}" if why else "no lost event delivery found")
         for f in serious:
             click.echo(f"{f.kind} at #{f.snapshot}: {f.message}")
         click.echo("")
