@@ -129,8 +129,10 @@ def boot_gdbsx_lab(tmp_path_factory: pytest.TempPathFactory, name: str, *, domu:
         pytest.skip(f"cannot fetch Xen's source for the gdbsx hypervisor: {exc}")
     except XReplayError as exc:
         pytest.skip(f"cannot set up the gdbsx lab (packages or build tools): {exc}")
+    # a generous boot timeout: on a loaded two-core CI machine the PVH domU has taken
+    # more than 300 s to come up under TCG
     lab = Lab(tmp_path_factory.mktemp(name), domu=domu, domu_vcpus=domu_vcpus, stub="gdbsx",
-              progress=print)
+              boot_timeout=900, progress=print)
     try:
         lab.start()
         yield lab
