@@ -37,6 +37,8 @@ from construct import (
 )
 from construct.core import stream_write
 
+from xreplay.abi.ports import MAX_VIRT_CPUS
+
 MAGIC = b"XRREC\x00\r\n"  # \r\n catches text-mode mangling, as PNG's signature does
 VERSION_MAJOR = 1
 VERSION_MINOR = 0
@@ -48,7 +50,7 @@ MAX_FRAME = 64 << 20  # one frame's payload
 MAX_REGION = 16 << 20  # one recorded memory region
 MAX_REGIONS = 255  # a region id is a u8
 MAX_PROBES = 256
-MAX_VCPUS = 8192  # vCPU ids are 0 .. MAX_VCPUS-1 (Xen's MAX_VIRT_CPUS on x86)
+MAX_VCPUS = MAX_VIRT_CPUS  # vCPU ids are 0 .. MAX_VCPUS-1
 MAX_KEYFRAME_INTERVAL = 1 << 20
 MAX_NAME = 256  # characters of a probe or region name
 MAX_VARINT_BYTES = 10  # a VarInt holds at most 64 bits
