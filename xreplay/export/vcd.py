@@ -32,26 +32,25 @@ def _ident(n: int) -> str:
 Source = str | os.PathLike | BinaryIO  # a recording's path, or a seekable binary stream
 
 
-def _changing_ports(path: Source) -> list[int]:
+def _changing_ports(r: XrrReader) -> list[int]:
     """Ports whose pending or mask bit changes, or that are pending at any snapshot (pass 1)."""
-    with XrrReader(path) as r:
-        seen = 0
-        first: Snapshot | None = None
-        for snap in r.snapshots():
-            if first is None:
-                first = snap
-                seen |= snap.evtchn_pending
-            else:
-                seen |= (snap.evtchn_pending ^ first.evtchn_pending)
-                seen |= (snap.evtchn_mask ^ first.evtchn_mask) | snap.evtchn_pending
-        ports = set(iter_bits(seen)) | set(r.header.labels)
+    seen = 0
+    first: Snapshot | None = None
+    for snap in r.snapshots():
+        if first is None:
+            first = snap
+            seen |= snap.evtchn_pending
+        else:
+            seen |= (snap.evtchn_pending ^ first.evtchn_pending)
+            seen |= (snap.evtchn_mask ^ first.evtchn_mask) | snap.evtchn_pending
+    ports = set(iter_bits(seen)) | set(r.header.labels)
     return sorted(p for p in ports if p > 0)
 
 
 def export_vcd(path: Source, out: TextIO) -> int:
     """Write ``path`` as VCD to ``out``; returns the number of snapshots written."""
-    ports = _changing_ports(path)
     with XrrReader(path) as r:
+        ports = _changing_ports(r)
         h = r.header
         sig: dict[str, tuple[str, int]] = {}
 

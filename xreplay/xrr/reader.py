@@ -182,15 +182,20 @@ class XrrReader:
                 ) -> Iterator[tuple[int, int, bytes]]:
         """(offset, kind, payload) of each intact frame, stopping at a torn tail or damage.
 
-        With ``index`` (a pass from the first frame), torn tails, damage, notes and the
-        trailer are collected into it; a pass from elsewhere only yields frames.
+        With ``index`` (the first pass from the first frame), torn tails, damage, notes and
+        the trailer are collected into it.  Later passes stop at the damage that pass found
+        (a bad note, an undecodable snapshot) without parsing notes again.
         """
         f = self._f
         pos = self._data_start if start is None else start
         f.seek(pos)
         head_size, crc_size = fmt.FRAME_HEAD_SIZE, fmt.FRAME_CRC_SIZE
         unpack = fmt.frame_head_struct.unpack
+        known = self._index.damage if index is None and self._index is not None else None
+        stop = known.offset if known is not None and known.offset is not None else -1
         while True:
+            if pos == stop:
+                raise known  # type: ignore[misc]
             head = f.read(head_size)
             if not head:
                 return
@@ -223,6 +228,9 @@ class XrrReader:
 
     def _index_json(self, index: _Index, pos: int, kind: int, payload: bytes) -> None:
         what = "note" if kind == _KIND_NOTE else "end trailer"
+        if len(payload) > fmt.MAX_NOTE:
+            raise self._bad(pos, f"{what} at byte {pos} holds {len(payload)} bytes, more than "
+                            f"the format allows ({fmt.MAX_NOTE}): the file is corrupt")
         data = parse_json_object(payload, what, self.name, pos)
         if kind == _KIND_END:
             index.trailer = data
@@ -293,9 +301,9 @@ class XrrReader:
         Raises :class:`RecordingFormatError` at damage, after every intact record before it.
         """
         begin, expect = self._keyframe_before(start) if start > 0 else (None, 0)
-        # A pass from the first frame checks notes and the end frame as it goes (cheap:
-        # they are rare) and, the first time it completes, becomes the reader's index.
-        index = _Index() if begin is None else None
+        # The first pass from the first frame checks notes and the end frame as it goes and
+        # becomes the reader's index when it completes; later passes reuse it.
+        index = _Index() if begin is None and self._index is None else None
         cur: list[bytearray | None] = [None] * len(self._sizes)
         snap_bytes: list[bytes | None] = [None] * len(self._sizes)
         for pos, kind, payload in self._frames(begin, index):

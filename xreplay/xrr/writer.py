@@ -179,6 +179,9 @@ class XrrWriter:
         """Record something that happened between snapshots (e.g. a detach)."""
         t = time.monotonic_ns() - self._t0
         body = json.dumps({"event": event, "t_ns": t, "after": self.count, **data}).encode()
+        if len(body) > fmt.MAX_NOTE:
+            raise UsageError(f"note {event!r} of {len(body)} bytes exceeds the format's "
+                             f"bound ({fmt.MAX_NOTE})")
         self._frame(fmt.KIND_NOTE, body)
         self._flush()
 
@@ -193,6 +196,8 @@ class XrrWriter:
         try:
             if self.error is None:
                 body = json.dumps({"snapshots": self.count, **stats}).encode()
+                if len(body) > fmt.MAX_NOTE:  # keep the clean close, drop the statistics
+                    body = json.dumps({"snapshots": self.count, "stats": "too large"}).encode()
                 self._frame(fmt.KIND_END, body)
                 self._flush()
         finally:
