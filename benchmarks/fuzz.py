@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import resource
 import time
@@ -71,10 +72,13 @@ TABLE_HEAD = ("| parser | inputs | accepted | clean errors | crashes | slowest i
               "| over 1 s | peak RSS | wall |\n|" + "---|" * 9)
 
 
-def _run_case(report: FuzzReport, desc: str, fn: Callable[[], None]) -> None:
+def _run_case(report: FuzzReport, desc: str, fn: Callable[[], None],
+              data: bytes | str = b"") -> None:
+    """Run one input; with XREPLAY_FUZZ_SAVE=DIR, crashing and slowest inputs are kept there."""
     from xreplay.errors import XReplayError
 
     report.inputs += 1
+    crashes = report.crashes
     t = time.perf_counter()
     try:
         fn()
@@ -89,10 +93,20 @@ def _run_case(report: FuzzReport, desc: str, fn: Callable[[], None]) -> None:
         _crash(report, desc, f"{type(e).__name__}: {str(e)[:160]} at "
                f"{Path(tb.filename).name}:{tb.lineno}")
     dt = time.perf_counter() - t
+    keep = os.environ.get("XREPLAY_FUZZ_SAVE")
     if dt > report.slowest_s:
         report.slowest_s, report.slowest_input = dt, desc
+        if keep:
+            _save(Path(keep) / f"{report.parser}-slowest", data)
     if dt > TIME_LIMIT_S:
         report.over_limit += 1
+    if keep and report.crashes > crashes:
+        _save(Path(keep) / f"{report.parser}-crash-{report.crashes}", data)
+
+
+def _save(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data)
 
 
 def _crash(report: FuzzReport, desc: str, what: str) -> None:
@@ -348,7 +362,7 @@ def _mutate_payload_fields(payload: bytes, rng: random.Random) -> bytes:
     fields = {"seq": c.seq, "t_ns": c.t_ns, "probe": c.probe, "vcpu": c.vcpu,
               "flags": fmt.flags_value(c.flags), "pc": c.pc, "sp": c.sp,
               "regflags": c.regflags}
-    regions = [[r.region, int(getattr(r.encoding, "int", r.encoding)), bytes(r.data)]
+    regions = [[r.region, int(r.encoding), bytes(r.data)]
                for r in c.regions]
     target = rng.choice(list(fields) + ["region", "encoding", "data", "dup", "drop",
                                         "delta", "count"])
@@ -495,7 +509,7 @@ def fuzz_recordings(cases: int, seed: int = 1, deep_every: int = 1) -> FuzzRepor
                 if low is not None and low >= s.data_start:
                     _check_prefix(s, got, low)
 
-        _run_case(report, desc, case)
+        _run_case(report, desc, case, data)
     report.seconds = time.perf_counter() - t0
     report.peak_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return report
@@ -548,7 +562,7 @@ def fuzz_header(cases: int, seed: int = 1) -> FuzzReport:
                 RecordingHeader.from_json(h.to_json())  # what it accepts, it accepts again
                 r.decoded_vcpus  # noqa: B018
 
-        _run_case(report, desc, case)
+        _run_case(report, desc, case, data)
     report.seconds = time.perf_counter() - t0
     report.peak_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return report
@@ -679,7 +693,7 @@ def fuzz_debugkeys(cases: int, seed: int = 1) -> FuzzReport:
     for i in range(cases):
         kind, text = mutate_dump(rng.choice(seeds), rng)
         desc = f"{kind} #{i} ({len(text)} chars)"
-        _run_case(report, desc, lambda text=text: consume_dump(text))
+        _run_case(report, desc, lambda text=text: consume_dump(text), text)
     report.seconds = time.perf_counter() - t0
     report.peak_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return report

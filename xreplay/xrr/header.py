@@ -88,10 +88,15 @@ class RecordingHeader:
         raise UsageError(f"no region named {name!r} in the recording header")
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["labels"] = {str(k): v for k, v in self.labels.items()}
-        d["notify"] = {str(k): v for k, v in self.notify.items()}
-        return d
+        """The header's JSON (free-form objects shared, not deep-copied: they may be big)."""
+        return {
+            "arch": self.arch, "probes": [asdict(p) for p in self.probes],
+            "regions": [asdict(r) for r in self.regions], "vcpus": list(self.vcpus),
+            "target": dict(self.target), "labels": {str(k): v for k, v in self.labels.items()},
+            "notify": {str(k): v for k, v in self.notify.items()},
+            "delivery": dict(self.delivery), "created": self.created, "tool": self.tool,
+            "keyframe_interval": self.keyframe_interval, "extra": dict(self.extra),
+        }
 
     def validate(self, source: str = "recording header", *, writing: bool = False
                  ) -> RecordingHeader:
