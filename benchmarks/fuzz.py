@@ -703,7 +703,8 @@ FUZZERS: dict[str, Callable[..., FuzzReport]] = {
     "recording": fuzz_recordings, "header": fuzz_header, "debugkeys": fuzz_debugkeys}
 
 
-@register("fuzz", "hostile recordings, headers and 'e' dumps (--hits = cases per parser)")
+@register("fuzz", "hostile recordings, headers and 'e' dumps (--hits = cases per parser)",
+          default=False)
 def run(args: BenchArgs) -> bool:
     cases = args.hits or DEFAULT_CASES
     print(f"== fuzz: {cases} inputs per parser (seed 1); a crash is any exception that is not "
