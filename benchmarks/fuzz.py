@@ -469,7 +469,7 @@ def consume_recording(data: bytes, got: list[tuple] | None = None, *, name: str 
             got.append((rec.seq, tuple(rec.regions)))
         s = inspect.summary(r)
         first, last, stopped = s.pop("_first"), s.pop("_last"), s.pop("_stopped")
-        json.dumps(s, default=_json_default, indent=1)
+        json.dumps(s, default=_json_default)  # what show --json serialises
         for snap in (first, last):
             if snap is not None:
                 snap.render()
