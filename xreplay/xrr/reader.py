@@ -51,6 +51,7 @@ class Record:
     regions: list[bytes | None]
     offset: int  # byte offset of the frame in the file
     changed: list[bool]  # which regions differ from the previous record
+    unread: int = 0  # bit i: region i could not be read at this hit (its bytes are older)
 
     @property
     def keyframe(self) -> bool:
@@ -338,7 +339,7 @@ class XrrReader:
             raise self._corrupt(pos, f"vCPU {c.vcpu} beyond the ABI's {fmt.MAX_VCPUS}")
         sizes = self._sizes
         changed = [False] * len(cur)
-        seen = 0
+        seen = unread = 0
         for reg in c.regions:
             i, enc, data = reg.region, reg.encoding, reg.data
             if i >= len(cur):
@@ -360,6 +361,8 @@ class XrrReader:
             elif enc in (_SAME, _ABSENT):
                 if data:
                     raise self._corrupt(pos, f"region {i} is {enc.lower()} but carries data")
+                if enc == _ABSENT:
+                    unread |= 1 << i
                 continue
             else:
                 raise self._corrupt(pos, f"unknown region encoding {int(enc)}")
@@ -370,7 +373,7 @@ class XrrReader:
             seq=c.seq, t_ns=c.t_ns, probe=c.probe, vcpu=c.vcpu, flags=flags, pc=c.pc,
             sp=c.sp if flags & _HAVE_SP else None,
             regflags=c.regflags if flags & _HAVE_FLAGS else None,
-            regions=list(snap_bytes), offset=pos, changed=changed)
+            regions=list(snap_bytes), offset=pos, changed=changed, unread=unread)
 
     def _corrupt(self, pos: int, why: str) -> RecordingFormatError:
         return self._bad(pos, f"corrupt frame at byte {pos} ({why}); the snapshots before it "
@@ -423,8 +426,10 @@ class XrrReader:
         dec = self._decoder
         shared = None
         watch: dict[str, bytes] = {}
-        for spec, data in zip(h.regions, rec.regions, strict=True):
-            if data is None:
+        missing: list[str] = []
+        for i, (spec, data) in enumerate(zip(h.regions, rec.regions, strict=True)):
+            if data is None or rec.unread >> i & 1:
+                missing.append(spec.name)
                 continue
             if spec.kind == "shared_info":
                 shared = data
@@ -435,9 +440,13 @@ class XrrReader:
             pending, mask = dec.bitmaps(shared)
         vcpus: dict[int, VcpuState] = {}
         for v, region in self._vcpu_plan:
-            raw = None if region is None else rec.regions[region]
+            raw = None
             source = "registered"
-            if raw is None:  # not registered, or unread at this hit: the legacy slot
+            if region is not None:
+                if rec.unread >> region & 1 or rec.regions[region] is None:
+                    continue  # its registered copy was not read: the legacy slot is stale
+                raw = rec.regions[region]
+            if raw is None:  # not registered: the legacy slot in shared_info
                 if shared is None:
                     continue
                 raw = dec.embedded_vcpu_info(shared, v)
@@ -457,7 +466,7 @@ class XrrReader:
                         probe=self._probe_names[rec.probe], vcpu=rec.vcpu,
                         pc=rec.pc, flags=rec.regflags, evtchn_pending=pending,
                         evtchn_mask=mask, vcpus=vcpus, hang=rec.hang, watch=watch,
-                        labels=h.labels, notify=h.notify)
+                        labels=h.labels, notify=h.notify, missing=tuple(missing))
 
     def snapshots(self, start: int = 0) -> Iterator[Snapshot]:
         cache: dict = {}

@@ -71,7 +71,7 @@ class XrrWriter:
         try:
             self._write_header()
         except BaseException:
-            self.abort()
+            self.abandon()
             raise
 
     def _write_header(self) -> None:
@@ -139,12 +139,13 @@ class XrrWriter:
         for i, data in enumerate(regions):
             prev = self._prev[i]
             if data is None:
-                # An unreadable region keeps its previous contents; a keyframe must still be
-                # self-contained, so it repeats them (or stays absent if never read).
-                if keyframe and prev is not None:
-                    encoded.append({"region": i, "encoding": fmt.ENC_FULL, "data": prev})
-                else:
-                    encoded.append({"region": i, "encoding": fmt.ENC_ABSENT, "data": b""})
+                # Not read at this hit: ENC_ABSENT says so (readers keep the previous
+                # contents for continuity and mark the region unread). After an absent
+                # keyframe entry the next read is stored whole, so a reader starting at that
+                # keyframe never meets a delta without its base.
+                encoded.append({"region": i, "encoding": fmt.ENC_ABSENT, "data": b""})
+                if keyframe:
+                    self._prev[i] = None
                 continue
             data = bytes(data)
             if len(data) != self._sizes[i]:
@@ -201,12 +202,13 @@ class XrrWriter:
                 self._frame(fmt.KIND_END, body)
                 self._flush()
         finally:
-            self.abort()
+            self.abandon()
         if self.error is not None:
             raise self.error
 
-    def abort(self) -> None:
-        """Close the file without the trailer: readers will see it did not close cleanly."""
+    def abandon(self) -> None:
+        """Close without the trailer (after a failed write): the file ends at its last
+        complete frame and reads back as not closed cleanly."""
         if self.closed:
             return
         self.closed = True
@@ -223,4 +225,4 @@ class XrrWriter:
         if exc_type is None:
             self.close()
         else:  # leaving on an exception: not a clean close, and that exception wins
-            self.abort()
+            self.abandon()
