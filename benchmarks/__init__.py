@@ -13,7 +13,8 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-MODULES = ("benchmarks.record_bench", "benchmarks.replay_bench", "benchmarks.fuzz")
+MODULES = ("benchmarks.record_bench", "benchmarks.replay_bench", "benchmarks.gdbsx_bench",
+           "benchmarks.fuzz")
 
 
 @dataclass
