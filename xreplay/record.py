@@ -87,6 +87,15 @@ class RecordOptions:
     connect_timeout: float = 10.0
     delivery: dict[str, Any] = field(default_factory=dict)
     extra_gdb_commands: list[str] = field(default_factory=list)
+    # On a deterministic replay (record --from-rr): the header's "replay" origin (also makes
+    # the agent store each snapshot's icount), gdb commands run once attached (the replay's
+    # end-of-log break), and what an interrupt nobody asked for means ("replay-end").
+    replay: dict[str, Any] = field(default_factory=dict)
+    attach_commands: list[str] = field(default_factory=list)
+    spontaneous_stop: str = "interrupted"
+    # On a replay hangs are judged in the recording's time, not the replay's (which skips
+    # idle time): at the end, called with the last hit's icount; True takes a hang snapshot.
+    end_is_hang: Callable[[int | None], bool] | None = None
 
 
 @dataclass
@@ -133,6 +142,7 @@ class Recorder:
         self._json_cond = threading.Condition()
         self._hang_seen = threading.Event()
         self._reader_error: BaseException | None = None
+        self._last_icount: int | None = None
         self.writer: XrrWriter | None = None
         self.launched: subprocess.Popen | None = None
         self.gdb: GdbSession | None = None
@@ -201,7 +211,7 @@ class Recorder:
         while True:
             try:
                 g.mi(f"-target-select remote {o.target}", timeout=o.connect_timeout)
-                return
+                break
             except GdbCommandError as e:
                 if "Connection timed out" in str(e) or "Ignoring packet error" in str(e):
                     raise XReplayError(self._not_a_stub()) from None
@@ -213,6 +223,8 @@ class Recorder:
                                    "(is the target running and listening there?)") from None
             except XReplayError:  # no answer at all within connect_timeout
                 raise XReplayError(self._not_a_stub()) from None
+        for cmd in o.attach_commands:
+            g.console_command(cmd)
 
     def _not_a_stub(self) -> str:
         return (f"no GDB remote-protocol answer from {self.o.target} within "
@@ -245,6 +257,7 @@ class Recorder:
             "dedupe": o.dedupe,
             "filter": o.filter,
             "vcpu_expr": o.vcpu_expr,
+            "guest_time": bool(o.replay),
         }
         cfg = os.path.join(tmp, "agent.json")
         with open(cfg, "w") as f:
@@ -273,7 +286,7 @@ class Recorder:
         probes = [*o.probes, ProbeSpec(HANG_PROBE, "(target interrupted)", "other")]
         header = RecordingHeader(
             arch=self.structs.arch, probes=probes, regions=self.regions, vcpus=o.vcpus,
-            labels=o.labels, notify=o.notify, delivery=o.delivery,
+            labels=o.labels, notify=o.notify, delivery=o.delivery, replay=o.replay,
             target={"kind": o.target_kind, "address": o.target,
                     "description": o.description or f"{o.target_kind} at {o.target}",
                     "elf": str(o.elf) if o.elf else None,
@@ -323,6 +336,12 @@ class Recorder:
                     return
                 if kind == ord("S"):
                     self._on_snapshot(body)
+                elif kind == ord("T"):
+                    _hit, icount = struct.unpack_from("<IQ", body)
+                    assert self.writer is not None
+                    with self._lock:
+                        self.writer.guest_time(self.writer.count - 1, icount)
+                    self._last_icount = icount
                 else:
                     with self._json_cond:
                         self._agent_json.append(json.loads(body))
@@ -406,12 +425,15 @@ class Recorder:
             if self.on_progress and now >= next_progress:
                 self.on_progress(Progress(self.writer.count, now - t0, self._last_probe))
                 next_progress = now + 0.25
+        if reason == "replay-end" and o.end_is_hang is not None and \
+                o.end_is_hang(self._last_icount):
+            reason = "hang"  # the log ends in a hang: its snapshot is taken at the end
         if running and reason != "target-lost":
             running = not self._interrupt()
-            if not running and reason == "hang":
-                self._hang_seen.clear()
-                g.python(f"import xreplay_agent; xreplay_agent.snapshot_now({self._hang_pid})")
-                self._hang_seen.wait(10)
+        if not running and reason == "hang":
+            self._hang_seen.clear()
+            g.python(f"import xreplay_agent; xreplay_agent.snapshot_now({self._hang_pid})")
+            self._hang_seen.wait(10)
         elapsed = time.monotonic() - t0
         stats = self._finish_agent(reason)
         self._detach_or_kill(reason, running)
@@ -432,7 +454,7 @@ class Recorder:
             if sig in ("SIGKILL", "SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE"):
                 return "target-exited" if sig == "SIGKILL" else f"target-crashed-{sig}"
             if sig in ("SIGINT", "SIGTRAP", "0"):
-                return self._stop_reason or "interrupted"
+                return self._stop_reason or self.o.spontaneous_stop
             return None
         if why in ("breakpoint-hit", "") and self.o.count:
             return "count"  # only the agent's count-limit stop is a user-visible stop

@@ -11,9 +11,12 @@ Wire protocol (little-endian), one message per frame: ``u32 length``, ``u8 type`
 Type ``S`` (snapshot): ``<IHHQQQB`` = hit, probe, vcpu, pc, sp, regflags, flags, then
 ``u8 nregions`` and per region ``u32 size`` (0xFFFFFFFF = unreadable) and the bytes.
 Type ``J``: a UTF-8 JSON object (hello, counters, errors).
+Type ``T`` (guest time, only with ``guest_time`` in the config, i.e. on a QEMU replay):
+``<IQ`` = hit, icount, sent right after the hit's ``S``.
 """
 
 import json
+import re
 import socket
 import struct
 import threading
@@ -22,6 +25,8 @@ import gdb  # type: ignore[import-not-found]
 
 _SNAP = struct.Struct("<IHHQQQB")
 _LEN = struct.Struct("<IB")
+_TIME = struct.Struct("<IQ")
+_ICOUNT = re.compile(r"instruction count = (\d+)")
 UNREADABLE = 0xFFFFFFFF
 F_HANG = 1
 F_HAVE_SP = 2
@@ -71,6 +76,7 @@ class Agent:
         self.count_limit = config.get("count") or 0
         self.dedupe = bool(config.get("dedupe"))
         self.filter_expr = config.get("filter")
+        self.guest_time = bool(config.get("guest_time"))
         self.last = {}
         self.probes = []
         resolved = []
@@ -231,10 +237,23 @@ class Agent:
             else:
                 parts.append(struct.pack("<I", len(data)))
                 parts.append(data)
+        hit = self.hits
         self.hits += 1
         last = bool(self.count_limit) and self.hits >= self.count_limit and not hang
-        self.send(ord("S"), b"".join(parts), now=hang or last)
+        icount = self.icount() if self.guest_time else None
+        self.send(ord("S"), b"".join(parts), now=(hang or last) and icount is None)
+        if icount is not None:
+            self.send(ord("T"), _TIME.pack(hit, icount), now=hang or last)
         return last  # True is a real stop: the recorder sees *stopped and finishes
+
+    @staticmethod
+    def icount():
+        """QEMU's instruction count on a record/replay run (``monitor info replay``)."""
+        try:
+            m = _ICOUNT.search(gdb.execute("monitor info replay", to_string=True))
+        except gdb.error:
+            return None
+        return int(m.group(1)) if m else None
 
     def snapshot_now(self, pid):
         """A snapshot where the target is stopped now (the hang snapshot)."""

@@ -26,7 +26,7 @@ from construct import (
 
 MAGIC = b"XRREC\x00\r\n"  # \r\n catches text-mode mangling, as PNG's signature does
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1  # 1.1 added KIND_GUEST_TIME and the header's "replay" key
 
 MAX_META = 1 << 20  # header JSON
 MAX_FRAME = 64 << 20  # one frame's payload
@@ -38,6 +38,7 @@ FRAME_MARK = 0xA5
 KIND_SNAPSHOT = 1
 KIND_NOTE = 2  # JSON: something that happened between snapshots (detach, foreign hits …)
 KIND_END = 3  # JSON trailer written by a clean close
+KIND_GUEST_TIME = 4  # the guest position (QEMU icount) of the snapshot just before it
 
 # Snapshot flags.
 FLAG_KEYFRAME = 1 << 0  # every region is stored whole: decoding may start here
@@ -85,6 +86,11 @@ SnapshotPayload = Struct(
     "regions" / PrefixedArray(Int8ul, Region),
 )
 
+GuestTimePayload = Struct(
+    "seq" / VarInt,  # the snapshot it belongs to
+    "icount" / VarInt,  # instructions the guest had executed at that hit (QEMU replay)
+)
+
 DeltaRun = Struct(
     "skip" / VarInt,  # bytes left unchanged since the end of the previous run
     "data" / Prefixed(VarInt, GreedyBytes),
@@ -100,6 +106,7 @@ Frame = Struct(
 )
 
 snapshot_payload = SnapshotPayload.compile()
+guest_time_payload = GuestTimePayload.compile()
 delta_run = DeltaRun.compile()
 delta_runs = DeltaRuns.compile()
 frame_head = FrameHead.compile()

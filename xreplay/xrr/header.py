@@ -53,6 +53,10 @@ class RecordingHeader:
         default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     tool: str = f"xreplay {__version__}"
     keyframe_interval: int = 256
+    replay: dict[str, Any] = field(default_factory=dict)
+    """Set when the snapshots were taken on a deterministic replay (``record --from-rr``):
+    ``kind`` ("qemu-rr"), ``run`` (the run directory), ``log_sha256``, ``end_icount``,
+    ``icount_shift``. Empty for a live recording."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -123,8 +127,11 @@ class RecordingHeader:
                 raise bad(f"region {r.name!r} has a bad kind or size")
         if not any(r.kind == "shared_info" for r in regions):
             raise bad("declares no shared_info region")
+        replay = d.get("replay") or {}
+        if not isinstance(replay, dict):
+            raise bad("key 'replay' is not a JSON object")
         return cls(arch=arch, probes=probes, regions=regions, vcpus=vcpus,
                    target=dict(d.get("target", {})), labels=labels, notify=notify,
                    delivery=dict(d.get("delivery", {})), created=str(d.get("created", "")),
                    tool=str(d.get("tool", "")), keyframe_interval=kfi,
-                   extra=dict(d.get("extra", {})))
+                   replay=dict(replay), extra=dict(d.get("extra", {})))

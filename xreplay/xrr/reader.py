@@ -170,6 +170,19 @@ class XrrReader:
                 self.trailer = self._json(pos, payload)
             # unknown kinds are skipped: a newer minor version may add some
 
+    def guest_times(self) -> dict[int, int]:
+        """Snapshot number -> guest position (QEMU icount), for recordings taken on a replay;
+        empty for live recordings (their times are host times only)."""
+        out: dict[int, int] = {}
+        for pos, kind, payload in self._frames():
+            if kind == fmt.KIND_GUEST_TIME:
+                try:
+                    c = fmt.guest_time_payload.parse(payload)
+                except ConstructError as e:
+                    self._corrupt(pos, f"undecodable guest time: {e}")
+                out[c.seq] = c.icount
+        return out
+
     def _json(self, pos: int, payload: bytes) -> dict[str, Any]:
         try:
             data = json.loads(payload)
