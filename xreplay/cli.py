@@ -190,6 +190,9 @@ def _parse_int_map(values: tuple[str, ...], what: str) -> dict[int, int]:
 @click.option("--no-guest-check", "no_guest_check", is_flag=True, help="With --symbols: do "
               "not stop once in the guest first (ABI and domain-type check, port labels).")
 @click.option("--gdb", default="gdb", show_default=True, help="gdb executable.")
+@click.option("--from-rr", "from_rr", type=click.Path(file_okay=False, path_type=Path),
+              help="Take the snapshots on a replay of this 'xreplay rr record' run instead "
+              "of a live target (its QEMU stub; --qemu implied).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               required=True, help="Recording file to write.")
 def record(target: str | None, launch: str | None, elf: Path | None, arch: str,
@@ -200,7 +203,7 @@ def record(target: str | None, launch: str | None, elf: Path | None, arch: str,
            duration: float | None, hang_after: float | None, kill_target: bool | None,
            dedupe: bool | None, is_qemu: bool, filter_expr: str | None, vcpu_expr: str | None,
            symbols: Path | None, domain: str | None, no_guest_check: bool, gdb: str,
-           output: Path) -> None:
+           from_rr: Path | None, output: Path) -> None:
     """Record a live guest's event-channel state at its upcall, bottom half and block."""
     import shlex
 
@@ -224,7 +227,8 @@ def record(target: str | None, launch: str | None, elf: Path | None, arch: str,
         vcpu_list = [int(v) for v in vcpus.split(",") if v.strip()]
     except ValueError:
         raise XReplayError(f"bad --vcpus {vcpus!r}: write e.g. 0,1") from None
-    if launch and not target:
+    is_qemu = is_qemu or from_rr is not None
+    if launch and not target and not from_rr:
         raise XReplayError("--launch needs --target HOST:PORT (where the launched stub listens)")
     options = RecordOptions(
         output=output, arch=arch, target=target, launch=shlex.split(launch) if launch else None,
@@ -249,7 +253,16 @@ def record(target: str | None, launch: str | None, elf: Path | None, arch: str,
             options.vcpu_expr = vcpu_expr
     elif domain:
         raise XReplayError("--domain needs --symbols (or write the gdb expression: --filter)")
-    result = run_recorder(options)
+    if from_rr is not None:
+        from xreplay.rr.launcher import record_from_rr
+
+        options.gdb_arch = None  # the launcher sets it for the replayed machine
+        if click.get_current_context().get_parameter_source("arch") == \
+                click.core.ParameterSource.DEFAULT:
+            options.arch = ""  # from the guest ELF's class
+        result = record_from_rr(from_rr, options, run_recorder)
+    else:
+        result = run_recorder(options)
     _print_record_result(result)
 
 
@@ -380,7 +393,9 @@ def _register_subsystems() -> None:
     """Command groups that live beside their library (lab, replay) join the main CLI."""
     from xreplay.lab.xen.commands import lab
     from xreplay.replay.commands import diff_command, replay_command
+    from xreplay.rr.commands import rr
 
+    main.add_command(rr)
     main.add_command(lab)
     main.add_command(replay_command)
     main.add_command(diff_command)

@@ -1,0 +1,216 @@
+"""``xreplay rr last-write``: the instruction that last changed an expression.
+
+Forward two-pass watchpoint replay (``../shared/qemu-rr.md``; gdb's ``reverse-continue``
+deadlocks QEMU 7.2 intermittently and is not used): pass 1 replays the run with a
+watchpoint that logs every value change (icount, pc, old/new) and never stops; pass 2, a
+fresh replay, stops on the last change by gdb's ignore count, which yields the writer's
+backtrace and proves the replay deterministic (same icount and pc as pass 1, or the
+answer is refused).  Positions are icounts of this run; with a recording taken on it
+(``record --from-rr``) each change is placed between two snapshots.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xreplay.errors import XReplayError
+from xreplay.rr.launcher import GDB_ARCH_X86, ReplayQemu, default_elf
+from xreplay.rr.rundir import RunDir
+
+SCRIPT = Path(__file__).with_name("gdbwatch.py")
+
+
+@dataclass
+class Write:
+    """One value change of the watched expression."""
+
+    number: int  # 1-based, in replay order
+    icount: int
+    pc: int  # where QEMU reported the watchpoint: the instruction after the writer
+    old: int | None
+    new: int | None
+    writer_pc: int | None = None
+    function: str | None = None  # innermost, an inlined function included
+    symbol: str | None = None  # the out-of-line function holding it ...
+    offset: int | None = None  # ... and the writer's offset in it
+    file: str | None = None
+    line: int | None = None
+    seconds: float | None = None  # in the recording's time (within 20 ms)
+    after_snapshot: int | None = None
+    before_snapshot: int | None = None
+    backtrace: list[str] = field(default_factory=list)
+
+    @property
+    def where(self) -> str:
+        loc = f"{self.symbol}+{self.offset}" if self.symbol else "??"
+        if self.function and self.function != self.symbol:
+            loc = f"{self.function} (inlined in {loc})"
+        src = f" ({self.file}:{self.line})" if self.file and self.line else ""
+        return f"{loc}{src}"
+
+    def between(self) -> str:
+        a, b = self.after_snapshot, self.before_snapshot
+        if a is None and b is None:
+            return ""
+        return (f"after snapshot #{a}" if b is None else
+                f"before snapshot #{b}" if a is None else f"between snapshots #{a} and #{b}")
+
+
+@dataclass
+class LastWriteResult:
+    run: str
+    expr: str
+    before_icount: int | None
+    writes: list[Write]
+    initial: int | None
+    recording: str | None
+    seconds: float
+
+    @property
+    def last(self) -> Write | None:
+        return self.writes[-1] if self.writes else None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["last"] = asdict(self.last) if self.last else None
+        return d
+
+
+def _pass(run: RunDir, elf: Path, expr: str, gdb: str, *, break_icount: int | None,
+          stop_at: int | None, timeout: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="xreplay-lw-") as tmp, ReplayQemu(run, "lw") as q:
+        cfg = Path(tmp) / "cfg.json"
+        out = Path(tmp) / "out.json"
+        cfg.write_text(json.dumps({"expr": expr, "break_icount": break_icount,
+                                   "stop_at": stop_at, "out": str(out)}))
+        argv = [gdb, "-q", "-nx", "-batch", "-ex", f"set architecture {GDB_ARCH_X86}",
+                "-ex", f"target remote {q.address}", "-x", str(SCRIPT), str(elf)]
+        env = {**os.environ, "XREPLAY_WATCH_CONFIG": str(cfg)}
+        try:
+            res = subprocess.run(argv, env=env, capture_output=True, text=True,
+                                 timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+        except subprocess.TimeoutExpired:
+            q.stop()
+            raise XReplayError(f"the watchpoint replay of {run.path} did not finish within "
+                               f"{timeout:.0f} s (QEMU stuck?): give --timeout") from None
+        finally:
+            q.stop()
+            q.cleanup()
+        if not out.is_file():
+            err = (res.stderr or res.stdout).strip().splitlines()
+            raise XReplayError(f"gdb could not watch {expr!r} on the replay: "
+                               f"{err[-1] if err else 'no message'}")
+        data = json.loads(out.read_text())
+    if data.get("error") and not data.get("changes") and stop_at is None:
+        raise XReplayError(f"gdb could not watch {expr!r}: {data['error']}")
+    return data
+
+
+def _symbolize(elf: Path, pcs: list[int], gdb: str) -> dict[int, dict[str, Any]]:
+    """Writer pc, function+offset and source line of each reported pc, from the ELF."""
+    if not pcs:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="xreplay-lw-") as tmp:
+        cfg, out = Path(tmp) / "cfg.json", Path(tmp) / "out.json"
+        cfg.write_text(json.dumps({"symbolize": sorted(set(pcs)), "out": str(out)}))
+        res = subprocess.run([gdb, "-q", "-nx", "-batch", "-x", str(SCRIPT), str(elf)],
+                             env={**os.environ, "XREPLAY_WATCH_CONFIG": str(cfg)},
+                             capture_output=True, text=True, timeout=120,
+                             stdin=subprocess.DEVNULL, check=False)
+        if not out.is_file():
+            err = (res.stderr or res.stdout).strip().splitlines()
+            raise XReplayError(f"{elf}: gdb could not read its symbols: "
+                               f"{err[-1] if err else 'no message'}")
+        return {int(k): v for k, v in json.loads(out.read_text()).items()}
+
+
+def _write(number: int, c: dict[str, Any]) -> Write:
+    keys = Write.__dataclass_fields__
+    return Write(number=number, **{k: v for k, v in c.items() if k in keys and k != "number"})
+
+
+def last_write(run_path: str | os.PathLike, expr: str, *, elf: Path | None = None,
+               before: int | None = None, recording: Path | None = None,
+               every: bool = False, gdb: str = "gdb", timeout: float = 300.0
+               ) -> LastWriteResult:
+    """The last change of ``expr`` before snapshot ``before`` of ``recording`` (or before the
+    log's end); ``every``: all changes. Snapshot placement needs ``recording`` (default: the
+    newest recording taken from the run)."""
+    t0 = time.monotonic()
+    run = RunDir(run_path)
+    m = run.read()
+    if elf is None:
+        elf = default_elf(run, m)
+        if elf is None:
+            raise XReplayError(f"{run.path}: the -kernel image is not an ELF: give --elf")
+    if not Path(elf).is_file():
+        raise XReplayError(f"{elf}: no such ELF file (--elf)")
+    if recording is None:
+        recording = next((Path(r) for r in reversed(m.recordings) if Path(r).is_file()), None)
+    times: dict[int, int] = {}
+    if recording is not None:
+        times = _guest_times(recording, m.log_sha256)
+    if before is not None:
+        if recording is None:
+            raise XReplayError("--before needs a recording taken from this run (record "
+                               "--from-rr, or give --xrr F.xrr)")
+        if before not in times:
+            raise XReplayError(f"{recording}: no snapshot #{before} with a guest position")
+    limit = times[before] if before is not None else m.end_icount
+    p1 = _pass(run, Path(elf), expr, gdb, break_icount=limit, stop_at=None, timeout=timeout)
+    changes = [c for c in p1["changes"] if c.get("icount") is not None
+               and (limit is None or c["icount"] <= limit)]
+    writes = [_write(i + 1, c) for i, c in enumerate(changes)]
+    if writes and not every:
+        last = writes[-1]
+        p2 = _pass(run, Path(elf), expr, gdb, break_icount=limit, stop_at=last.number,
+                   timeout=timeout)
+        st = p2.get("stopped") or {}
+        if st.get("icount") != last.icount or st.get("pc") != last.pc:
+            raise XReplayError(
+                f"the two replays of {run.path} disagree on change #{last.number} of {expr!r} "
+                f"(icount {last.icount} pc {last.pc:#x} vs icount {st.get('icount')} pc "
+                f"{st.get('pc')}): the replay is not deterministic here, no answer given")
+        last.backtrace = st.get("backtrace", [])
+        writes = [last]
+    symbols = _symbolize(Path(elf), [w.pc for w in writes], gdb)
+    for w in writes:
+        for k, v in symbols.get(w.pc, {}).items():
+            if hasattr(w, k):
+                setattr(w, k, v)
+    seqs = sorted(times)
+    icounts = [times[s] for s in seqs]
+    for w in writes:
+        w.seconds = m.seconds_at(w.icount)
+        if seqs:
+            i = bisect.bisect_left(icounts, w.icount)  # first snapshot with icount >= write
+            w.after_snapshot = seqs[i - 1] if i > 0 else None
+            w.before_snapshot = seqs[i] if i < len(seqs) else None
+    return LastWriteResult(run=str(run.path), expr=expr, before_icount=limit, writes=writes,
+                           initial=p1.get("initial"),
+                           recording=str(recording) if recording else None,
+                           seconds=round(time.monotonic() - t0, 3))
+
+
+def _guest_times(recording: Path, log_sha256: str) -> dict[int, int]:
+    from xreplay.xrr import XrrReader
+
+    with XrrReader(recording) as r:
+        origin = r.header.replay
+        if not origin:
+            raise XReplayError(f"{recording}: a live recording, not one taken on a replay "
+                               "(record --from-rr)")
+        if log_sha256 and origin.get("log_sha256") != log_sha256:
+            raise XReplayError(f"{recording}: taken on another run (its replay log differs)")
+        with contextlib.suppress(XReplayError):
+            return r.guest_times()
+    return {}
