@@ -107,9 +107,8 @@ def main():
             gdb.execute("monitor replay_break {}".format(cfg["break_icount"]))
         w = Watch(cfg["expr"], out["changes"], cfg.get("stop_at") is None)
         out["initial"] = w.prev
-        if cfg.get("stop_at") is not None:
-            if cfg["stop_at"] > 1:
-                gdb.execute("ignore {} {}".format(w.number, cfg["stop_at"] - 1))
+        if cfg.get("stop_at") is not None and cfg["stop_at"] > 1:
+            gdb.execute("ignore {} {}".format(w.number, cfg["stop_at"] - 1))
         try:
             gdb.execute("continue")
         except gdb.error as e:

@@ -1,0 +1,209 @@
+"""QEMU record/replay end to end: ``rr record`` with no debugger, snapshots taken on replays
+(``record --from-rr``) checked against the lab guests' own counters, the live verdict,
+determinism, ``rr last-write`` against the guest's sources, and the refusals.
+
+Real qemu-system-x86_64 and gdb on the bare-metal lab guest; every process is started and
+stopped by PID by the code under test.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from xreplay.cli import main
+from xreplay.demo import SHADOW, record_lab_guest
+from xreplay.lab.guests import (
+    GUEST_DIR,
+    LAB_PROBES,
+    VARIANTS,
+    build_guest,
+    guest_args,
+    parse_summary,
+    qemu_command,
+)
+from xreplay.record import RecordOptions, WatchSpec
+from xreplay.replay import replay
+from xreplay.rr.capture import Capture
+from xreplay.rr.lastwrite import last_write
+from xreplay.rr.launcher import record_from_rr
+from xreplay.rr.rundir import RunDir
+from xreplay.xrr import ProbeSpec, XrrReader
+
+needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None
+                                or shutil.which("gdb") is None,
+                                reason="needs qemu-system-x86 and gdb (make deps)")
+EVENTS = {"correct": 300}  # a correct guest finishes (LAB-DONE) and QEMU exits
+
+
+def _record_run(tmp: Path, variant: str) -> tuple[Path, str]:
+    """``rr record`` a lab variant to its hang marker (or its exit); (run dir, serial text)."""
+    elf = build_guest("baremetal")
+    serial = tmp / f"{variant}.serial"
+    argv = qemu_command(elf, guest_args(variant, events=EVENTS.get(variant, 2000)), serial,
+                        None)
+    run = tmp / f"{variant}.rr"
+    Capture(argv, run, until="LAB-HUNG", linger=0.6, duration=60).run()
+    return run, (run / "serial0.log").read_text()
+
+
+def _from_rr(run: Path, out: Path) -> object:
+    opts = RecordOptions(output=out, arch="x86_32",
+                         probes=[ProbeSpec(r, s, r) for r, s in LAB_PROBES.items()],
+                         watch=[WatchSpec(SHADOW, f"&{SHADOW}", 64)], dedupe=True,
+                         hang_after=0.5)
+    return record_from_rr(run, opts)
+
+
+def _key(path: Path) -> list[tuple]:
+    with XrrReader(path) as r:
+        times = r.guest_times()
+        return [(x.seq, x.probe, x.pc, x.flags, tuple(x.regions), times.get(x.seq))
+                for x in r.records()]
+
+
+@pytest.fixture(scope="module")
+def lost(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The lost-upcall variant: one rr run, one recording taken on its replay."""
+    tmp = tmp_path_factory.mktemp("rr-lost")
+    run, serial = _record_run(tmp, "lost-upcall")
+    out = tmp / "replay.xrr"
+    result = _from_rr(run, out)
+    return {"tmp": tmp, "run": run, "serial": serial, "xrr": out, "result": result}
+
+
+@needs_qemu
+@pytest.mark.qemu
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "lost-upcall"])
+def test_every_variant_replays_to_the_guests_own_counters(variant: str,
+                                                          tmp_path: Path) -> None:
+    run, serial = _record_run(tmp_path, variant)
+    summary = parse_summary(serial)
+    assert summary is not None, serial
+    m = RunDir(run).read()
+    if variant == "correct":
+        assert summary["tag"] == "LAB-DONE" and m.ended_by == "guest-exit"
+    else:
+        assert summary["tag"] == "LAB-HUNG" and m.ended_by == "until"
+        assert m.end_icount and m.until_icount and m.until_icount <= m.end_icount
+    out = tmp_path / "r.xrr"
+    result = _from_rr(run, out)
+    _check_counts(out, summary)
+    if variant != "correct":
+        assert result.reason == "hang"  # the log ends with the guest blocked for good
+
+
+def _check_counts(out: Path, summary: dict[str, str]) -> None:
+    with XrrReader(out) as r:
+        names = [p.name for p in r.header.probes]
+        hits = Counter(names[x.probe] for x in r.records())
+        assert r.header.replay["kind"] == "qemu-rr"
+        times = r.guest_times()
+        assert len(times) == sum(hits.values())  # every snapshot has its icount
+        assert list(times.values()) == sorted(times.values())
+    assert hits["upcall"] == int(summary["upcalls"])
+    assert hits["bottom-half"] == int(summary["bottom_halves"])
+    assert hits["block"] == int(summary["blocks"])
+
+
+@needs_qemu
+@pytest.mark.qemu
+def test_lost_upcall_replay_matches_counters_and_the_live_verdict(lost: dict) -> None:
+    summary = parse_summary(lost["serial"])
+    assert summary is not None and summary["tag"] == "LAB-HUNG"
+    _check_counts(lost["xrr"], summary)
+    assert lost["result"].reason == "hang"
+    live_path = lost["tmp"] / "live.xrr"
+    record_lab_guest("baremetal", "lost-upcall", live_path, hang_after=1.0)
+
+    def verdict(path: Path) -> list[tuple]:
+        return [(f.kind, f.snapshot, f.upcall_snapshot, f.ports, f.fields)
+                for f in replay(path).findings if f.severity != "info"]
+
+    live, replayed = verdict(live_path), verdict(lost["xrr"])
+    assert live and live[0][0] == "missed-clear"
+    assert replayed == live
+
+
+@needs_qemu
+@pytest.mark.qemu
+def test_a_run_replays_to_the_same_snapshots_twice(lost: dict) -> None:
+    again = lost["tmp"] / "again.xrr"
+    _from_rr(lost["run"], again)
+    assert _key(again) == _key(lost["xrr"])
+
+
+def _source_line(path: Path, pattern: str) -> int:
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if re.search(pattern, line):
+            return n
+    raise AssertionError(f"{pattern!r} not in {path}")
+
+
+@needs_qemu
+@pytest.mark.qemu
+def test_last_write_names_the_writer_of_upcall_pending_and_of_a_pending_word(
+        lost: dict) -> None:
+    with XrrReader(lost["xrr"]) as r:
+        recs = list(r.records())
+        names = [p.name for p in r.header.probes]
+    hang = recs[-1].seq
+    last_upcall = max(x.seq for x in recs if names[x.probe] == "upcall")
+    vi = "HYPERVISOR_shared_info.vcpu_info[0].evtchn_upcall_pending"
+    res = last_write(lost["run"], vi, before=hang)
+    w = res.last
+    assert w is not None and (w.old, w.new) == (0, 1)
+    assert w.function == "vcpu_mark_events_pending"
+    assert Path(w.file).name == "hv.c"
+    assert w.line == _source_line(GUEST_DIR / "hv.c", r"__atomic_exchange_n\(&vi->evtchn_upcall")
+    # the hypervisor set it just before the last upcall was taken, and nothing cleared it
+    assert w.before_snapshot == last_upcall and w.after_snapshot == last_upcall - 1
+
+    word = "HYPERVISOR_shared_info.evtchn_pending[0]"
+    res = last_write(lost["run"], word, before=hang)
+    w = res.last
+    assert w is not None and w.new is not None and w.old is not None
+    assert w.new & ~w.old and not w.old & ~w.new  # a bit was set (Xen's side), none cleared
+    assert w.function == "sync_test_and_set_bit" and Path(w.file).name == "lab.h"
+    assert w.line == _source_line(GUEST_DIR / "lab.h", r"__atomic_fetch_or\(w, m")
+    assert "hv_set_pending" in w.backtrace[0]
+    every = last_write(lost["run"], word, before=hang, every=True)
+    assert len(every.writes) > 10 and every.writes[-1].icount == w.icount
+
+
+@needs_qemu
+@pytest.mark.qemu
+def test_replay_of_a_from_rr_recording_names_the_last_writers(lost: dict) -> None:
+    res = CliRunner().invoke(main, ["replay", str(lost["xrr"])])
+    assert res.exit_code == 1, res.output
+    assert "missed-clear" in res.output
+    line = next(ln for ln in res.output.splitlines() if "vcpu 0 evtchn_upcall_pending:" in ln)
+    assert "vcpu_mark_events_pending" in line and "0 -> 1" in line
+    assert "unchanged after it" in line
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["-accel", "kvm"], "-accel kvm cannot be recorded: record/replay needs TCG"),
+    (["-enable-kvm"], "-enable-kvm cannot be recorded"),
+    (["-machine", "pc,accel=kvm"], "needs TCG"),
+    (["-s"], "-s cannot be recorded: the recording runs without a debugger"),
+    (["-gdb", "tcp::1234"], "-gdb cannot be recorded"),
+    (["-icount", "shift=3,sleep=off"], "sleep=off with rr= hangs"),
+    (["-icount", "shift=3,rr=replay,rrfile=x"], "xreplay adds rr=record"),
+    (["-drive", "file=disk.img"], "blkreplay"),
+    (["-nic", "user"], "filter-replay"),
+])
+def test_refusals_are_one_line_and_exit_2(args: list[str], needle: str,
+                                         tmp_path: Path) -> None:
+    out = tmp_path / "x.rr"
+    res = CliRunner().invoke(main, ["rr", "record", "-o", str(out), "--",
+                                    "qemu-system-x86_64", "-kernel", "k", *args])
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], res.output
+    assert not out.exists()  # refused before anything was created
