@@ -1,10 +1,11 @@
 """gdb-side script of ``rr last-write``: one watchpoint pass over a QEMU replay.
 
 Sourced by gdb's embedded (system) Python, so standard library only.  The config file
-(path in ``$XREPLAY_WATCH_CONFIG``) says: ``expr`` to watch, ``break_icount`` (where the
-replay must stop: a QEMU replay breakpoint), ``stop_at`` (pass 2: stop on that change, by
-gdb's ignore count) and ``out`` (the JSON result).  gdb's ``watch`` triggers on value
-changes only; QEMU reports a watchpoint after the writing instruction, so the writer is
+(path in ``$XREPLAY_WATCH_CONFIG``) says: ``exprs`` to watch (one watchpoint each, in one
+replay), ``break_icount`` (where the replay must stop: a QEMU replay breakpoint),
+``stop_at`` (pass 2: per expression, the change to stop on) and ``out`` (the JSON result).
+gdb's ``watch`` triggers on value changes only; QEMU reports a watchpoint after the
+writing instruction, so the writer is
 the instruction before the reported pc, found by disassembling the ELF in a second gdb
 without a target (``symbolize`` in the config: the ELF's own architecture; the stub's
 i386:x86-64 misdecodes 32-bit code, and gdb cannot switch back once connected).
@@ -32,20 +33,26 @@ def value(expr):
 
 
 class Watch(gdb.Breakpoint):
-    def __init__(self, expr, changes, log_all):
+    """Logs every value change (pass 1), or stops on change number ``stop_at`` (pass 2)."""
+
+    def __init__(self, expr, stop_at):
         super().__init__(expr, gdb.BP_WATCHPOINT, gdb.WP_WRITE)
         self.expr = expr
-        self.changes = changes
-        self.log_all = log_all
-        self.prev = value(expr)
+        self.stop_at = stop_at
+        self.changes = []
+        self.n = 0
+        self.fired = False
+        self.prev = self.initial = value(expr)
 
     def stop(self):
         new = value(self.expr)
-        if self.log_all:
+        self.n += 1
+        if self.stop_at is None:
             self.changes.append({"icount": icount(), "pc": int(gdb.parse_and_eval("$pc")),
                                  "old": self.prev, "new": new})
         self.prev = new
-        return not self.log_all
+        self.fired = self.n == self.stop_at
+        return self.fired
 
 
 def _symbol(pc):
@@ -101,27 +108,38 @@ def main():
     if "symbolize" in cfg:
         symbolize(cfg)
         return
-    out = {"changes": [], "error": None}
+    out = {"watches": [], "error": None}
+    watches = []
     try:
         if cfg.get("break_icount") is not None:
             gdb.execute("monitor replay_break {}".format(cfg["break_icount"]))
-        w = Watch(cfg["expr"], out["changes"], cfg.get("stop_at") is None)
-        out["initial"] = w.prev
-        if cfg.get("stop_at") is not None and cfg["stop_at"] > 1:
-            gdb.execute("ignore {} {}".format(w.number, cfg["stop_at"] - 1))
-        try:
-            gdb.execute("continue")
-        except gdb.error as e:
-            out["error"] = str(e)
+        stops = cfg.get("stop_at") or [None] * len(cfg["exprs"])
+        watches = [Watch(e, n) for e, n in zip(cfg["exprs"], stops, strict=True)]
+        pending = [w for w in watches if w.stop_at is not None]
+        while True:
+            try:
+                gdb.execute("continue")
+            except gdb.error as e:
+                out["error"] = str(e)
+                break
+            fired = [w for w in pending if w.fired]
+            if not fired or not gdb.selected_inferior().pid:
+                break  # the replay break (or the end of the replay)
+            for w in fired:
+                w.stopped = {"icount": icount(), "pc": int(gdb.parse_and_eval("$pc")),
+                             "new": value(w.expr),
+                             "backtrace": gdb.execute("bt 8", to_string=True).splitlines()}
+                w.fired = False
+                pending.remove(w)
+                w.enabled = False
+            if not pending:
+                break
         out["end_icount"] = icount() if gdb.selected_inferior().pid else None
-        if cfg.get("stop_at") is not None:
-            out["hit_count"] = w.hit_count
-            out["stopped"] = {"icount": out["end_icount"], "pc": int(gdb.parse_and_eval("$pc")),
-                              "new": value(cfg["expr"]),
-                              "backtrace": gdb.execute("bt 8", to_string=True).splitlines()}
-        w.delete()
     except gdb.error as e:
         out["error"] = str(e)
+    for w in watches:
+        out["watches"].append({"expr": w.expr, "initial": w.initial, "changes": w.changes,
+                               "stopped": getattr(w, "stopped", None)})
     if gdb.selected_inferior().pid:
         gdb.execute("kill")
     with open(cfg["out"], "w") as f:

@@ -85,12 +85,13 @@ class LastWriteResult:
         return d
 
 
-def _pass(run: RunDir, elf: Path, expr: str, gdb: str, *, break_icount: int | None,
-          stop_at: int | None, timeout: float) -> dict[str, Any]:
+def _pass(run: RunDir, elf: Path, exprs: list[str], gdb: str, *, break_icount: int | None,
+          stop_at: list[int] | None, timeout: float) -> list[dict[str, Any]]:
+    """One replay with a watchpoint per expression; their ``watches`` results in order."""
     with tempfile.TemporaryDirectory(prefix="xreplay-lw-") as tmp, ReplayQemu(run, "lw") as q:
         cfg = Path(tmp) / "cfg.json"
         out = Path(tmp) / "out.json"
-        cfg.write_text(json.dumps({"expr": expr, "break_icount": break_icount,
+        cfg.write_text(json.dumps({"exprs": exprs, "break_icount": break_icount,
                                    "stop_at": stop_at, "out": str(out)}))
         argv = [gdb, "-q", "-nx", "-batch", "-ex", f"set architecture {GDB_ARCH_X86}",
                 "-ex", f"target remote {q.address}", "-x", str(SCRIPT), str(elf)]
@@ -107,12 +108,14 @@ def _pass(run: RunDir, elf: Path, expr: str, gdb: str, *, break_icount: int | No
             q.cleanup()
         if not out.is_file():
             err = (res.stderr or res.stdout).strip().splitlines()
-            raise XReplayError(f"gdb could not watch {expr!r} on the replay: "
+            raise XReplayError(f"gdb could not watch {', '.join(exprs)} on the replay: "
                                f"{err[-1] if err else 'no message'}")
         data = json.loads(out.read_text())
-    if data.get("error") and not data.get("changes") and stop_at is None:
-        raise XReplayError(f"gdb could not watch {expr!r}: {data['error']}")
-    return data
+    watches = data.get("watches") or []
+    if len(watches) != len(exprs):
+        raise XReplayError(f"gdb could not watch {', '.join(exprs)}: "
+                           f"{data.get('error') or 'no watchpoint set'}")
+    return watches
 
 
 def _symbolize(elf: Path, pcs: list[int], gdb: str) -> dict[int, dict[str, Any]]:
@@ -138,13 +141,18 @@ def _write(number: int, c: dict[str, Any]) -> Write:
     return Write(number=number, **{k: v for k, v in c.items() if k in keys and k != "number"})
 
 
-def last_write(run_path: str | os.PathLike, expr: str, *, elf: Path | None = None,
-               before: int | None = None, recording: Path | None = None,
-               every: bool = False, gdb: str = "gdb", timeout: float = 300.0
-               ) -> LastWriteResult:
-    """The last change of ``expr`` before snapshot ``before`` of ``recording`` (or before the
-    log's end); ``every``: all changes. Snapshot placement needs ``recording`` (default: the
-    newest recording taken from the run)."""
+def last_write(run_path: str | os.PathLike, expr: str, **kw: Any) -> LastWriteResult:
+    """:func:`last_writes` for one expression."""
+    return last_writes(run_path, [expr], **kw)[0]
+
+
+def last_writes(run_path: str | os.PathLike, exprs: list[str], *, elf: Path | None = None,
+                before: int | None = None, recording: Path | None = None,
+                every: bool = False, gdb: str = "gdb", timeout: float = 300.0
+                ) -> list[LastWriteResult]:
+    """The last change of each expression before snapshot ``before`` of ``recording`` (or
+    before the log's end); ``every``: all changes. All expressions share the two replays.
+    Snapshot placement needs ``recording`` (default: the newest one taken from the run)."""
     t0 = time.monotonic()
     run = RunDir(run_path)
     m = run.read()
@@ -166,39 +174,44 @@ def last_write(run_path: str | os.PathLike, expr: str, *, elf: Path | None = Non
         if before not in times:
             raise XReplayError(f"{recording}: no snapshot #{before} with a guest position")
     limit = times[before] if before is not None else m.end_icount
-    p1 = _pass(run, Path(elf), expr, gdb, break_icount=limit, stop_at=None, timeout=timeout)
-    changes = [c for c in p1["changes"] if c.get("icount") is not None
-               and (limit is None or c["icount"] <= limit)]
-    writes = [_write(i + 1, c) for i, c in enumerate(changes)]
-    if writes and not every:
-        last = writes[-1]
-        p2 = _pass(run, Path(elf), expr, gdb, break_icount=limit, stop_at=last.number,
-                   timeout=timeout)
-        st = p2.get("stopped") or {}
-        if st.get("icount") != last.icount or st.get("pc") != last.pc:
-            raise XReplayError(
-                f"the two replays of {run.path} disagree on change #{last.number} of {expr!r} "
-                f"(icount {last.icount} pc {last.pc:#x} vs icount {st.get('icount')} pc "
-                f"{st.get('pc')}): the replay is not deterministic here, no answer given")
-        last.backtrace = st.get("backtrace", [])
-        writes = [last]
-    symbols = _symbolize(Path(elf), [w.pc for w in writes], gdb)
-    for w in writes:
+    p1 = _pass(run, Path(elf), exprs, gdb, break_icount=limit, stop_at=None, timeout=timeout)
+    found: list[list[Write]] = []
+    for w1 in p1:
+        changes = [c for c in w1["changes"] if c.get("icount") is not None
+                   and (limit is None or c["icount"] <= limit)]
+        found.append([_write(i + 1, c) for i, c in enumerate(changes)])
+    confirm = [i for i, ws in enumerate(found) if ws and not every]
+    if confirm:
+        p2 = _pass(run, Path(elf), [exprs[i] for i in confirm], gdb, break_icount=limit,
+                   stop_at=[found[i][-1].number for i in confirm], timeout=timeout)
+        for i, w2 in zip(confirm, p2, strict=True):
+            last, st = found[i][-1], w2.get("stopped") or {}
+            if st.get("icount") != last.icount or st.get("pc") != last.pc:
+                raise XReplayError(
+                    f"the two replays of {run.path} disagree on change #{last.number} of "
+                    f"{exprs[i]!r} (icount {last.icount} pc {last.pc:#x} vs icount "
+                    f"{st.get('icount')} pc {st.get('pc')}): the replay is not deterministic "
+                    "here, no answer given")
+            last.backtrace = st.get("backtrace", [])
+            found[i] = [last]
+    everything = [w for ws in found for w in ws]
+    symbols = _symbolize(Path(elf), [w.pc for w in everything], gdb)
+    seqs = sorted(times)
+    icounts = [times[s] for s in seqs]
+    for w in everything:
         for k, v in symbols.get(w.pc, {}).items():
             if hasattr(w, k):
                 setattr(w, k, v)
-    seqs = sorted(times)
-    icounts = [times[s] for s in seqs]
-    for w in writes:
         w.seconds = m.seconds_at(w.icount)
         if seqs:
             i = bisect.bisect_left(icounts, w.icount)  # first snapshot with icount >= write
             w.after_snapshot = seqs[i - 1] if i > 0 else None
             w.before_snapshot = seqs[i] if i < len(seqs) else None
-    return LastWriteResult(run=str(run.path), expr=expr, before_icount=limit, writes=writes,
-                           initial=p1.get("initial"),
-                           recording=str(recording) if recording else None,
-                           seconds=round(time.monotonic() - t0, 3))
+    took = round(time.monotonic() - t0, 3)
+    return [LastWriteResult(run=str(run.path), expr=e, before_icount=limit, writes=ws,
+                            initial=w1.get("initial"),
+                            recording=str(recording) if recording else None, seconds=took)
+            for e, ws, w1 in zip(exprs, found, p1, strict=True)]
 
 
 def _guest_times(recording: Path, log_sha256: str) -> dict[int, int]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from xreplay.abi import layout
 from xreplay.errors import XReplayError
-from xreplay.rr.lastwrite import Write, last_write
+from xreplay.rr.lastwrite import Write, last_writes
 
 VCPU_FIELDS = ("evtchn_upcall_pending", "evtchn_upcall_mask", "evtchn_pending_sel")
 PORT_FIELDS = ("evtchn_pending", "evtchn_mask")
@@ -115,8 +115,11 @@ def finding_writers(path: Path, findings: list[Any], *, run: Path | None = None,
     out = []
     errors = [(i, f) for i, f in enumerate(findings) if f.severity == "error"][:limit]
     for i, f in errors:
-        for label, expr in field_exprs(path, f):
-            res = last_write(run, expr, elf=Path(elf) if elf else None, before=f.snapshot,
-                             recording=path, gdb=gdb)
+        fields = field_exprs(path, f)
+        if not fields:
+            continue
+        results = last_writes(run, [e for _, e in fields], elf=Path(elf) if elf else None,
+                              before=f.snapshot, recording=path, gdb=gdb)
+        for (label, expr), res in zip(fields, results, strict=True):
             out.append(FieldWriter(i, f.kind, f.snapshot, label, expr, res.last, res.initial))
     return out
