@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-MODULES = ("benchmarks.record_bench", "benchmarks.replay_bench")
+MODULES = ("benchmarks.record_bench", "benchmarks.replay_bench", "benchmarks.rr_bench")
 
 
 @dataclass

@@ -157,7 +157,7 @@ def test_last_write_names_the_writer_of_upcall_pending_and_of_a_pending_word(
     last_upcall = max(x.seq for x in recs if names[x.probe] == "upcall")
     vi = "HYPERVISOR_shared_info.vcpu_info[0].evtchn_upcall_pending"
     word = "HYPERVISOR_shared_info.evtchn_pending[0]"
-    res_vi, res_word = last_writes(lost["run"], [vi, word], before=hang)  # two replays for both
+    (res_vi,) = last_writes(lost["run"], [vi], before=hang)
     w = res_vi.last
     assert w is not None and (w.old, w.new) == (0, 1)
     assert w.function == "vcpu_mark_events_pending"
@@ -166,7 +166,11 @@ def test_last_write_names_the_writer_of_upcall_pending_and_of_a_pending_word(
     # the hypervisor set it just before the last upcall was taken, and nothing cleared it
     assert w.before_snapshot == last_upcall and w.after_snapshot == last_upcall - 1
 
+    # a pending word is written at every (coalesced) set_pending: stop the replay early
+    early = next(x.seq for x in recs if x.seq > 40 and names[x.probe] == "block")
+    (res_word,) = last_writes(lost["run"], [word], before=early)
     w = res_word.last
+    assert w.before_snapshot is not None and w.before_snapshot <= early
     assert w is not None and w.new is not None and w.old is not None
     assert w.new & ~w.old and not w.old & ~w.new  # a bit was set (Xen's side), none cleared
     assert w.function == "sync_test_and_set_bit" and Path(w.file).name == "lab.h"

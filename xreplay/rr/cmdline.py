@@ -140,9 +140,27 @@ def check(argv: list[str]) -> list[Opt]:
         if n == "net" and v.split(",")[0] != "none":
             raise _refuse(f"{o.spelling} {v}", "write it as -netdev TYPE,id=ID plus -device "
                           "(each -netdev gets QEMU's filter-replay), or -net none")
+        if n == "smp" and _cpus(v) > 1:
+            raise _refuse(f"{o.spelling} {v}", "QEMU 7.2's record/replay refuses more than one "
+                          "vCPU ('not supported for smp'); use -smp 1 (a Xen guest may still "
+                          "have several vCPUs, time-sliced by Xen)")
         if n == "netdev" and not _keys(v).get("id"):
             raise _refuse(f"{o.spelling} {v}", "give the netdev an id=")
     return opts
+
+
+def _cpus(value: str) -> int:
+    """CPUs of an ``-smp`` value: ``N``, ``cpus=N``, or sockets*dies*cores*threads."""
+    keys = _keys(value if "=" in value.split(",")[0] else f"cpus={value}")
+    try:
+        if keys.get("cpus"):
+            return int(keys["cpus"])
+        n = 1
+        for k in ("sockets", "dies", "clusters", "cores", "threads"):
+            n *= int(keys.get(k) or 1)
+        return n
+    except ValueError:
+        return 1  # QEMU itself rejects it
 
 
 def icount_shift(opts: list[Opt], default: str = DEFAULT_SHIFT) -> tuple[str, str]:

@@ -36,15 +36,21 @@ class Qmp:
         self.command("qmp_capabilities")
 
     def _read(self) -> dict[str, Any]:
-        line = self._f.readline()
+        try:
+            line = self._f.readline()
+        except OSError as e:
+            raise XReplayError(f"QEMU's QMP socket failed ({e.strerror or e})") from None
         if not line:
             raise XReplayError("QEMU closed its QMP socket")
         return json.loads(line)
 
     def command(self, name: str, **args: Any) -> Any:
         msg = {"execute": name, **({"arguments": args} if args else {})}
-        self._f.write(json.dumps(msg) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(msg) + "\n")
+            self._f.flush()
+        except OSError as e:
+            raise XReplayError(f"QEMU's QMP socket failed ({e.strerror or e})") from None
         while True:
             reply = self._read()
             if "return" in reply:

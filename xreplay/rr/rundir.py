@@ -129,11 +129,13 @@ class RunDir:
             if not self.path.is_dir():
                 raise XReplayError(f"{self.path}: exists and is not a directory; choose "
                                    "another -o")
-            if any(self.path.iterdir()) and not self.manifest_path.is_file():
+            ours = (self.manifest_path.is_file() or self.log.is_file())
+            if any(self.path.iterdir()) and not ours:
                 raise XReplayError(f"{self.path}: a non-empty directory that is not an rr run; "
                                    "choose another -o")
-            for name in (LOG, MANIFEST):
-                (self.path / name).unlink(missing_ok=True)
+            for f in self.path.iterdir():
+                if f.is_file():
+                    f.unlink()  # a run's own files only (checked above)
         self.path.mkdir(parents=True, exist_ok=True)
 
     def write(self, m: Manifest) -> None:
