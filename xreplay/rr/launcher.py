@@ -128,19 +128,6 @@ def default_elf(run: RunDir, m: Manifest) -> Path | None:
     return cmdline.elf_kernel(cmdline.parse(m.qemu), Path(m.cwd))
 
 
-def elf_arch(elf: Path) -> str:
-    """x86_32 or x86_64 from an x86 ELF's class (the default --arch on a replay)."""
-    try:
-        with open(elf, "rb") as f:
-            ident = f.read(20)
-    except OSError as e:
-        raise XReplayError(f"{elf}: cannot read ({e.strerror})") from None
-    machine = int.from_bytes(ident[18:20], "little") if len(ident) >= 20 else 0
-    if ident[:4] != b"\x7fELF" or machine not in (3, 62):
-        raise XReplayError(f"{elf}: not an x86 ELF: give --arch")
-    return "x86_32" if ident[4] == 1 else "x86_64"
-
-
 def record_from_rr(run: str | os.PathLike, options: Any,
                    runner: Callable[[Any], Any] | None = None) -> Any:
     """Record snapshots on a replay of ``run`` exactly as a live recording does.
@@ -162,15 +149,10 @@ def record_from_rr(run: str | os.PathLike, options: Any,
         if options.elf is None:
             raise XReplayError(f"{run}: the -kernel image is not an ELF: give --elf with the "
                                "guest's symbols")
-    if not options.arch:
-        options.arch = elf_arch(Path(options.elf))
     q.start()
     try:
         options.target = q.address
         options.kill_target = True
-        if options.gdb_arch is None and options.arch.startswith("x86"):
-            options.gdb_arch = GDB_ARCH_X86
-        options.target_kind = "qemu-rr"
         options.description = options.description or (
             f"QEMU record/replay run {q.run.path} (replayed)")
         options.replay = replay_origin(q)
