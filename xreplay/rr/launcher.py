@@ -20,12 +20,13 @@ from types import TracebackType
 from typing import Any
 
 from xreplay.errors import XReplayError
+from xreplay.gdb.stub import QEMU_X86_GDB_ARCH
 from xreplay.lab.guests import _listening, free_port
 from xreplay.rr import cmdline
 from xreplay.rr.rundir import Manifest, RunDir
 
 _BENIGN = ("Terminated via GDBstub", "terminating on signal")
-GDB_ARCH_X86 = "i386:x86-64"  # QEMU's x86_64 stub sends 64-bit registers even in 32-bit code
+GDB_ARCH_X86 = QEMU_X86_GDB_ARCH  # 64-bit registers even in 32-bit code
 
 
 class ReplayQemu:
