@@ -30,7 +30,6 @@ from xreplay.lab.guests import (
 )
 from xreplay.record import RecordOptions, WatchSpec
 from xreplay.replay import replay
-from xreplay.rr.capture import Capture
 from xreplay.rr.lastwrite import last_write
 from xreplay.rr.launcher import record_from_rr
 from xreplay.rr.rundir import RunDir
@@ -50,7 +49,10 @@ def _record_run(tmp: Path, variant: str) -> tuple[Path, str]:
     argv = qemu_command(elf, guest_args(variant, events=EVENTS.get(variant, 2000)), serial,
                         None)
     run = tmp / f"{variant}.rr"
-    Capture(argv, run, until="LAB-HUNG", linger=0.6, duration=60).run()
+    res = CliRunner().invoke(main, ["rr", "record", "-o", str(run), "--until", "LAB-HUNG",
+                                    "--linger", "0.6", "--duration", "60", "--", *argv])
+    assert res.exit_code == 0, res.output
+    assert "ended by" in res.output
     return run, (run / "serial0.log").read_text()
 
 
@@ -138,6 +140,9 @@ def test_a_run_replays_to_the_same_snapshots_twice(lost: dict) -> None:
     again = lost["tmp"] / "again.xrr"
     _from_rr(lost["run"], again)
     assert _key(again) == _key(lost["xrr"])
+    last = _key(again)[-1]
+    res = CliRunner().invoke(main, ["show", str(again), "--at", str(last[0]), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["icount"] == last[-1]
 
 
 def _source_line(path: Path, pattern: str) -> int:

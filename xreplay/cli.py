@@ -73,10 +73,16 @@ def show(file: Path, at: int | None, changes_range: str | None, as_json: bool) -
     with XrrReader(file) as reader:
         if at is not None:
             snap = inspect.snapshot_at(reader, at)
+            # taken on a replay (record --from-rr): the guest position too
+            icount = reader.guest_times().get(at) if reader.header.replay else None
             if as_json:
-                emit_json(snap.to_json())
+                emit_json({**snap.to_json(), **({"icount": icount} if icount is not None
+                                                 else {})})
             else:
                 click.echo(snap.render())
+                if icount is not None:
+                    click.echo(f"  guest position: icount {icount} (replay of "
+                               f"{reader.header.replay.get('run')})")
         elif changes_range is not None:
             lo, hi = inspect.parse_range(changes_range)
             rows = inspect.changes(reader, lo, hi)
