@@ -3,7 +3,8 @@
 Sourced by gdb's embedded (system) Python, so standard library only.  The config file
 (path in ``$XREPLAY_WATCH_CONFIG``) says: ``exprs`` to watch (one watchpoint each, in one
 replay), ``break_icount`` (where the replay must stop: a QEMU replay breakpoint),
-``stop_at`` (pass 2: per expression, the change to stop on) and ``out`` (the JSON result).
+``stop_at`` (pass 2: per expression, the change to stop on, counted from ``skip_to``, an
+icount the replay first runs to without watchpoints) and ``out`` (the JSON result).
 gdb's ``watch`` triggers on value changes only; QEMU reports a watchpoint after the
 writing instruction, so the writer is
 the instruction before the reported pc, found by disassembling the ELF in a second gdb
@@ -111,6 +112,11 @@ def main():
     out = {"watches": [], "error": None}
     watches = []
     try:
+        if cfg.get("skip_to"):
+            # one QEMU replay breakpoint at a time: first the skip, then the end
+            gdb.execute("monitor replay_break {}".format(cfg["skip_to"]))
+            gdb.execute("continue")
+            out["skipped_to"] = icount()
         if cfg.get("break_icount") is not None:
             gdb.execute("monitor replay_break {}".format(cfg["break_icount"]))
         stops = cfg.get("stop_at") or [None] * len(cfg["exprs"])

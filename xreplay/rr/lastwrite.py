@@ -86,13 +86,16 @@ class LastWriteResult:
 
 
 def _pass(run: RunDir, elf: Path, exprs: list[str], gdb: str, *, break_icount: int | None,
-          stop_at: list[int] | None, timeout: float) -> list[dict[str, Any]]:
-    """One replay with a watchpoint per expression; their ``watches`` results in order."""
+          stop_at: list[int] | None, timeout: float, skip_to: int | None = None
+          ) -> list[dict[str, Any]]:
+    """One replay with a watchpoint per expression; their ``watches`` results in order.
+    ``skip_to``: replay to that icount first, without watchpoints (QEMU's own speed)."""
     with tempfile.TemporaryDirectory(prefix="xreplay-lw-") as tmp, ReplayQemu(run, "lw") as q:
         cfg = Path(tmp) / "cfg.json"
         out = Path(tmp) / "out.json"
         cfg.write_text(json.dumps({"exprs": exprs, "break_icount": break_icount,
-                                   "stop_at": stop_at, "out": str(out)}))
+                                   "stop_at": stop_at, "skip_to": skip_to,
+                                   "out": str(out)}))
         argv = [gdb, "-q", "-nx", "-batch", "-ex", f"set architecture {GDB_ARCH_X86}",
                 "-ex", f"target remote {q.address}", "-x", str(SCRIPT), str(elf)]
         env = {**os.environ, "XREPLAY_WATCH_CONFIG": str(cfg)}
@@ -182,8 +185,12 @@ def last_writes(run_path: str | os.PathLike, exprs: list[str], *, elf: Path | No
         found.append([_write(i + 1, c) for i, c in enumerate(changes)])
     confirm = [i for i, ws in enumerate(found) if ws and not every]
     if confirm:
+        # pass 2 replays without watchpoints up to the change before the earliest last one
+        # (QEMU's replay breakpoint), then stops on each expression's remaining changes
+        skip = min((found[i][-2].icount if len(found[i]) > 1 else 0) for i in confirm)
         p2 = _pass(run, Path(elf), [exprs[i] for i in confirm], gdb, break_icount=limit,
-                   stop_at=[found[i][-1].number for i in confirm], timeout=timeout)
+                   stop_at=[sum(1 for w in found[i] if w.icount > skip) for i in confirm],
+                   timeout=timeout, skip_to=skip or None)
         for i, w2 in zip(confirm, p2, strict=True):
             last, st = found[i][-1], w2.get("stopped") or {}
             if st.get("icount") != last.icount or st.get("pc") != last.pc:
