@@ -166,8 +166,8 @@ def record_from_rr(run: str | os.PathLike, options: Any,
         result = (runner or (lambda o: Recorder(o).run()))(options)
     finally:
         q.stop()
-    problems = q.problems()
-    q.cleanup()
+        problems = q.problems()
+        q.cleanup()
     q.run.add_recording(options.output)
     if problems:
         raise XReplayError(f"{options.output}: the replay of {q.run.path} reported "
