@@ -100,6 +100,9 @@ def test_every_variant_replays_to_the_guests_own_counters(variant: str,
     _check_counts(out, summary)
     if variant != "correct":
         assert result.reason == "hang"  # the log ends with the guest blocked for good
+        with XrrReader(out) as r:  # ... and the replay stopped there, not past it
+            times = r.guest_times()
+            assert times[max(times)] == m.end_icount
 
 
 def _check_counts(out: Path, summary: dict[str, str]) -> None:
