@@ -83,6 +83,9 @@ class RecordOptions:
     attach_commands: list[str] = field(default_factory=list)
     spontaneous_stop: str = "interrupted"
     end_is_hang: Callable[[int | None], bool] | None = None
+    #: called with the attached GdbSession before the probes are set: a check that must
+    #: use the recorder's own connection (gdbsx and ``gdbserver --once`` serve only one)
+    on_attach: Callable[[Any], None] | None = field(default=None, repr=False)
 
 
 class EndReason(StrEnum):
