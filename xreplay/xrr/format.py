@@ -41,7 +41,7 @@ from xreplay.abi.ports import MAX_VIRT_CPUS
 
 MAGIC = b"XRREC\x00\r\n"  # \r\n catches text-mode mangling, as PNG's signature does
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1  # 1.1 added FrameKind.GUEST_TIME and the header's "replay" key
 
 # -- bounds ---------------------------------------------------------------------------
 
@@ -67,6 +67,7 @@ class FrameKind(enum.IntEnum):
     SNAPSHOT = 1
     NOTE = 2  # JSON: something that happened between snapshots (detach, foreign hits …)
     END = 3  # JSON trailer written by a clean close
+    GUEST_TIME = 4  # 1.1: the guest position (QEMU icount) of a snapshot taken on a replay
 
 
 class SnapshotFlags(enum.IntFlag):
@@ -89,6 +90,7 @@ class RegionEncoding(enum.IntEnum):
 
 # Short aliases, as the rest of the code has always spelt them.
 KIND_SNAPSHOT, KIND_NOTE, KIND_END = FrameKind.SNAPSHOT, FrameKind.NOTE, FrameKind.END
+KIND_GUEST_TIME = FrameKind.GUEST_TIME
 FLAG_KEYFRAME, FLAG_HANG = SnapshotFlags.KEYFRAME, SnapshotFlags.HANG
 FLAG_HAVE_FLAGS, FLAG_HAVE_SP = SnapshotFlags.HAVE_FLAGS, SnapshotFlags.HAVE_SP
 ENC_FULL, ENC_DELTA, ENC_SAME, ENC_ABSENT = (RegionEncoding.FULL, RegionEncoding.DELTA,
@@ -215,7 +217,13 @@ def fixed_struct(st: Struct) -> struct.Struct:
 frame_head_struct = fixed_struct(FrameHead)  # (mark, kind, length)
 header_prefix_struct = fixed_struct(FileHeaderPrefix)  # (magic, major, minor, meta_len)
 
+GuestTimePayload = Struct(
+    "seq" / VarInt,  # the snapshot it belongs to
+    "icount" / VarInt,  # instructions the guest had executed at that hit (QEMU replay)
+)
+
 snapshot_payload = SnapshotPayload.compile()
+guest_time_payload = GuestTimePayload.compile()
 snapshot_prefix = SnapshotPrefix.compile()
 delta_run = DeltaRun.compile()
 delta_runs = DeltaRuns.compile()

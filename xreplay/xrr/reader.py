@@ -294,6 +294,22 @@ class XrrReader:
         """Where frame-level damage stops every read (None: the frames are intact)."""
         return self._ensure_index().damage
 
+    # -- guest time ------------------------------------------------------------------
+
+    def guest_times(self) -> dict[int, int]:
+        """Snapshot number -> guest position (QEMU icount), for recordings taken on a replay;
+        empty for live recordings (their times are host times only)."""
+        out: dict[int, int] = {}
+        for pos, kind, payload in self._frames(None, None):
+            if kind == int(fmt.KIND_GUEST_TIME):
+                try:
+                    c = fmt.guest_time_payload.parse(payload)
+                except (ConstructError, *fmt.PARSE_ERRORS) as e:
+                    raise self._bad(pos, f"undecodable guest time at byte {pos}: {e}"
+                                    ) from None
+                out[c.seq] = c.icount
+        return out
+
     # -- records ---------------------------------------------------------------------
 
     def records(self, start: int = 0) -> Iterator[Record]:

@@ -176,6 +176,11 @@ class XrrWriter:
             self._flush()
         return seq
 
+    def guest_time(self, seq: int, icount: int) -> None:
+        """Store the guest position of snapshot ``seq`` (e.g. QEMU's icount on a replay)."""
+        self._frame(fmt.KIND_GUEST_TIME,
+                    fmt.guest_time_payload.build({"seq": seq, "icount": icount}))
+
     def note(self, event: str, **data: Any) -> None:
         """Record something that happened between snapshots (e.g. a detach)."""
         t = time.monotonic_ns() - self._t0
