@@ -35,12 +35,20 @@ def pins() -> dict[str, Any]:
 def findings_of(path: Path) -> list[dict[str, Any]] | str:
     """The replay's findings for ``path`` (default options), or the error it raised."""
     from xreplay.errors import XReplayError
-    from xreplay.replay import replay
+    from xreplay.replay import Replayer, replay
+    from xreplay.xrr import XrrReader
 
     try:
-        return [f.to_json() for f in replay(path).findings]
+        fast = [f.to_json() for f in replay(path).findings]
     except XReplayError as e:
         return f"error: {e}".replace(str(path), path.name)
+    with XrrReader(path) as reader:  # the whole-snapshot path must agree with the deltas
+        r = Replayer(reader.header)
+        for snap in reader.snapshots():
+            r.feed(snap)
+        slow = [f.to_json() for f in r.finish(reader.trailer, reader.problems).findings]
+    assert fast == slow, f"{path.name}: the delta and the snapshot paths disagree"
+    return fast
 
 
 def check(key: str, path: Path) -> None:

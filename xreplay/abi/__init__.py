@@ -2,6 +2,7 @@
 
 from xreplay.abi.layouts import ARCHES, XenStructs, canonical_arch, layout
 from xreplay.abi.ports import (
+    Geometry,
     iter_bits,
     nr_ports,
     port_to_word_bit,
@@ -11,6 +12,6 @@ from xreplay.abi.ports import (
 )
 
 __all__ = [
-    "ARCHES", "XenStructs", "canonical_arch", "layout", "iter_bits", "nr_ports",
+    "ARCHES", "Geometry", "XenStructs", "canonical_arch", "layout", "iter_bits", "nr_ports",
     "port_to_word_bit", "selector_mask", "selector_word", "word_bit_to_port",
 ]

@@ -193,7 +193,8 @@ def _explain(reader: Any, text: str) -> list[dict[str, Any]]:
         if hi is not None and snap.index > hi:
             break
         quiet = prev is not None and w.quiet()
-        w.update_track(snap, w.role_of(snap))
+        w.update_track(snap.vcpu, snap.index, snap.t_ns, w.role_of(snap),
+                       snap.interrupts_enabled)
         if prev is not None and snap.index > lo:
             ch = bit_changes(prev, snap)
             ex = explain(prev, snap, w.geometry, w.routing, quiet=quiet, changes=ch)

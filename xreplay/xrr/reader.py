@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from construct import ConstructError, Struct, VarInt
-
 from xreplay.errors import XReplayError
 from xreplay.snapshot import Snapshot, SnapshotDecoder, VcpuState
 from xreplay.xrr import format as fmt
+from xreplay.xrr.deltas import Hit, Undecodable, decode_snapshot_v1, varint
 from xreplay.xrr.header import RecordingHeader
 
-_prefix = Struct("seq" / VarInt, "t_ns" / VarInt, "probe" / VarInt, "vcpu" / VarInt,
-                 "flags" / fmt.Int8ul).compile()
+_CHUNK = 1 << 18  # bytes read at a time
+
 
 
 @dataclass(slots=True)
@@ -108,34 +108,47 @@ class XrrReader:
 
     # -- frames ---------------------------------------------------------------------
 
-    def _frames(self, start: int | None = None) -> Iterator[tuple[int, int, bytes]]:
-        """(offset, kind, payload) of each intact frame, stopping at a torn tail."""
+    def _frames(self, start: int | None = None) -> Iterator[tuple[int, int, bytes, int, int]]:
+        """(offset, kind, buffer, start, end) of each intact frame, its payload being
+        ``buffer[start:end]``; stops at a torn tail.  Reads the file in large chunks."""
         f = self._f
         pos = self._data_start if start is None else start
         f.seek(pos)
         self.problems = []
+        head_size, crc_size, mark = fmt.FRAME_HEAD_SIZE, fmt.FRAME_CRC_SIZE, fmt.FRAME_MARK
+        crc32, from_bytes = zlib.crc32, int.from_bytes
+        buf = b""
+        i = 0  # buf[i] is the byte at file offset pos
         while True:
-            head = f.read(fmt.FRAME_HEAD_SIZE)
-            if not head:
-                return
-            if len(head) < fmt.FRAME_HEAD_SIZE:
-                self._torn(pos)
-                return
-            mark, kind, length = head[0], head[1], int.from_bytes(head[2:6], "little")
-            if mark != fmt.FRAME_MARK or length > fmt.MAX_FRAME:
+            if len(buf) - i < head_size:
+                buf = buf[i:] + f.read(_CHUNK)
+                i = 0
+                if not buf:
+                    return
+                if len(buf) < head_size:
+                    self._torn(pos)
+                    return
+            length = from_bytes(buf[i + 2:i + 6], "little")
+            if buf[i] != mark or length > fmt.MAX_FRAME:
                 self._corrupt(pos, "bad frame marker or length")
-            body = f.read(length + fmt.FRAME_CRC_SIZE)
-            if len(body) < length + fmt.FRAME_CRC_SIZE:
-                self._torn(pos)
-                return
-            payload = body[:length]
-            if fmt.frame_crc(kind, payload) != int.from_bytes(body[length:], "little"):
-                if not f.read(1):  # the last frame: written partly, e.g. by a dying recorder
+            end = i + head_size + length + crc_size
+            if end > len(buf):
+                buf = buf[i:]
+                end -= i
+                i = 0
+                buf += f.read(max(_CHUNK, end - len(buf)))
+                if end > len(buf):
+                    self._torn(pos)
+                    return
+            if crc32(buf[i + 1:end - crc_size]) != from_bytes(buf[end - crc_size:end], "little"):
+                if end == len(buf) and not f.read(1):
+                    # the last frame: written partly, e.g. by a dying recorder
                     self._torn(pos)
                     return
                 self._corrupt(pos, "checksum mismatch")
-            yield pos, kind, payload
-            pos += fmt.FRAME_HEAD_SIZE + length + fmt.FRAME_CRC_SIZE
+            yield pos, buf[i + 1], buf, i + head_size, end - crc_size
+            pos += end - i
+            i = end
 
     def _torn(self, pos: int) -> None:
         size = os.fstat(self._f.fileno()).st_size
@@ -149,26 +162,53 @@ class XrrReader:
 
     # -- records ---------------------------------------------------------------------
 
-    def records(self, start: int = 0) -> Iterator[Record]:
-        """Every snapshot record from number ``start`` on, regions rebuilt, in file order."""
+    def deltas(self, start: int = 0) -> Iterator[Hit]:
+        """Every snapshot from number ``start`` on as a :class:`Hit`, its regions applied to
+        :attr:`buffers` (one live ``bytearray`` per region, valid until the next hit)."""
         begin = self._keyframe_before(start) if start > 0 else None
-        nregions = len(self.header.regions)
         sizes = [r.size for r in self.header.regions]
-        cur: list[bytearray | None] = [None] * nregions
-        snap_bytes: list[bytes | None] = [None] * nregions
+        bufs: list[bytearray | None] = [None] * len(sizes)
+        self.buffers = bufs
         self.notes = []
         self.trailer = None
-        for pos, kind, payload in self._frames(begin):
+        decode = decode_snapshot_v1
+        reset = start > 0
+        for pos, kind, buf, i, end in self._frames(begin):
             if kind == fmt.KIND_SNAPSHOT:
-                rec = self._decode(pos, payload, cur, snap_bytes, sizes)
-                if rec.seq >= start:
-                    yield rec
+                try:
+                    hit = decode(buf, i, end, bufs, sizes)
+                except Undecodable as e:
+                    self._corrupt(pos, str(e))
+                if hit.seq >= start:
+                    hit.offset = pos
+                    if reset:
+                        hit.reset, reset = True, False
+                    yield hit
             elif kind == fmt.KIND_NOTE:
-                data = self._json(pos, payload)
+                data = self._json(pos, buf[i:end])
                 self.notes.append(Note(int(data.get("after", 0)), data))
             elif kind == fmt.KIND_END:
-                self.trailer = self._json(pos, payload)
+                self.trailer = self._json(pos, buf[i:end])
             # unknown kinds are skipped: a newer minor version may add some
+
+    def records(self, start: int = 0) -> Iterator[Record]:
+        """Every snapshot record from number ``start`` on, regions rebuilt, in file order."""
+        nregions = len(self.header.regions)
+        snap_bytes: list[bytes | None] = [None] * nregions
+        for hit in self.deltas(start):
+            bufs = self.buffers
+            changed = [False] * nregions
+            for region, _, _ in hit.dirty:
+                changed[region] = True
+            if hit.reset:
+                snap_bytes = [None if b is None else bytes(b) for b in bufs]
+            else:
+                for region, flag in enumerate(changed):
+                    if flag:
+                        snap_bytes[region] = bytes(bufs[region])  # type: ignore[arg-type]
+            yield Record(seq=hit.seq, t_ns=hit.t_ns, probe=hit.probe, vcpu=hit.vcpu,
+                         flags=hit.flags, pc=hit.pc, sp=hit.sp, regflags=hit.regflags,
+                         regions=list(snap_bytes), offset=hit.offset, changed=changed)
 
     def _json(self, pos: int, payload: bytes) -> dict[str, Any]:
         try:
@@ -179,66 +219,24 @@ class XrrReader:
             self._corrupt(pos, "note is not a JSON object")
         return data
 
-    def _decode(self, pos: int, payload: bytes, cur: list[bytearray | None],
-                snap_bytes: list[bytes | None], sizes: list[int]) -> Record:
-        try:
-            c = fmt.snapshot_payload.parse(payload)
-        except ConstructError as e:
-            self._corrupt(pos, f"undecodable snapshot: {e}")
-        changed = [False] * len(cur)
-        for reg in c.regions:
-            i, enc, data = reg.region, reg.encoding, reg.data
-            if i >= len(cur):
-                self._corrupt(pos, f"region {i} not declared in the header")
-            if enc == fmt.ENC_FULL:
-                if len(data) != sizes[i]:
-                    self._corrupt(pos, f"region {i} has {len(data)} bytes, not {sizes[i]}")
-                cur[i] = bytearray(data)
-            elif enc == fmt.ENC_DELTA:
-                buf = cur[i]
-                if buf is None:
-                    self._corrupt(pos, f"delta for region {i} before any keyframe")
-                self._apply(pos, buf, data)
-            elif enc in (fmt.ENC_SAME, fmt.ENC_ABSENT):
-                continue
-            else:
-                self._corrupt(pos, f"unknown region encoding {enc}")
-            changed[i] = True
-            snap_bytes[i] = bytes(cur[i])
-        flags = c.flags
-        return Record(
-            seq=c.seq, t_ns=c.t_ns, probe=c.probe, vcpu=c.vcpu, flags=flags, pc=c.pc,
-            sp=c.sp if flags & fmt.FLAG_HAVE_SP else None,
-            regflags=c.regflags if flags & fmt.FLAG_HAVE_FLAGS else None,
-            regions=list(snap_bytes), offset=pos, changed=changed)
-
-    def _apply(self, pos: int, buf: bytearray, data: bytes) -> None:
-        try:
-            runs = fmt.delta_runs.parse(data)
-        except ConstructError:
-            self._corrupt(pos, "undecodable delta")
-        at = 0
-        for run in runs:
-            at += run.skip
-            end = at + len(run.data)
-            if end > len(buf):
-                self._corrupt(pos, "delta runs past the end of its region")
-            buf[at:end] = run.data
-            at = end
-
     def _keyframe_before(self, start: int) -> int | None:
         """Offset of the last keyframe at or before snapshot ``start`` (one cheap pass)."""
         best = None
-        for pos, kind, payload in self._frames():
+        for pos, kind, buf, i, end in self._frames():
             if kind != fmt.KIND_SNAPSHOT:
                 continue
             try:
-                p = _prefix.parse(payload)
-            except ConstructError:
+                seq, j = varint(buf, i)
+                for _ in range(3):  # t_ns, probe, vcpu
+                    _, j = varint(buf, j)
+                flags = buf[j]
+            except IndexError:
                 self._corrupt(pos, "undecodable snapshot")
-            if p.seq > start:
+            if j >= end:
+                self._corrupt(pos, "undecodable snapshot")
+            if seq > start:
                 break
-            if p.flags & fmt.FLAG_KEYFRAME:
+            if flags & fmt.FLAG_KEYFRAME:
                 best = pos
         return best
 
