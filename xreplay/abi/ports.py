@@ -10,6 +10,11 @@ shared_info, 64 otherwise.  ``EVTCHN_2L_NR_CHANNELS`` is ``BPW * BPW``
 
 from __future__ import annotations
 
+# Limits every parser of a stranger's file bounds its numbers by.
+MAX_VIRT_CPUS = 8192  # vCPU ids are below this (Xen's MAX_VIRT_CPUS on x86)
+EVTCHN_FIFO_NR_CHANNELS = 1 << 17  # public/event_channel.h: the largest port space (FIFO)
+EVTCHN_FIFO_LINK_MASK = EVTCHN_FIFO_NR_CHANNELS - 1  # the LINK field of a FIFO event word
+
 
 def nr_ports(bits_per_word: int) -> int:
     """Number of 2-level ports: 4096 with 64-bit words, 1024 with 32-bit words."""

@@ -158,6 +158,7 @@ class Walk:
         self.has_role = set(self.roles.values())
         self.labels = header.labels
         self.tracks = {v: VcpuTrack(v) for v in self.routing.vcpus}
+        self._quiet_tracks = [self.tracks[v] for v in dict.fromkeys(header.vcpus)]
         self.findings: list[Finding] = []
         self.per_kind: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
@@ -203,7 +204,11 @@ class Walk:
         return Evtchn2L(self.geometry, self.routing, vcpu_info={})
 
     def quiet(self) -> bool:
-        return all(self.tracks[v].quiet for v in self.header.vcpus if v in self.tracks)
+        """Every vCPU of the recording sits in its block function: only Xen writes."""
+        for tr in self._quiet_tracks:  # noqa: SIM110 - no generator in the inner loop
+            if not tr.quiet:
+                return False
+        return True
 
     def update_track(self, vcpu: int, index: int, t_ns: int, role: str,
                      interrupts_enabled: bool | None) -> None:
@@ -233,6 +238,7 @@ class Detector:
     """A rule over the stream of steps; reports through :meth:`Walk.add`."""
 
     kinds: tuple[str, ...] = ()
+    roles: tuple[str, ...] | None = None  # the roles of the hits it looks at (None: all)
 
     def step(self, w: Walk, s: Step) -> None:
         pass
@@ -604,6 +610,7 @@ class UpcallMaskedAtBlock(Detector):
     """``evtchn_upcall_mask`` set at a block-probe hit; one finding per run of such hits."""
 
     kinds = ("upcall-masked-at-block",)
+    roles = ("block",)
 
     def __init__(self) -> None:
         self.open: dict[int, tuple[Finding, int]] = {}
@@ -690,6 +697,7 @@ class SpuriousUpcall(Detector):
     """Upcalls that found nothing pending and unmasked for their vCPU (counted)."""
 
     kinds = ("spurious-upcall",)
+    roles = ("upcall",)
 
     def __init__(self) -> None:
         self.count = 0
@@ -721,6 +729,7 @@ class MaskedPending(Detector):
     """Ports pending but masked in the last snapshot (the 'e' key's ``[1/1/x]``)."""
 
     kinds = ("masked-pending",)
+    roles = ()
 
     def finish(self, w: Walk, end: End) -> None:
         last, state = end.last, end.state
@@ -782,11 +791,16 @@ class Replayer:
         self.shadow = next((d.shadow for d in self.detectors if isinstance(d, LostPending)),
                            None)
         regions = header.regions
-        self._shadow_region = next(
-            (i for i in reversed(range(len(regions))) if regions[i].name == self.shadow
-             and regions[i].kind != "shared_info"
-             and not (regions[i].kind == "vcpu_info" and regions[i].vcpu is not None)), None)
+        self._shadow_region = next(  # the last watch region of that name, as Snapshot.watch
+            (i for i in reversed(range(len(regions)))
+             if regions[i].name == self.shadow and regions[i].kind == "watch"), None)
         self._shadow: bytes | None = None
+        self._by_role: dict[str, list[Detector]] = {}
+
+    def _detectors(self, role: str) -> list[Detector]:
+        ds = self._by_role[role] = [d for d in self.detectors
+                                    if d.roles is None or role in d.roles]
+        return ds
 
     def feed(self, snap: Snapshot) -> None:
         """One decoded snapshot (the whole state at once)."""
@@ -800,7 +814,7 @@ class Replayer:
         changed = self.observer.apply(self.cur, buffers, hit.dirty, hit.reset)
         shadow = self._shadow
         sr = self._shadow_region
-        if sr is not None and (hit.reset or any(r == sr for r, _, _ in hit.dirty)):
+        if sr is not None and (hit.reset or hit.touched >> sr & 1):
             data = buffers[sr]
             shadow = self._shadow = None if data is None else bytes(data)
         names = self._probe_names
@@ -831,7 +845,8 @@ class Replayer:
         s.changed = changed or first
         s.cur, s.prev = self.cur, None if first else self.prev
         s.shadow = shadow
-        for d in self.detectors:
+        ds = self._by_role.get(role)
+        for d in (self._detectors(role) if ds is None else ds):
             d.step(w, s)
         if s.changed:
             self.prev.assign(self.cur)

@@ -44,6 +44,9 @@ class Observer:
         # per vCPU: (region, offset) of its vcpu_info in the current buffers, or None
         self.source: dict[int, tuple[int, int] | None] = {}
         self._present: list[bool] = []
+        self.embedded: list[tuple[int, int]] = []  # (vCPU, offset) read from shared_info
+        self.embedded_end = 0
+        self.registered_now: dict[int, int] = {}  # region -> the vCPU it is the source of
 
     def _sources(self, bufs: list[bytearray | None]) -> None:
         """Which copy of each vCPU's vcpu_info a snapshot decodes (as SnapshotDecoder does):
@@ -58,6 +61,11 @@ class Observer:
                 self.source[v] = (self.shared, v * self.vcpu_info_size)
             else:
                 self.source[v] = None
+        self.embedded = [(v, src[1]) for v, src in self.source.items()
+                         if src is not None and src[0] == self.shared]
+        self.embedded_end = max((at + self.head for _, at in self.embedded), default=0)
+        self.registered_now = {src[0]: v for v, src in self.source.items()
+                               if src is not None and src[0] != self.shared}
 
     def _vcpu(self, buf: bytearray, at: int) -> VcpuBits:
         lo, hi = self.sel
@@ -91,26 +99,28 @@ class Observer:
             return self._full_changed(m, bufs)
         if not dirty:
             return False
-        sizes = self.sizes
-        for region, lo, hi in dirty:
-            if lo == 0 and hi == sizes[region] and not self._present[region]:
-                return self._full_changed(m, bufs)  # a region read for the first time
         shared_i = self.shared
         p0, p1 = self.pending
         m0, m1 = self.mask
+        head = self.head
         touch_pending = touch_mask = False
-        touched: set[int] = set()
+        touched: list[int] = []
         for region, lo, hi in dirty:
+            if not self._present[region]:
+                return self._full_changed(m, bufs)  # a region read for the first time
             if region == shared_i:
                 if lo < p1 and hi > p0:
                     touch_pending = True
                 if lo < m1 and hi > m0:
                     touch_mask = True
-            for v, src in self.source.items():
-                if src is not None and src[0] == region:
-                    at = src[1]
-                    if lo < at + self.head and hi > at:
-                        touched.add(v)
+                if lo < self.embedded_end:
+                    for v, at in self.embedded:
+                        if lo < at + head and hi > at:
+                            touched.append(v)
+            else:
+                v = self.registered_now.get(region)
+                if v is not None and lo < head:
+                    touched.append(v)
         changed = False
         shared = bufs[shared_i]
         if touch_pending:

@@ -13,6 +13,15 @@ from __future__ import annotations
 
 from xreplay.xrr import format as fmt
 
+# Plain ints: IntEnum/IntFlag arithmetic runs in Python, per snapshot.
+_FULL, _DELTA = int(fmt.ENC_FULL), int(fmt.ENC_DELTA)
+_SAME, _ABSENT = int(fmt.ENC_SAME), int(fmt.ENC_ABSENT)
+_HAVE_FLAGS, _HAVE_SP = int(fmt.FLAG_HAVE_FLAGS), int(fmt.FLAG_HAVE_SP)
+_KEYFRAME, _HANG = int(fmt.FLAG_KEYFRAME), int(fmt.FLAG_HANG)
+_KNOWN_FLAGS = fmt.SNAPSHOT_FLAGS_KNOWN
+_MAX_VCPUS = fmt.MAX_VCPUS
+_VARINT_SHIFT = 7 * (fmt.MAX_VARINT_BYTES - 1)
+
 
 class Undecodable(Exception):  # noqa: N818 - internal; the reader turns it into XReplayError
     """A frame whose checksum is right but whose payload does not parse (says why)."""
@@ -22,16 +31,17 @@ class Hit:
     """One snapshot frame: where and when, and the region spans it rewrote.
 
     ``dirty`` holds ``(region, start, end)`` per rewritten span (a full encoding is the
-    whole region); ``reset`` says the buffers were rebuilt from an earlier keyframe, so a
-    consumer must decode everything (the first hit after a seek).
+    whole region) and ``touched`` has bit *i* set when region *i* was rewritten;
+    ``reset`` says the buffers were rebuilt from an earlier keyframe, so a consumer must
+    decode everything (the first hit after a seek).
     """
 
     __slots__ = ("seq", "t_ns", "probe", "vcpu", "flags", "pc", "sp", "regflags", "offset",
-                 "dirty", "reset")
+                 "dirty", "touched", "reset")
 
     def __init__(self, seq: int, t_ns: int, probe: int, vcpu: int, flags: int, pc: int,
-                 sp: int | None, regflags: int | None, dirty: list[tuple[int, int, int]]
-                 ) -> None:
+                 sp: int | None, regflags: int | None, dirty: list[tuple[int, int, int]],
+                 touched: int) -> None:
         self.seq = seq
         self.t_ns = t_ns
         self.probe = probe
@@ -41,20 +51,21 @@ class Hit:
         self.sp = sp
         self.regflags = regflags
         self.dirty = dirty
+        self.touched = touched
         self.offset = 0
         self.reset = False
 
     @property
     def keyframe(self) -> bool:
-        return bool(self.flags & fmt.FLAG_KEYFRAME)
+        return bool(self.flags & _KEYFRAME)
 
     @property
     def hang(self) -> bool:
-        return bool(self.flags & fmt.FLAG_HANG)
+        return bool(self.flags & _HANG)
 
 
 def varint(b: bytes, i: int) -> tuple[int, int]:
-    """LEB128 (construct's ``VarInt``) at ``b[i]``: (value, index after it)."""
+    """LEB128 (``format.VarInt``, at most 64 bits) at ``b[i]``: (value, index after it)."""
     x = b[i]
     if x < 0x80:
         return x, i + 1
@@ -64,8 +75,12 @@ def varint(b: bytes, i: int) -> tuple[int, int]:
         x = b[i]
         value |= (x & 0x7F) << shift
         if x < 0x80:
+            if value >> 64:
+                raise Undecodable("undecodable snapshot: VarInt longer than 64 bits")
             return value, i + 1
         shift += 7
+        if shift > _VARINT_SHIFT:
+            raise Undecodable("undecodable snapshot: VarInt longer than 64 bits")
 
 
 def apply_runs(buf: bytearray, region: int, b: bytes, i: int, end: int,
@@ -99,27 +114,51 @@ def apply_runs(buf: bytearray, region: int, b: bytes, i: int, end: int,
 
 
 def apply_region(bufs: list[bytearray | None], sizes: list[int], region: int, enc: int,
-                 b: bytes, i: int, n: int, dirty: list[tuple[int, int, int]]) -> None:
-    """One region's encoding (``n`` data bytes at ``b[i]``) onto its live buffer."""
+                 b: bytes, i: int, n: int, dirty: list[tuple[int, int, int]]) -> bool:
+    """One region's encoding (``n`` data bytes at ``b[i]``) onto its live buffer; True if
+    it rewrote the region (full or delta)."""
     if region >= len(bufs):
         raise Undecodable(f"region {region} not declared in the header")
-    if enc == fmt.ENC_DELTA:
+    if enc == _DELTA:
         buf = bufs[region]
         if buf is None:
             raise Undecodable(f"delta for region {region} before any keyframe")
+        if n >= sizes[region]:
+            raise Undecodable(f"delta for region {region} is not shorter than it")
         apply_runs(buf, region, b, i, i + n, dirty)
-    elif enc == fmt.ENC_FULL:
+        return True
+    if enc == _FULL:
         if n != sizes[region]:
             raise Undecodable(f"region {region} has {n} bytes, not {sizes[region]}")
         bufs[region] = bytearray(b[i:i + n])
         dirty.append((region, 0, n))
-    elif enc not in (fmt.ENC_SAME, fmt.ENC_ABSENT):
-        raise Undecodable(f"unknown region encoding {enc}")
+        return True
+    if enc in (_SAME, _ABSENT):
+        if n:
+            name = "same" if enc == _SAME else "absent"
+            raise Undecodable(f"region {region} is {name} but carries data")
+        return False
+    raise Undecodable(f"unknown region encoding {enc}")
+
+
+def snapshot_prefix_v1(b: bytes, i: int, end: int) -> tuple[int, int]:
+    """(seq, flags) of a version 1.0 snapshot payload ``b[i:end]`` (a keyframe search)."""
+    try:
+        seq, i = varint(b, i)
+        for _ in range(3):  # t_ns, probe, vcpu
+            _, i = varint(b, i)
+        flags = b[i]
+    except IndexError:
+        raise Undecodable("undecodable snapshot: the payload ends early") from None
+    if i >= end:
+        raise Undecodable("undecodable snapshot: the payload ends early")
+    return seq, flags & _KNOWN_FLAGS
 
 
 def decode_snapshot_v1(b: bytes, i: int, end: int, bufs: list[bytearray | None],
-                       sizes: list[int]) -> Hit:
-    """A version 1.0 snapshot payload ``b[i:end]`` (``format.SnapshotPayload``)."""
+                       sizes: list[int], nprobes: int) -> Hit:
+    """A version 1.0 snapshot payload ``b[i:end]`` (``format.SnapshotPayload``), checked
+    against the format's bounds as the construct declaration is."""
     try:
         seq, i = varint(b, i)
         t_ns, i = varint(b, i)
@@ -133,7 +172,7 @@ def decode_snapshot_v1(b: bytes, i: int, end: int, bufs: list[bytearray | None],
             i += 1
         else:
             vcpu, i = varint(b, i)
-        flags = b[i]
+        flags = b[i] & _KNOWN_FLAGS  # unknown bits (a newer minor) dropped
         pc, i = varint(b, i + 1)
         sp = b[i]
         if sp < 0x80:
@@ -143,23 +182,33 @@ def decode_snapshot_v1(b: bytes, i: int, end: int, bufs: list[bytearray | None],
         regflags, i = varint(b, i)
         nregions = b[i]
         i += 1
+        if probe >= nprobes:
+            raise Undecodable(f"probe {probe} not declared in the header")
+        if vcpu >= _MAX_VCPUS:
+            raise Undecodable(f"vCPU {vcpu} beyond the ABI's {_MAX_VCPUS}")
         dirty: list[tuple[int, int, int]] = []
+        touched = seen = 0
+        nbufs = len(bufs)
         for _ in range(nregions):
             region, enc, n = b[i], b[i + 1], b[i + 2]
             if n < 0x80:
                 i += 3
             else:
                 n, i = varint(b, i + 2)
-            if enc == fmt.ENC_SAME and not n and region < len(bufs):
+            if seen >> region & 1:
+                raise Undecodable(f"region {region} stored twice")
+            seen |= 1 << region
+            if enc == _SAME and not n and region < nbufs:
                 continue
             if i + n > end:
                 raise Undecodable("undecodable snapshot: region data past the frame's end")
-            apply_region(bufs, sizes, region, enc, b, i, n, dirty)
+            if apply_region(bufs, sizes, region, enc, b, i, n, dirty):
+                touched |= 1 << region
             i += n
     except IndexError:
         raise Undecodable("undecodable snapshot: the payload ends early") from None
     if i > end:
         raise Undecodable("undecodable snapshot: the payload ends early")
     return Hit(seq, t_ns, probe, vcpu, flags, pc,
-               sp if flags & fmt.FLAG_HAVE_SP else None,
-               regflags if flags & fmt.FLAG_HAVE_FLAGS else None, dirty)
+               sp if flags & _HAVE_SP else None,
+               regflags if flags & _HAVE_FLAGS else None, dirty, touched)

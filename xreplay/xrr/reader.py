@@ -1,30 +1,38 @@
 """Streaming ``.xrr`` reader: constant memory, bounded lengths, a torn tail is a warning.
 
-Follows the shape of pyelftools' readers: the file object stays open and records are
-decoded lazily, one frame at a time.  A file cut off mid-frame (a killed recorder, a full
-disk) yields every complete snapshot and then reports the torn tail in :attr:`problems`;
-damage before the last frame is an error that names the byte offset, after the intact
-snapshots before it have been yielded.
+Follows the shape of pyelftools' readers: ``XrrReader(path)`` or ``XrrReader(stream)`` (as
+``ELFFile(stream)``), the file stays open and records are decoded lazily, one frame at a
+time.  A file cut off mid-frame (a killed recorder, a full disk) yields every complete
+snapshot and then reports the torn tail in :attr:`problems`; damage before the last frame is
+a :class:`~xreplay.errors.RecordingFormatError` that names the byte offset, raised after the
+intact snapshots before it have been yielded.
+
+Every recording is a stranger's file: the header is checked against the arch's ABI when it
+is read (:meth:`RecordingHeader.from_json`), every frame against the format's bounds, and
+anything the parsers raise on hostile bytes becomes one ``RecordingFormatError``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from xreplay.errors import XReplayError
+from xreplay.errors import RecordingFormatError, UsageError, XReplayError
 from xreplay.snapshot import Snapshot, SnapshotDecoder, VcpuState
 from xreplay.xrr import format as fmt
-from xreplay.xrr.deltas import Hit, Undecodable, decode_snapshot_v1, varint
-from xreplay.xrr.header import RecordingHeader
+from xreplay.xrr.deltas import Hit, Undecodable, decode_snapshot_v1, snapshot_prefix_v1
+from xreplay.xrr.header import RecordingHeader, parse_json_object
 
 _CHUNK = 1 << 18  # bytes read at a time
-
+# Plain ints: IntFlag arithmetic runs in Python, per snapshot.
+_KEYFRAME, _HANG = int(fmt.FLAG_KEYFRAME), int(fmt.FLAG_HANG)
+_HAVE_FLAGS, _HAVE_SP = int(fmt.FLAG_HAVE_FLAGS), int(fmt.FLAG_HAVE_SP)
+_KIND_SNAPSHOT, _KIND_NOTE, _KIND_END = (int(fmt.KIND_SNAPSHOT), int(fmt.KIND_NOTE),
+                                         int(fmt.KIND_END))
 
 
 @dataclass(slots=True)
@@ -45,11 +53,11 @@ class Record:
 
     @property
     def keyframe(self) -> bool:
-        return bool(self.flags & fmt.FLAG_KEYFRAME)
+        return bool(self.flags & _KEYFRAME)
 
     @property
     def hang(self) -> bool:
-        return bool(self.flags & fmt.FLAG_HANG)
+        return bool(self.flags & _HANG)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,62 +68,128 @@ class Note:
     data: dict[str, Any]
 
 
-class XrrReader:
-    """Read a recording.  ``XrrReader(path)`` validates the header at once."""
+@dataclass
+class _Index:
+    """What one pass over every frame learns: computed once, shared by later passes."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.name = str(path)
+    notes: list[Note] = field(default_factory=list)
+    trailer: dict[str, Any] | None = None
+    problems: list[str] = field(default_factory=list)
+    damage: RecordingFormatError | None = None  # where reading had to stop
+    dropped_notes: int = 0
+
+
+class XrrReader:
+    """Read a recording: ``XrrReader(path)`` or ``XrrReader(binary_stream, name=...)``.
+
+    The header is validated at once.  :attr:`problems`, :attr:`notes`, :attr:`trailer` and
+    :attr:`damage` come from one pass over the frames, made on first use (or by the first
+    full iteration) and not repeated.
+    """
+
+    def __init__(self, source: str | os.PathLike | BinaryIO, name: str | None = None) -> None:
+        self._own = not hasattr(source, "read")
+        if self._own:
+            self.name = str(source) if name is None else name
+            self.path: Path | None = Path(source)  # type: ignore[arg-type]
+            try:
+                self._f: BinaryIO = open(source, "rb")  # type: ignore[arg-type]  # noqa: SIM115
+            except OSError as e:
+                raise RecordingFormatError(f"{source}: cannot open recording ({e.strerror})",
+                                           file=self.name) from None
+        else:
+            stream: Any = source
+            self.name = name or str(getattr(stream, "name", "<stream>"))
+            self.path = Path(self.name) if isinstance(getattr(stream, "name", None), str) \
+                else None
+            if not (hasattr(stream, "seekable") and stream.seekable()):
+                raise UsageError(f"{self.name}: a recording stream must be seekable "
+                                 "(read a pipe into io.BytesIO first)")
+            self._f = stream
+        self._index: _Index | None = None
         try:
-            self._f = open(path, "rb")  # noqa: SIM115 - kept open for lazy iteration
-        except OSError as e:
-            raise XReplayError(f"{path}: cannot open recording ({e.strerror})") from None
-        self.problems: list[str] = []
-        self.trailer: dict[str, Any] | None = None
-        self.notes: list[Note] = []
-        self.header = self._read_header()
+            self.header = self._read_header()
+        except BaseException:
+            self.close()
+            raise
         self._decoder = SnapshotDecoder(self.header.arch)
         self._probe_names = [p.name for p in self.header.probes]
+        self._sizes = [r.size for r in self.header.regions]
+        self._vcpu_plan = self._plan_vcpus()
 
     # -- header ---------------------------------------------------------------------
 
+    def _bad(self, offset: int | None, why: str) -> RecordingFormatError:
+        return RecordingFormatError(f"{self.name}: {why}", file=self.name, offset=offset)
+
     def _read_header(self) -> RecordingHeader:
-        raw = self._f.read(fmt.HEADER_PREFIX_SIZE)
+        f = self._f
+        f.seek(0)
+        raw = f.read(fmt.HEADER_PREFIX_SIZE)
         if len(raw) < len(fmt.MAGIC) or not raw.startswith(fmt.MAGIC):
-            raise XReplayError(f"{self.name}: not an xreplay recording (bad magic)")
+            raise self._bad(0, "not an xreplay recording (bad magic)")
         if len(raw) < fmt.HEADER_PREFIX_SIZE:
-            raise XReplayError(f"{self.name}: file ends inside the header")
-        pre = fmt.FileHeaderPrefix.parse(raw)
-        if pre.major != fmt.VERSION_MAJOR:
-            raise XReplayError(
-                f"{self.name}: format version {pre.major}.{pre.minor} is not supported "
-                f"(this xreplay reads {fmt.VERSION_MAJOR}.x): upgrade xreplay")
-        if pre.meta_len > fmt.MAX_META:
-            raise XReplayError(f"{self.name}: header claims {pre.meta_len} bytes of metadata, "
-                               "more than the format allows: the file is corrupt")
-        meta = self._f.read(pre.meta_len)
-        crc = self._f.read(4)
-        if len(meta) < pre.meta_len or len(crc) < 4:
-            raise XReplayError(f"{self.name}: file ends inside the header")
+            raise self._bad(0, "file ends inside the header")
+        _magic, major, minor, meta_len = fmt.header_prefix_struct.unpack(raw)
+        if major != fmt.VERSION_MAJOR:
+            raise self._bad(8, f"format version {major}.{minor} is not supported "
+                            f"(this xreplay reads {fmt.VERSION_MAJOR}.x): upgrade xreplay")
+        if meta_len > fmt.MAX_META:
+            raise self._bad(12, f"header claims {meta_len} bytes of metadata, more than the "
+                            f"format allows ({fmt.MAX_META}): the file is corrupt")
+        meta = f.read(meta_len)
+        crc = f.read(fmt.HEADER_CRC_SIZE)
+        if len(meta) < meta_len or len(crc) < fmt.HEADER_CRC_SIZE:
+            raise self._bad(0, "file ends inside the header")
         if fmt.header_crc(raw[len(fmt.MAGIC):], meta) != int.from_bytes(crc, "little"):
-            raise XReplayError(f"{self.name}: header checksum mismatch: the file is corrupt")
-        try:
-            doc = json.loads(meta)
-        except ValueError:
-            raise XReplayError(f"{self.name}: header metadata is not valid JSON") from None
-        self._data_start = self._f.tell()
+            raise self._bad(0, "header checksum mismatch: the file is corrupt")
+        doc = parse_json_object(meta, "header metadata", self.name, fmt.HEADER_PREFIX_SIZE)
+        self._data_start = f.tell()
         return RecordingHeader.from_json(doc, self.name)
+
+    def _plan_vcpus(self) -> list[tuple[int, int | None]]:
+        """(vCPU, its vcpu_info region or None) for each header vCPU a snapshot can decode.
+
+        A vCPU with neither a registered vcpu_info region nor a slot in
+        ``shared_info.vcpu_info[XEN_LEGACY_MAX_VCPUS]`` has nothing to decode; leaving it
+        out here keeps the cost of a snapshot independent of the header's vCPU list.
+        """
+        registered = {r.vcpu: i for i, r in enumerate(self.header.regions)
+                      if r.kind == "vcpu_info" and r.vcpu is not None}
+        legacy = self._decoder.structs.legacy_max_vcpus
+        return [(v, registered.get(v)) for v in self.header.vcpus
+                if v in registered or v < legacy]
+
+    @property
+    def decoded_vcpus(self) -> list[int]:
+        """The header's vCPUs whose ``vcpu_info`` a snapshot holds (in header order)."""
+        return [v for v, _ in self._vcpu_plan]
 
     # -- frames ---------------------------------------------------------------------
 
-    def _frames(self, start: int | None = None) -> Iterator[tuple[int, int, bytes, int, int]]:
+    def _size(self) -> int:
+        f = self._f
+        try:
+            return os.fstat(f.fileno()).st_size
+        except (OSError, AttributeError, ValueError):
+            here = f.tell()
+            end = f.seek(0, os.SEEK_END)
+            f.seek(here)
+            return end
+
+    def _frames(self, start: int | None, index: _Index | None
+                ) -> Iterator[tuple[int, int, bytes, int, int]]:
         """(offset, kind, buffer, start, end) of each intact frame, its payload being
-        ``buffer[start:end]``; stops at a torn tail.  Reads the file in large chunks."""
+        ``buffer[start:end]``; stops at a torn tail or damage.  Reads in large chunks.
+
+        With ``index`` (a pass from the first frame), torn tails, damage, notes and the
+        trailer are collected into it; a pass from elsewhere only yields frames.
+        """
         f = self._f
         pos = self._data_start if start is None else start
         f.seek(pos)
-        self.problems = []
-        head_size, crc_size, mark = fmt.FRAME_HEAD_SIZE, fmt.FRAME_CRC_SIZE, fmt.FRAME_MARK
+        head_size, crc_size = fmt.FRAME_HEAD_SIZE, fmt.FRAME_CRC_SIZE
+        mark, max_frame = fmt.FRAME_MARK, fmt.MAX_FRAME
         crc32, from_bytes = zlib.crc32, int.from_bytes
         buf = b""
         i = 0  # buf[i] is the byte at file offset pos
@@ -126,11 +200,12 @@ class XrrReader:
                 if not buf:
                     return
                 if len(buf) < head_size:
-                    self._torn(pos)
+                    self._torn(index, pos)
                     return
-            length = from_bytes(buf[i + 2:i + 6], "little")
-            if buf[i] != mark or length > fmt.MAX_FRAME:
-                self._corrupt(pos, "bad frame marker or length")
+            length = from_bytes(buf[i + 2:i + 6], "little")  # FrameHead: mark, kind, length
+            if buf[i] != mark or length > max_frame:
+                self._damaged(index, pos, "bad frame marker or length")
+                return
             end = i + head_size + length + crc_size
             if end > len(buf):
                 buf = buf[i:]
@@ -138,62 +213,140 @@ class XrrReader:
                 i = 0
                 buf += f.read(max(_CHUNK, end - len(buf)))
                 if end > len(buf):
-                    self._torn(pos)
+                    self._torn(index, pos)
                     return
+            # frame_crc: CRC-32 over kind, length and payload, contiguous after the mark
             if crc32(buf[i + 1:end - crc_size]) != from_bytes(buf[end - crc_size:end], "little"):
                 if end == len(buf) and not f.read(1):
                     # the last frame: written partly, e.g. by a dying recorder
-                    self._torn(pos)
+                    self._torn(index, pos)
                     return
-                self._corrupt(pos, "checksum mismatch")
-            yield pos, buf[i + 1], buf, i + head_size, end - crc_size
+                self._damaged(index, pos, "checksum mismatch")
+                return
+            kind = buf[i + 1]
+            if index is not None and kind in (_KIND_NOTE, _KIND_END):
+                try:
+                    self._index_json(index, pos, kind, buf[i + head_size:end - crc_size])
+                except RecordingFormatError as e:
+                    index.damage = e
+                    return
+            yield pos, kind, buf, i + head_size, end - crc_size
             pos += end - i
             i = end
 
-    def _torn(self, pos: int) -> None:
-        size = os.fstat(self._f.fileno()).st_size
-        self.problems.append(
-            f"{self.name}: torn tail at byte {pos}: the last {size - pos} bytes hold no "
-            "complete record (recorder killed or disk full?); earlier snapshots are intact")
+    def _index_json(self, index: _Index, pos: int, kind: int, payload: bytes) -> None:
+        what = "note" if kind == _KIND_NOTE else "end trailer"
+        data = parse_json_object(payload, what, self.name, pos)
+        if kind == _KIND_END:
+            index.trailer = data
+            return
+        after = data.get("after", 0)
+        if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after < 1 << 63:
+            raise self._bad(pos, f"note at byte {pos} has a bad 'after' ({str(after)[:20]!r}): "
+                            "the file is corrupt")
+        if len(index.notes) < fmt.MAX_NOTES:
+            index.notes.append(Note(after, data))
+        else:
+            index.dropped_notes += 1
 
-    def _corrupt(self, pos: int, why: str) -> None:
-        raise XReplayError(f"{self.name}: corrupt frame at byte {pos} ({why}); "
-                           "the snapshots before it are intact")
+    def _torn(self, index: _Index | None, pos: int) -> None:
+        if index is not None:
+            index.problems.append(
+                f"{self.name}: torn tail at byte {pos}: the last {self._size() - pos} bytes "
+                "hold no complete record (recorder killed or disk full?); earlier snapshots "
+                "are intact")
+
+    def _damaged(self, index: _Index | None, pos: int, why: str) -> None:
+        err = self._bad(pos, f"corrupt frame at byte {pos} ({why}); the snapshots before it "
+                        "are intact")
+        if index is None:
+            raise err
+        index.damage = err
+
+    def _ensure_index(self) -> _Index:
+        if self._index is None:
+            index = _Index()
+            for _ in self._frames(None, index):
+                pass
+            self._commit(index)
+        assert self._index is not None
+        return self._index
+
+    def _commit(self, index: _Index) -> None:
+        if index.dropped_notes:
+            index.problems.append(f"{self.name}: {index.dropped_notes} notes beyond the first "
+                                  f"{fmt.MAX_NOTES} were not kept")
+        if self._index is None:
+            self._index = index
+
+    @property
+    def problems(self) -> list[str]:
+        """Warnings about the file (a torn tail, notes not kept): data that was not lost."""
+        return self._ensure_index().problems
+
+    @property
+    def notes(self) -> list[Note]:
+        return self._ensure_index().notes
+
+    @property
+    def trailer(self) -> dict[str, Any] | None:
+        """The end frame of a clean close, or None (the recorder did not finish)."""
+        return self._ensure_index().trailer
+
+    @property
+    def damage(self) -> RecordingFormatError | None:
+        """Where frame-level damage stops every read (None: the frames are intact)."""
+        return self._ensure_index().damage
 
     # -- records ---------------------------------------------------------------------
 
     def deltas(self, start: int = 0) -> Iterator[Hit]:
-        """Every snapshot from number ``start`` on as a :class:`Hit`, its regions applied to
-        :attr:`buffers` (one live ``bytearray`` per region, valid until the next hit)."""
-        begin = self._keyframe_before(start) if start > 0 else None
-        sizes = [r.size for r in self.header.regions]
+        """Every snapshot from number ``start`` on as a :class:`~xreplay.xrr.deltas.Hit`,
+        its regions applied to :attr:`buffers` (one live ``bytearray`` per region, valid
+        until the next hit): the replay's path, which decodes only what changed.
+
+        Raises :class:`RecordingFormatError` at damage, after every intact hit before it.
+        """
+        begin, expect = self._keyframe_before(start) if start > 0 else (None, 0)
+        # A pass from the first frame checks notes and the end frame as it goes (cheap:
+        # they are rare) and, the first time it completes, becomes the reader's index.
+        index = _Index() if begin is None else None
+        sizes = self._sizes
         bufs: list[bytearray | None] = [None] * len(sizes)
         self.buffers = bufs
-        self.notes = []
-        self.trailer = None
+        nprobes = len(self._probe_names)
         decode = decode_snapshot_v1
         reset = start > 0
-        for pos, kind, buf, i, end in self._frames(begin):
-            if kind == fmt.KIND_SNAPSHOT:
-                try:
-                    hit = decode(buf, i, end, bufs, sizes)
-                except Undecodable as e:
-                    self._corrupt(pos, str(e))
-                if hit.seq >= start:
-                    hit.offset = pos
-                    if reset:
-                        hit.reset, reset = True, False
-                    yield hit
-            elif kind == fmt.KIND_NOTE:
-                data = self._json(pos, buf[i:end])
-                self.notes.append(Note(int(data.get("after", 0)), data))
-            elif kind == fmt.KIND_END:
-                self.trailer = self._json(pos, buf[i:end])
-            # unknown kinds are skipped: a newer minor version may add some
+        for pos, kind, buf, i, end in self._frames(begin, index):
+            if kind != _KIND_SNAPSHOT:
+                continue  # notes are indexed by _frames; unknown kinds (newer minors) skipped
+            try:
+                hit = decode(buf, i, end, bufs, sizes, nprobes)
+                if hit.seq != expect:
+                    raise Undecodable(f"snapshot number {hit.seq} where {expect} was due")
+            except Undecodable as e:
+                err = self._corrupt(pos, str(e))
+                if index is not None:
+                    index.damage = err
+                    self._commit(index)
+                raise err from None
+            expect += 1
+            if hit.seq >= start:
+                hit.offset = pos
+                if reset:
+                    hit.reset, reset = True, False
+                yield hit
+        if index is not None:
+            self._commit(index)
+            if index.damage is not None:
+                raise index.damage
 
     def records(self, start: int = 0) -> Iterator[Record]:
-        """Every snapshot record from number ``start`` on, regions rebuilt, in file order."""
-        nregions = len(self.header.regions)
+        """Every snapshot record from number ``start`` on, regions rebuilt, in file order.
+
+        Raises :class:`RecordingFormatError` at damage, after every intact record before it.
+        """
+        nregions = len(self._sizes)
         snap_bytes: list[bytes | None] = [None] * nregions
         for hit in self.deltas(start):
             bufs = self.buffers
@@ -210,34 +363,33 @@ class XrrReader:
                          flags=hit.flags, pc=hit.pc, sp=hit.sp, regflags=hit.regflags,
                          regions=list(snap_bytes), offset=hit.offset, changed=changed)
 
-    def _json(self, pos: int, payload: bytes) -> dict[str, Any]:
-        try:
-            data = json.loads(payload)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            self._corrupt(pos, "note is not a JSON object")
-        return data
+    def _corrupt(self, pos: int, why: str) -> RecordingFormatError:
+        return self._bad(pos, f"corrupt frame at byte {pos} ({why}); the snapshots before it "
+                         "are intact")
 
-    def _keyframe_before(self, start: int) -> int | None:
-        """Offset of the last keyframe at or before snapshot ``start`` (one cheap pass)."""
-        best = None
-        for pos, kind, buf, i, end in self._frames():
-            if kind != fmt.KIND_SNAPSHOT:
-                continue
-            try:
-                seq, j = varint(buf, i)
-                for _ in range(3):  # t_ns, probe, vcpu
-                    _, j = varint(buf, j)
-                flags = buf[j]
-            except IndexError:
-                self._corrupt(pos, "undecodable snapshot")
-            if j >= end:
-                self._corrupt(pos, "undecodable snapshot")
-            if seq > start:
-                break
-            if flags & fmt.FLAG_KEYFRAME:
-                best = pos
+    def _keyframe_before(self, start: int) -> tuple[int | None, int | None]:
+        """(offset, number) of the last keyframe at or before snapshot ``start``."""
+        best: tuple[int | None, int | None] = (None, 0)
+        n = 0
+        try:
+            for pos, kind, buf, i, end in self._frames(None, None):
+                if kind != _KIND_SNAPSHOT:
+                    continue
+                try:
+                    seq, flags = snapshot_prefix_v1(buf, i, end)
+                except Undecodable as e:
+                    raise self._corrupt(pos, str(e)) from None
+                if seq != n:
+                    raise self._corrupt(pos, f"snapshot number {seq} where {n} was due")
+                if seq > start:
+                    break
+                if flags & _KEYFRAME:
+                    best = (pos, seq)
+                n += 1
+        except RecordingFormatError:
+            # Damage before ``start``: read from the beginning, so that every intact record
+            # is yielded and the error is raised at the damage, as a sequential read does.
+            return None, 0
         return best
 
     # -- snapshots -------------------------------------------------------------------
@@ -247,27 +399,28 @@ class XrrReader:
         h = self.header
         dec = self._decoder
         shared = None
-        vcpu_raw: dict[int, tuple[bytes, str]] = {}
         watch: dict[str, bytes] = {}
         for spec, data in zip(h.regions, rec.regions, strict=True):
             if data is None:
                 continue
             if spec.kind == "shared_info":
                 shared = data
-            elif spec.kind == "vcpu_info" and spec.vcpu is not None:
-                vcpu_raw[spec.vcpu] = (data, "registered")
-            else:
+            elif spec.kind == "watch":
                 watch[spec.name] = data
         pending = mask = 0
         if shared is not None:
             pending, mask = dec.bitmaps(shared)
         vcpus: dict[int, VcpuState] = {}
-        for v in h.vcpus:
-            raw, source = vcpu_raw.get(v, (None, "shared_info"))
-            if raw is None and shared is not None:
+        for v, region in self._vcpu_plan:
+            raw = None if region is None else rec.regions[region]
+            source = "registered"
+            if raw is None:  # not registered, or unread at this hit: the legacy slot
+                if shared is None:
+                    continue
                 raw = dec.embedded_vcpu_info(shared, v)
-            if raw is None:
-                continue
+                source = "shared_info"
+                if raw is None:
+                    continue
             key = (v, raw, source)
             state = cache.get(key) if cache is not None else None
             if state is None:
@@ -277,9 +430,8 @@ class XrrReader:
                         cache.clear()
                     cache[key] = state
             vcpus[v] = state
-        probe = (self._probe_names[rec.probe] if rec.probe < len(self._probe_names)
-                 else f"probe{rec.probe}")
-        return Snapshot(arch=h.arch, index=rec.seq, t_ns=rec.t_ns, probe=probe, vcpu=rec.vcpu,
+        return Snapshot(arch=h.arch, index=rec.seq, t_ns=rec.t_ns,
+                        probe=self._probe_names[rec.probe], vcpu=rec.vcpu,
                         pc=rec.pc, flags=rec.regflags, evtchn_pending=pending,
                         evtchn_mask=mask, vcpus=vcpus, hang=rec.hang, watch=watch,
                         labels=h.labels, notify=h.notify)
@@ -291,12 +443,15 @@ class XrrReader:
 
     def snapshot(self, n: int) -> Snapshot:
         """Snapshot number ``n`` (seeks from the nearest keyframe)."""
+        if n < 0:
+            raise UsageError(f"{self.name}: no snapshot #{n}: snapshots are numbered from 0")
         for snap in self.snapshots(n):
             return snap
         raise XReplayError(f"{self.name}: no snapshot #{n} (the recording has fewer)")
 
     def close(self) -> None:
-        self._f.close()
+        if self._own:
+            self._f.close()
 
     def __enter__(self) -> XrrReader:
         return self
