@@ -11,6 +11,8 @@ with (the spec tests check both on the same bytes).
 
 from __future__ import annotations
 
+import re
+
 from xreplay.xrr import format as fmt
 
 # Plain ints: IntEnum/IntFlag arithmetic runs in Python, per snapshot.
@@ -212,3 +214,194 @@ def decode_snapshot_v1(b: bytes, i: int, end: int, bufs: list[bytearray | None],
     return Hit(seq, t_ns, probe, vcpu, flags, pc,
                sp if flags & _HAVE_SP else None,
                regflags if flags & _HAVE_FLAGS else None, dirty, touched)
+
+
+# --------------------------------------------------------------------------- version 2.0
+
+
+def uvarint(x: int) -> bytes:
+    """``format.VarInt`` bytes of ``x`` (0 <= x < 2**64)."""
+    if 0 <= x < 0x80:
+        return _ONE_BYTE[x]
+    if not 0 <= x < 1 << 64:
+        raise ValueError(f"{x!r} is not a 64-bit unsigned int")
+    out = bytearray()
+    while x > 0x7F:
+        out.append(0x80 | (x & 0x7F))
+        x >>= 7
+    out.append(x)
+    return bytes(out)
+
+
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
+
+
+def zigzag(x: int) -> int:
+    return x << 1 if x >= 0 else (-x << 1) - 1
+
+
+def unzigzag(x: int) -> int:
+    return x >> 1 if not x & 1 else -((x + 1) >> 1)
+
+
+class SnapshotCodecV2:
+    """What a 2.0 snapshot leaves implicit, kept on both sides of the file: the previous
+    sequence number and time, and each probe's registers since the last keyframe."""
+
+    __slots__ = ("seq", "t_ns", "regs", "ncodes")
+
+    def __init__(self, nregions: int) -> None:
+        self.seq = -1  # no keyframe seen yet
+        self.t_ns = 0
+        self.regs: dict[int, tuple[int, int | None, int | None]] = {}
+        self.ncodes = (nregions + 3) // 4
+
+    def encode(self, seq: int, t_ns: int, probe: int, vcpu: int, flags: int, pc: int,
+               sp: int | None, regflags: int | None, codes: int,
+               data: list[bytes]) -> bytes:
+        """A snapshot payload; ``codes`` holds each region's encoding at bits 2i..2i+1."""
+        keyframe = flags & _KEYFRAME
+        regs = (pc, sp, regflags)
+        if keyframe:
+            head = uvarint(seq) + uvarint(zigzag(t_ns))
+        else:
+            head = uvarint(zigzag(t_ns - self.t_ns))
+            if self.regs.get(probe) == regs:
+                flags |= _REPEAT
+        out = [_ONE_BYTE[flags], head, uvarint(probe), uvarint(vcpu)]
+        if not flags & _REPEAT:
+            out.append(uvarint(pc))
+            if sp is not None:
+                out.append(uvarint(sp))
+            if regflags is not None:
+                out.append(uvarint(regflags))
+        out.append(codes.to_bytes(self.ncodes, "little"))
+        for d in data:
+            out.append(uvarint(len(d)))
+            out.append(d)
+        payload = b"".join(out)
+        # the state moves only once the payload is built (a bad register raised above)
+        if keyframe:
+            self.regs.clear()
+        self.regs[probe] = regs
+        self.seq, self.t_ns = seq, t_ns
+        return payload
+
+    def decode(self, b: bytes, i: int, end: int, bufs: list[bytearray | None],
+               sizes: list[int], nprobes: int) -> Hit:
+        """A 2.0 snapshot payload ``b[i:end]`` (``format.SnapshotPayloadV2``)."""
+        try:
+            flags = b[i]
+            if flags & ~_KNOWN_FLAGS_V2:
+                raise Undecodable(f"undecodable snapshot: unknown flags {flags:#x}")
+            if flags & _KEYFRAME:
+                seq, i = varint(b, i + 1)
+                t, i = varint(b, i)
+                t_ns = unzigzag(t)
+                self.regs.clear()
+            else:
+                if self.seq < 0:
+                    raise Undecodable("a delta snapshot before any keyframe")
+                seq = self.seq + 1
+                t = b[i + 1]
+                if t < 0x80:
+                    i += 2
+                else:
+                    t, i = varint(b, i + 1)
+                t_ns = self.t_ns + unzigzag(t)
+            if t_ns < 0:
+                raise Undecodable("undecodable snapshot: time before the recording began")
+            probe = b[i]  # one-byte varints inline
+            if probe < 0x80:
+                i += 1
+            else:
+                probe, i = varint(b, i)
+            vcpu = b[i]
+            if vcpu < 0x80:
+                i += 1
+            else:
+                vcpu, i = varint(b, i)
+            if probe >= nprobes:
+                raise Undecodable(f"probe {probe} not declared in the header")
+            if vcpu >= _MAX_VCPUS:
+                raise Undecodable(f"vCPU {vcpu} beyond the ABI's {_MAX_VCPUS}")
+            if flags & _REPEAT:
+                regs = self.regs.get(probe)
+                if regs is None:
+                    raise Undecodable(f"registers repeated from no earlier hit of probe {probe}")
+                pc, sp, regflags = regs
+            else:
+                pc, i = varint(b, i)
+                sp = regflags = None
+                if flags & _HAVE_SP:
+                    sp, i = varint(b, i)
+                if flags & _HAVE_FLAGS:
+                    regflags, i = varint(b, i)
+                self.regs[probe] = (pc, sp, regflags)
+            ncodes = self.ncodes
+            codes = b[i] if ncodes == 1 else int.from_bytes(b[i:i + ncodes], "little")
+            i += ncodes
+            dirty: list[tuple[int, int, int]] = []
+            touched = 0
+            region = 0
+            while codes:  # unused high codes are 0 (same)
+                code = codes & 3
+                if CODE_SAME < code < CODE_ABSENT:  # delta or full: data follows
+                    n = b[i]
+                    if n < 0x80:
+                        i += 1
+                    else:
+                        n, i = varint(b, i)
+                    if i + n > end:
+                        raise Undecodable("undecodable snapshot: region data past the "
+                                          "frame's end")
+                    apply_region(bufs, sizes, region, _DELTA if code == CODE_DELTA else _FULL,
+                                 b, i, n, dirty)
+                    touched |= 1 << region
+                    i += n
+                elif region >= len(bufs):
+                    raise Undecodable(f"region {region} not declared in the header")
+                codes >>= 2
+                region += 1
+        except IndexError:
+            raise Undecodable("undecodable snapshot: the payload ends early") from None
+        if i != end:
+            raise Undecodable("undecodable snapshot: its length disagrees with its fields")
+        self.seq, self.t_ns = seq, t_ns
+        return Hit(seq, t_ns, probe, vcpu, flags & _KNOWN_FLAGS, pc, sp, regflags, dirty,
+                   touched)
+
+    def prefix(self, b: bytes, i: int, end: int) -> tuple[int, int]:
+        """(seq, flags) of a 2.0 snapshot for a keyframe search (no region decoded)."""
+        try:
+            flags = b[i]
+            seq = varint(b, i + 1)[0] if flags & _KEYFRAME else self.seq + 1
+        except IndexError:
+            raise Undecodable("undecodable snapshot: the payload ends early") from None
+        self.seq = seq
+        return seq, flags
+
+
+_REPEAT = int(fmt.FLAG_REPEAT_REGS)
+CODE_SAME, CODE_DELTA, CODE_FULL, CODE_ABSENT = (int(fmt.V2_CODES[e]) for e in (
+    fmt.ENC_SAME, fmt.ENC_DELTA, fmt.ENC_FULL, fmt.ENC_ABSENT))
+_KNOWN_FLAGS_V2 = fmt.SNAPSHOT_FLAGS_KNOWN_V2
+
+
+def encode_runs(prev: bytes, cur: bytes) -> bytes:
+    """Delta runs (``format.DeltaRuns``) that turn ``prev`` into ``cur``, merging runs
+    separated by a few unchanged bytes (a run costs two bytes of head)."""
+    diff = (int.from_bytes(prev, "little") ^ int.from_bytes(cur, "little")).to_bytes(
+        len(cur), "little")
+    out = []
+    end = 0
+    for m in _RUN.finditer(diff):
+        start, stop = m.span()
+        out.append(uvarint(start - end))
+        out.append(uvarint(stop - start))
+        out.append(cur[start:stop])
+        end = stop
+    return b"".join(out)
+
+
+_RUN = re.compile(rb"[^\x00]+(?:\x00{1,4}[^\x00]+)*")

@@ -24,7 +24,13 @@ from typing import Any, BinaryIO
 from xreplay.errors import RecordingFormatError, UsageError, XReplayError
 from xreplay.snapshot import Snapshot, SnapshotDecoder, VcpuState
 from xreplay.xrr import format as fmt
-from xreplay.xrr.deltas import Hit, Undecodable, decode_snapshot_v1, snapshot_prefix_v1
+from xreplay.xrr.deltas import (
+    Hit,
+    SnapshotCodecV2,
+    Undecodable,
+    decode_snapshot_v1,
+    snapshot_prefix_v1,
+)
 from xreplay.xrr.header import RecordingHeader, parse_json_object
 
 _CHUNK = 1 << 18  # bytes read at a time
@@ -131,9 +137,11 @@ class XrrReader:
         if len(raw) < fmt.HEADER_PREFIX_SIZE:
             raise self._bad(0, "file ends inside the header")
         _magic, major, minor, meta_len = fmt.header_prefix_struct.unpack(raw)
-        if major != fmt.VERSION_MAJOR:
+        if major not in fmt.READABLE_MAJORS:
+            reads = " and ".join(f"{m}.x" for m in fmt.READABLE_MAJORS)
             raise self._bad(8, f"format version {major}.{minor} is not supported "
-                            f"(this xreplay reads {fmt.VERSION_MAJOR}.x): upgrade xreplay")
+                            f"(this xreplay reads {reads}): upgrade xreplay")
+        self.version = (major, minor)
         if meta_len > fmt.MAX_META:
             raise self._bad(12, f"header claims {meta_len} bytes of metadata, more than the "
                             f"format allows ({fmt.MAX_META}): the file is corrupt")
@@ -185,6 +193,12 @@ class XrrReader:
         With ``index`` (a pass from the first frame), torn tails, damage, notes and the
         trailer are collected into it; a pass from elsewhere only yields frames.
         """
+        if self.version[0] >= 2:
+            return self._frames_v2(start, index)
+        return self._frames_v1(start, index)
+
+    def _frames_v1(self, start: int | None, index: _Index | None
+                   ) -> Iterator[tuple[int, int, bytes, int, int]]:
         f = self._f
         pos = self._data_start if start is None else start
         f.seek(pos)
@@ -231,6 +245,73 @@ class XrrReader:
                     index.damage = e
                     return
             yield pos, kind, buf, i + head_size, end - crc_size
+            pos += end - i
+            i = end
+
+    def _frames_v2(self, start: int | None, index: _Index | None
+                   ) -> Iterator[tuple[int, int, bytes, int, int]]:
+        """2.0 frames: head byte (mark nibble, kind), VarInt length, payload, CRC-32 of all
+        three."""
+        f = self._f
+        pos = self._data_start if start is None else start
+        f.seek(pos)
+        crc_size, max_frame = fmt.FRAME_CRC_SIZE, fmt.MAX_FRAME
+        crc32, from_bytes = zlib.crc32, int.from_bytes
+        longest_head = 1 + 5  # a VarInt of MAX_FRAME takes at most 4 bytes; 5 is damage
+        buf = b""
+        i = 0  # buf[i] is the byte at file offset pos
+        while True:
+            if len(buf) - i < longest_head:
+                buf = buf[i:] + f.read(_CHUNK)
+                i = 0
+                if not buf:
+                    return
+            head = buf[i]
+            if head & 0xF0 != fmt.FRAME_MARK_V2:
+                self._damaged(index, pos, "bad frame marker")
+                return
+            length = 0
+            shift = 0
+            j = i + 1
+            while True:
+                if j >= len(buf):  # the file ends inside the length
+                    self._torn(index, pos)
+                    return
+                x = buf[j]
+                j += 1
+                length |= (x & 0x7F) << shift
+                if x < 0x80:
+                    break
+                shift += 7
+                if shift > 28:
+                    break
+            if shift > 28 or length > max_frame:
+                self._damaged(index, pos, "bad frame length")
+                return
+            end = j + length + crc_size
+            if end > len(buf):
+                buf = buf[i:]
+                end -= i
+                j -= i
+                i = 0
+                buf += f.read(max(_CHUNK, end - len(buf)))
+                if end > len(buf):
+                    self._torn(index, pos)
+                    return
+            if crc32(buf[i:end - crc_size]) != from_bytes(buf[end - crc_size:end], "little"):
+                if end == len(buf) and not f.read(1):
+                    self._torn(index, pos)  # the last frame, written partly
+                    return
+                self._damaged(index, pos, "checksum mismatch")
+                return
+            kind = head & fmt.MAX_FRAME_KIND_V2
+            if index is not None and kind in (_KIND_NOTE, _KIND_END):
+                try:
+                    self._index_json(index, pos, kind, buf[j:end - crc_size])
+                except RecordingFormatError as e:
+                    index.damage = e
+                    return
+            yield pos, kind, buf, j, end - crc_size
             pos += end - i
             i = end
 
@@ -315,7 +396,8 @@ class XrrReader:
         bufs: list[bytearray | None] = [None] * len(sizes)
         self.buffers = bufs
         nprobes = len(self._probe_names)
-        decode = decode_snapshot_v1
+        decode = (SnapshotCodecV2(len(sizes)).decode if self.version[0] >= 2
+                  else decode_snapshot_v1)
         reset = start > 0
         for pos, kind, buf, i, end in self._frames(begin, index):
             if kind != _KIND_SNAPSHOT:
@@ -371,12 +453,14 @@ class XrrReader:
         """(offset, number) of the last keyframe at or before snapshot ``start``."""
         best: tuple[int | None, int | None] = (None, 0)
         n = 0
+        prefix = (SnapshotCodecV2(len(self._sizes)).prefix if self.version[0] >= 2
+                  else snapshot_prefix_v1)
         try:
             for pos, kind, buf, i, end in self._frames(None, None):
                 if kind != _KIND_SNAPSHOT:
                     continue
                 try:
-                    seq, flags = snapshot_prefix_v1(buf, i, end)
+                    seq, flags = prefix(buf, i, end)
                 except Undecodable as e:
                     raise self._corrupt(pos, str(e)) from None
                 if seq != n:
