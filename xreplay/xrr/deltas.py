@@ -12,6 +12,7 @@ with (the spec tests check both on the same bytes).
 from __future__ import annotations
 
 import re
+import zlib
 
 from xreplay.xrr import format as fmt
 
@@ -355,8 +356,13 @@ class SnapshotCodecV2:
                     if i + n > end:
                         raise Undecodable("undecodable snapshot: region data past the "
                                           "frame's end")
-                    apply_region(bufs, sizes, region, _DELTA if code == CODE_DELTA else _FULL,
-                                 b, i, n, dirty)
+                    if code == CODE_DELTA:
+                        apply_region(bufs, sizes, region, _DELTA, b, i, n, dirty)
+                    else:
+                        if region >= len(bufs):
+                            raise Undecodable(f"region {region} not declared in the header")
+                        bufs[region] = inflate(b[i:i + n], sizes[region], region)
+                        dirty.append((region, 0, sizes[region]))
                     touched |= 1 << region
                     i += n
                 elif region >= len(bufs):
@@ -380,6 +386,22 @@ class SnapshotCodecV2:
             raise Undecodable("undecodable snapshot: the payload ends early") from None
         self.seq = seq
         return seq, flags
+
+
+def inflate(data: bytes, size: int, region: int) -> bytearray:
+    """A 2.0 full region: a zlib stream of exactly ``size`` bytes (never more decoded)."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, size + 1)
+    except zlib.error:
+        raise Undecodable(f"region {region}: undecodable zlib data") from None
+    if len(out) != size or not d.eof or d.unused_data or d.unconsumed_tail:
+        raise Undecodable(f"region {region}: its zlib data is not exactly {size} bytes")
+    return bytearray(out)
+
+
+def deflate(data: bytes) -> bytes:
+    return zlib.compress(data, 6)
 
 
 _REPEAT = int(fmt.FLAG_REPEAT_REGS)

@@ -193,7 +193,7 @@ DeltaRuns = GreedyRange(DeltaRun)
 # number and absolute time only on keyframes (otherwise: the previous one + 1, and a
 # ZigZag time delta), its registers only when they differ from the last hit of the same
 # probe since the last keyframe, and its region encodings as 2-bit codes in header order
-# followed by the data of each full or delta region.  Every frame is still checksummed
+# followed by the data of each full (zlib-compressed) or delta region.  Every frame is still checksummed
 # and self-delimiting, and decoding may still start at any keyframe.
 
 FrameHeadV2 = Struct(
@@ -223,7 +223,9 @@ SnapshotPayloadV2 = Struct(  # parse with nregions=len(header regions)
     "sp" / If(this.flags.HAVE_SP & ~this.flags.REPEAT_REGS, VarInt),
     "regflags" / If(this.flags.HAVE_FLAGS & ~this.flags.REPEAT_REGS, VarInt),
     "codes" / Bytes(lambda ctx: region_code_bytes(ctx._params.nregions)),  # LSB first
-    "data" / GreedyRange(Prefixed(VarInt, GreedyBytes)),  # each full/delta region, in order
+    # each full or delta region, in order: full = a zlib stream of the region's bytes
+    # (keyframes cost a few dozen bytes, not a page), delta = DeltaRuns as in 1.0
+    "data" / GreedyRange(Prefixed(VarInt, GreedyBytes)),
 )
 
 # A frame as one declarative whole, used by the spec tests; the reader parses the head and

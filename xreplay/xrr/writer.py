@@ -23,7 +23,7 @@ from construct import ConstructError
 
 from xreplay.errors import RecordingWriteError, UsageError
 from xreplay.xrr import format as fmt
-from xreplay.xrr.deltas import SnapshotCodecV2, encode_runs, uvarint
+from xreplay.xrr.deltas import SnapshotCodecV2, deflate, encode_runs, uvarint
 from xreplay.xrr.header import RecordingHeader
 
 WRITABLE_VERSIONS = ((fmt.VERSION_MAJOR, fmt.VERSION_MINOR), (1, 0))
@@ -190,7 +190,9 @@ class XrrWriter:
         for reg in encoded:
             enc = reg["encoding"]
             codes |= fmt.V2_CODES[enc] << (2 * reg["region"])
-            if enc in (fmt.ENC_FULL, fmt.ENC_DELTA):
+            if enc == fmt.ENC_FULL:  # keyframes: a page is mostly zeros and 0xff masks
+                data.append(deflate(reg["data"]))
+            elif enc == fmt.ENC_DELTA:
                 data.append(reg["data"])
         return self._v2.encode(seq, t_ns, probe, vcpu, flags, pc, sp, regflags, codes, data)
 
