@@ -288,6 +288,8 @@ class MissedClear(Detector):
         assert cur is not None
         if s.role == "bottom-half":
             self.reported.discard(s.vcpu)
+        if len(w.tracks) == 1 and s.vcpu in w.tracks and s.role != HANG:
+            return  # one vCPU, and it is the one running: nothing can stall behind it
         if s.role == HANG:
             for v in w.tracks:
                 if v not in self.reported and self._blocked(w, v):
@@ -838,13 +840,13 @@ class Replayer:
         role = HANG if hang else w.roles.get(probe, "other")
         w.hits[role] += 1
         s = self._step
-        s.quiet = not first and w.quiet()
+        if first:
+            s.quiet, s.changed, s.cur, s.prev = False, True, self.cur, None
+        else:
+            s.quiet, s.changed, s.prev = w.quiet(), changed, self.prev
         w.update_track(vcpu, index, t_ns, role, irq)
         s.index, s.t_ns, s.probe, s.vcpu, s.role = index, t_ns, probe, vcpu, role
-        s.hang, s.interrupts_enabled = hang, irq
-        s.changed = changed or first
-        s.cur, s.prev = self.cur, None if first else self.prev
-        s.shadow = shadow
+        s.hang, s.interrupts_enabled, s.shadow = hang, irq, shadow
         ds = self._by_role.get(role)
         for d in (self._detectors(role) if ds is None else ds):
             d.step(w, s)

@@ -115,11 +115,11 @@ class Observer:
                     touch_mask = True
                 if lo < self.embedded_end:
                     for v, at in self.embedded:
-                        if lo < at + head and hi > at:
-                            touched.append(v)
+                        if lo < at + head and hi > at and (not touched or touched[-1] != v):
+                            touched.append(v)  # spans ascend: a repeat is the last one
             else:
                 v = self.registered_now.get(region)
-                if v is not None and lo < head:
+                if v is not None and lo < head and (not touched or touched[-1] != v):
                     touched.append(v)
         changed = False
         shared = bufs[shared_i]
@@ -131,11 +131,17 @@ class Observer:
             value = int.from_bytes(shared[m0:m1], "little")  # type: ignore[index]
             if value != m.evtchn_mask:
                 m.evtchn_mask, changed = value, True
+        sel0, sel1 = self.sel
         for v in touched:
             region, at = self.source[v]  # type: ignore[misc]
-            new = self._vcpu(bufs[region], at)  # type: ignore[arg-type]
-            if new != m.vcpu_info.get(v):
-                m.vcpu_info[v], changed = new, True
+            buf = bufs[region]
+            up = buf[at]  # type: ignore[index]
+            mask = buf[at + 1] if self.has_upcall_mask else None  # type: ignore[index]
+            sel = int.from_bytes(buf[at + sel0:at + sel1], "little")  # type: ignore[index]
+            old = m.vcpu_info.get(v)
+            if (old is None or old.evtchn_upcall_pending != up
+                    or old.evtchn_upcall_mask != mask or old.evtchn_pending_sel != sel):
+                m.vcpu_info[v], changed = VcpuBits(up, mask, sel), True
         return changed
 
     def _full_changed(self, m: Evtchn2L, bufs: list[bytearray | None]) -> bool:

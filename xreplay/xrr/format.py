@@ -193,8 +193,8 @@ DeltaRuns = GreedyRange(DeltaRun)
 # number and absolute time only on keyframes (otherwise: the previous one + 1, and a
 # ZigZag time delta), its registers only when they differ from the last hit of the same
 # probe since the last keyframe, and its region encodings as 2-bit codes in header order
-# followed by the data of each full (zlib-compressed) or delta region.  Every frame is still checksummed
-# and self-delimiting, and decoding may still start at any keyframe.
+# followed by the data of each full (zlib-compressed) or delta region.  Every frame is
+# still checksummed and self-delimiting, and decoding may still start at any keyframe.
 
 FrameHeadV2 = Struct(
     "head" / Int8ul,  # FRAME_MARK_V2 | kind
