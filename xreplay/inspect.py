@@ -28,16 +28,24 @@ def summary(reader: XrrReader) -> dict[str, Any]:
     count = 0
     hangs = 0
     stopped: RecordingFormatError | None = None
-    try:
-        for snap in reader.snapshots():
+    per_probe: Counter[int] = Counter()
+    last_seq = None
+    try:  # the delta path: no snapshot is decoded but the two the summary prints
+        for hit in reader.deltas():
             if first is None:
-                first = snap
-            last = snap
-            hits[snap.probe] += 1
+                first = reader.snapshot_of_hit(hit)
+            last_seq = hit.seq
+            per_probe[hit.probe] += 1
             count += 1
-            hangs += snap.hang
+            hangs += hit.hang
+        if last_seq is not None:
+            last = reader.snapshot_of_hit(hit)
     except RecordingFormatError as e:
         stopped = e
+        if last_seq is not None:  # the damaged frame may have half-patched the buffers
+            last = next(reader.snapshots(last_seq), None)
+    for probe, n in per_probe.items():
+        hits[reader.header.probes[probe].name] += n
     return {
         "file": reader.name,
         "arch": h.arch,

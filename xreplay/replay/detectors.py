@@ -42,7 +42,7 @@ from xreplay.abi import Geometry, iter_bits
 from xreplay.errors import XReplayError
 from xreplay.replay.model import Evtchn2L, Routing, explain, may_break_abi_quietly
 from xreplay.replay.observe import Observer, observe_snapshot
-from xreplay.snapshot import ARM_PSTATE_I, X86_EFLAGS_IF, Snapshot
+from xreplay.snapshot import Snapshot, interrupts_enabled
 from xreplay.xrr import RecordingHeader, XrrReader
 from xreplay.xrr.deltas import Hit
 
@@ -789,7 +789,6 @@ class Replayer:
         self.last_hang = False
         self._step = Step()
         self._probe_names = [p.name for p in header.probes]
-        self._x86 = header.arch.startswith("x86")
         self.shadow = next((d.shadow for d in self.detectors if isinstance(d, LostPending)),
                            None)
         regions = header.regions
@@ -811,8 +810,9 @@ class Replayer:
         self._feed(snap.index, snap.t_ns, snap.probe, snap.vcpu, snap.hang,
                    snap.interrupts_enabled, True, shadow)
 
-    def feed_hit(self, hit: Hit, buffers: list[bytearray | None]) -> None:
-        """One hit from :meth:`XrrReader.deltas`, ``buffers`` its live region buffers."""
+    def feed_hit(self, hit: Hit, buffers: list[bytearray | None]) -> str:
+        """One hit from :meth:`XrrReader.deltas`, ``buffers`` its live region buffers;
+        returns the hit's role."""
         changed = self.observer.apply(self.cur, buffers, hit.dirty, hit.reset)
         shadow = self._shadow
         sr = self._shadow_region
@@ -821,17 +821,12 @@ class Replayer:
             shadow = self._shadow = None if data is None else bytes(data)
         names = self._probe_names
         probe = names[hit.probe] if hit.probe < len(names) else f"probe{hit.probe}"
-        rf = hit.regflags
-        if rf is None:
-            irq = None
-        elif self._x86:
-            irq = bool(rf & X86_EFLAGS_IF)
-        else:
-            irq = not rf & ARM_PSTATE_I
-        self._feed(hit.seq, hit.t_ns, probe, hit.vcpu, hit.hang, irq, changed, shadow)
+        irq = (None if hit.regflags is None
+               else interrupts_enabled(self.walk.header.arch, hit.regflags))
+        return self._feed(hit.seq, hit.t_ns, probe, hit.vcpu, hit.hang, irq, changed, shadow)
 
     def _feed(self, index: int, t_ns: int, probe: str, vcpu: int, hang: bool,
-              irq: bool | None, changed: bool, shadow: bytes | None) -> None:
+              irq: bool | None, changed: bool, shadow: bytes | None) -> str:
         w = self.walk
         first = self.last is None
         if first:
@@ -854,6 +849,7 @@ class Replayer:
             self.prev.assign(self.cur)
         s.prev_index, s.prev_probe, s.prev_shadow = index, probe, shadow
         self.last, self.last_t_ns, self.last_hang = index, t_ns, hang
+        return role
 
     def finish(self, trailer: dict[str, Any] | None = None,
                problems: Iterable[str] = ()) -> ReplayResult:

@@ -13,9 +13,13 @@ two paths agree field for field.
 
 from __future__ import annotations
 
-from xreplay.abi import layout
-from xreplay.replay.model import Evtchn2L, VcpuBits
+from collections.abc import Iterator
+
+from xreplay.abi import Geometry, layout
+from xreplay.replay.model import Evtchn2L, Routing, VcpuBits
 from xreplay.snapshot import Snapshot
+from xreplay.xrr import XrrReader
+from xreplay.xrr.deltas import Hit
 from xreplay.xrr.header import RecordingHeader
 
 
@@ -156,3 +160,15 @@ def observe_snapshot(m: Evtchn2L, snap: Snapshot) -> None:
     m.evtchn_mask = snap.evtchn_mask
     m.vcpu_info = {v: VcpuBits(s.evtchn_upcall_pending, s.evtchn_upcall_mask,
                                s.evtchn_pending_sel) for v, s in snap.vcpus.items()}
+
+
+def states(reader: XrrReader) -> Iterator[tuple[Hit, Evtchn2L]]:
+    """Each hit of a recording with the model's state there, on the delta path (the same
+    :class:`Evtchn2L`, refreshed in place: read it before asking for the next)."""
+    h = reader.header
+    g = Geometry.for_arch(h.arch)
+    m = Evtchn2L(g, Routing(g, h.vcpus, h.notify), vcpu_info={})
+    obs = Observer(h)
+    for hit in reader.deltas():
+        obs.apply(m, reader.buffers, hit.dirty, hit.reset)
+        yield hit, m

@@ -520,6 +520,15 @@ class XrrReader:
                         evtchn_mask=mask, vcpus=vcpus, hang=rec.hang, watch=watch,
                         labels=h.labels, notify=h.notify)
 
+    def snapshot_of_hit(self, hit: Hit) -> Snapshot:
+        """The full :class:`Snapshot` at ``hit``, from :attr:`buffers` as they are now (call
+        it before the next hit, for the few hits a command prints)."""
+        regions = [None if b is None else bytes(b) for b in self.buffers]
+        return self.snapshot_of(Record(
+            seq=hit.seq, t_ns=hit.t_ns, probe=hit.probe, vcpu=hit.vcpu, flags=hit.flags,
+            pc=hit.pc, sp=hit.sp, regflags=hit.regflags, regions=regions, offset=hit.offset,
+            changed=[False] * len(regions)))
+
     def snapshots(self, start: int = 0) -> Iterator[Snapshot]:
         cache: dict = {}
         for rec in self.records(start):
