@@ -45,6 +45,8 @@ def findings_of(path: Path) -> list[dict[str, Any]] | str:
     with XrrReader(path) as reader:  # the whole-snapshot path must agree with the deltas
         r = Replayer(reader.header)
         for snap in reader.snapshots():
+            if not snap.has_shared_info or f"vcpu_info.{snap.vcpu}" in snap.missing:
+                continue  # what replay() does not judge (data not read)
             r.feed(snap)
         slow = [f.to_json() for f in r.finish(reader.trailer, reader.problems).findings]
     assert fast == slow, f"{path.name}: the delta and the snapshot paths disagree"

@@ -13,10 +13,14 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+from xreplay.abi import iter_bits
 from xreplay.errors import RecordingFormatError, UsageError, XReplayError
 from xreplay.snapshot import Snapshot
 from xreplay.transitions import bit_changes, watch_changes
 from xreplay.xrr import XrrReader
+
+#: how many snapshot numbers ``summary`` lists per unreadable region
+UNREAD_LISTED = 20
 
 
 def summary(reader: XrrReader) -> dict[str, Any]:
@@ -29,6 +33,9 @@ def summary(reader: XrrReader) -> dict[str, Any]:
     hangs = 0
     stopped: RecordingFormatError | None = None
     per_probe: Counter[int] = Counter()
+    unread: dict[str, list[int]] = {}
+    unread_count: Counter[str] = Counter()
+    names = [spec.name for spec in h.regions]
     last_seq = None
     try:  # the delta path: no snapshot is decoded but the two the summary prints
         for hit in reader.deltas():
@@ -38,6 +45,12 @@ def summary(reader: XrrReader) -> dict[str, Any]:
             per_probe[hit.probe] += 1
             count += 1
             hangs += hit.hang
+            if hit.missing:
+                for i in iter_bits(hit.missing):
+                    unread_count[names[i]] += 1
+                    seen = unread.setdefault(names[i], [])
+                    if len(seen) < UNREAD_LISTED:
+                        seen.append(hit.seq)
         if last_seq is not None:
             last = reader.snapshot_of_hit(hit)
     except RecordingFormatError as e:
@@ -59,6 +72,8 @@ def summary(reader: XrrReader) -> dict[str, Any]:
         "labels": {str(k): v for k, v in sorted(h.labels.items())},
         "snapshots": count,
         "hang_snapshots": hangs,
+        "unreadable": {name: {"snapshots": unread_count[name], "first": unread[name]}
+                       for name in sorted(unread)},
         "duration_s": (last.t_ns - first.t_ns) / 1e9 if first and last else 0.0,
         "closed_cleanly": reader.trailer is not None,
         "trailer": reader.trailer,

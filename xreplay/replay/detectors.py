@@ -296,6 +296,9 @@ class MissedClear(Detector):
                     ports = self._signature(cur, v)
                     if ports:
                         self._report(w, s.index, cur, v, ports, "the hang snapshot")
+            for v in list(cur.vcpu_info):
+                if v not in self.reported:
+                    self._hang_alone(w, s, cur, v)
             return
         for v, tr in w.tracks.items():
             if (v == s.vcpu or v in self.reported or not tr.blocked or tr.last_hit is None
@@ -335,6 +338,32 @@ class MissedClear(Detector):
                     "there, but the recording stopped before showing whether it re-checked "
                     "upcall_pending; re-record with --hang-after to take a hang snapshot",
                     "info"))
+
+    def _hang_alone(self, w: Walk, s: Step, cur: Evtchn2L, vcpu: int) -> None:
+        """The hang snapshot judged on its own (attached after the guest hung, or no probe
+        saw the vCPU block): the signature there means Xen already raised the upcall and
+        will not raise it again, whatever came before."""
+        ports = self._signature(cur, vcpu)
+        state = cur.vcpu_info[vcpu]
+        if not ports or state.evtchn_upcall_mask:
+            return
+        if vcpu == s.vcpu and s.interrupts_enabled is False:
+            return  # interrupts off: the upcall may still be waiting in the LAPIC
+        self.reported.add(vcpu)
+        tr = w.tracks.get(vcpu)
+        seen = ("it never hit a probe in this recording" if tr is None or tr.last_hit is None
+                else f"its last probe hit was #{tr.last_hit}")
+        text = (f"At the hang snapshot (#{s.index}, taken when no probe had been hit for "
+                f"a while) vCPU {vcpu} has evtchn_upcall_pending=1, evtchn_upcall_mask=0, "
+                f"evtchn_pending_sel={state.evtchn_pending_sel:#x} and port(s) "
+                f"{w.ports_text(iter_bits(ports), cur)} pending and unmasked with their "
+                f"selector bit set ({seen}). Xen notifies only on the 0->1 edge of "
+                "evtchn_upcall_pending, so this upcall was raised already and no other will "
+                f"come until the guest clears it: vCPU {vcpu} waits for ever. The missed "
+                "clear is the bottom half that never ran after the last upcall; record "
+                "from earlier (or with --upcall/--bottom-half/--block probes) to see which.")
+        w.add(Finding("missed-clear", s.index, None, None, vcpu, list(iter_bits(ports)),
+                      ["evtchn_upcall_pending", "evtchn_pending_sel"], text, "error"))
 
     def _report(self, w: Walk, index: int, state: Evtchn2L, vcpu: int, ports: int,
                 proof: str) -> None:
@@ -762,6 +791,29 @@ class ReplayResult:
         """True when a finding is not informational (the CLI's exit status 1)."""
         return any(f.severity != "info" for f in self.findings)
 
+    @property
+    def judged(self) -> int:
+        """Snapshots the detectors saw: those whose shared_info (and the probed vCPU's
+        vcpu_info) was read."""
+        return int(self.stats.get("snapshots", 0))
+
+    def incomplete(self) -> str | None:
+        """Why no clean verdict can be given (regions the judgement needs were not read),
+        as one line; None when every snapshot was judged."""
+        recorded = int(self.stats.get("recorded", self.judged))
+        unread = self.stats.get("unreadable") or {}
+        if recorded == 0:
+            return "the recording holds no snapshot: nothing to judge"
+        if self.judged == recorded:
+            return None
+        name, n = max(unread.items(), key=lambda kv: kv[1]) if unread else ("a region", 0)
+        what = ("re-record with --shared-info pointing at the shared page (a pointer "
+                "variable, the page itself, or its run-time address)" if name == "shared_info"
+                else f"re-record with a readable --vcpu-info for {name.split('.')[-1]}"
+                if name.startswith("vcpu_info") else "re-record")
+        return (f"{name} could not be read in {n} of {recorded} snapshots, so only "
+                f"{self.judged} could be judged: {what}")
+
     def by_kind(self, kind: str) -> list[Finding]:
         return [f for f in self.findings if f.kind == kind]
 
@@ -797,6 +849,7 @@ class Replayer:
              if regions[i].name == self.shadow and regions[i].kind == "watch"), None)
         self._shadow: bytes | None = None
         self._by_role: dict[str, list[Detector]] = {}
+        self._unfed = False  # the model changed in hits skipped since the last one fed
 
     def _detectors(self, role: str) -> list[Detector]:
         ds = self._by_role[role] = [d for d in self.detectors
@@ -813,17 +866,31 @@ class Replayer:
     def feed_hit(self, hit: Hit, buffers: list[bytearray | None]) -> str:
         """One hit from :meth:`XrrReader.deltas`, ``buffers`` its live region buffers;
         returns the hit's role."""
-        changed = self.observer.apply(self.cur, buffers, hit.dirty, hit.reset)
+        changed = self._observe(hit, buffers)
+        if self._unfed:
+            changed, self._unfed = True, False
         shadow = self._shadow
         sr = self._shadow_region
-        if sr is not None and (hit.reset or hit.touched >> sr & 1):
-            data = buffers[sr]
-            shadow = self._shadow = None if data is None else bytes(data)
+        if sr is not None and hit.missing >> sr & 1:
+            shadow = None  # not read at this hit, as Snapshot.watch leaves it out
         names = self._probe_names
         probe = names[hit.probe] if hit.probe < len(names) else f"probe{hit.probe}"
         irq = (None if hit.regflags is None
                else interrupts_enabled(self.walk.header.arch, hit.regflags))
         return self._feed(hit.seq, hit.t_ns, probe, hit.vcpu, hit.hang, irq, changed, shadow)
+
+    def _observe(self, hit: Hit, buffers: list[bytearray | None]) -> bool:
+        changed = self.observer.apply(self.cur, buffers, hit.dirty, hit.reset, hit.missing)
+        sr = self._shadow_region
+        if sr is not None and (hit.reset or hit.touched >> sr & 1):
+            data = buffers[sr]
+            self._shadow = None if data is None else bytes(data)
+        return changed
+
+    def skip_hit(self, hit: Hit, buffers: list[bytearray | None]) -> None:
+        """A hit the detectors must not judge (what they need was not read): the model
+        follows the buffers, the next fed hit compares with the last one fed."""
+        self._unfed = self._observe(hit, buffers) or self._unfed
 
     def _feed(self, index: int, t_ns: int, probe: str, vcpu: int, hang: bool,
               irq: bool | None, changed: bool, shadow: bytes | None) -> str:
@@ -888,9 +955,25 @@ def replay(source: XrrReader | str | os.PathLike[str],
 
 
 def _replay_reader(reader: XrrReader, options: ReplayOptions | None) -> ReplayResult:
-    r = Replayer(reader.header, options)
+    h = reader.header
+    r = Replayer(h, options)
+    names = [spec.name for spec in h.regions]
+    shared = 1 << next(i for i, spec in enumerate(h.regions) if spec.kind == "shared_info")
+    own = {spec.vcpu: 1 << i for i, spec in enumerate(h.regions)  # the probed vCPU's copy
+           if spec.name == f"vcpu_info.{spec.vcpu}"}
+    unread: Counter[str] = Counter()
+    total = 0
     feed = r.feed_hit
-    hits = reader.deltas()
-    for hit in hits:
+    for hit in reader.deltas():
+        total += 1
+        missing = hit.missing
+        if missing:
+            unread.update(names[i] for i in iter_bits(missing))
+            if missing & shared or missing & own.get(hit.vcpu, 0):
+                r.skip_hit(hit, reader.buffers)
+                continue  # a verdict only on data that was read
         feed(hit, reader.buffers)
-    return r.finish(reader.trailer, reader.problems)
+    result = r.finish(reader.trailer, reader.problems)
+    result.stats["recorded"] = total
+    result.stats["unreadable"] = dict(unread)
+    return result

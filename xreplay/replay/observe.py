@@ -47,20 +47,21 @@ class Observer:
         self.sizes = [r.size for r in header.regions]
         # per vCPU: (region, offset) of its vcpu_info in the current buffers, or None
         self.source: dict[int, tuple[int, int] | None] = {}
-        self._present: list[bool] = []
+        self._missing: int | None = None  # the regions unread at the last hit (None: no hit)
         self.embedded: list[tuple[int, int]] = []  # (vCPU, offset) read from shared_info
         self.embedded_end = 0
         self.registered_now: dict[int, int] = {}  # region -> the vCPU it is the source of
 
-    def _sources(self, bufs: list[bytearray | None]) -> None:
-        """Which copy of each vCPU's vcpu_info a snapshot decodes (as SnapshotDecoder does):
-        its registered region once read, else ``shared_info.vcpu_info[v]``."""
-        self._present = [b is not None for b in bufs]
-        have_shared = bufs[self.shared] is not None
+    def _sources(self, missing: int) -> None:
+        """Which copy of each vCPU's vcpu_info a snapshot decodes (as
+        :meth:`XrrReader.snapshot_of` does): its registered region when that was read at
+        this hit (else none: the legacy slot is stale), or ``shared_info.vcpu_info[v]``."""
+        self._missing = missing
+        have_shared = not missing >> self.shared & 1
         for v in self.vcpus:
             reg = self.registered.get(v)
-            if reg is not None and bufs[reg] is not None:
-                self.source[v] = (reg, 0)
+            if reg is not None:
+                self.source[v] = None if missing >> reg & 1 else (reg, 0)
             elif have_shared and v < self.legacy_max:
                 self.source[v] = (self.shared, v * self.vcpu_info_size)
             else:
@@ -76,10 +77,11 @@ class Observer:
         return VcpuBits(buf[at], buf[at + 1] if self.has_upcall_mask else None,
                         int.from_bytes(buf[at + lo:at + hi], "little"))
 
-    def full(self, m: Evtchn2L, bufs: list[bytearray | None]) -> None:
-        """Decode every field (the first hit, a hit after a seek, a region read at last)."""
-        self._sources(bufs)
-        shared = bufs[self.shared]
+    def full(self, m: Evtchn2L, bufs: list[bytearray | None], missing: int) -> None:
+        """Decode every field (the first hit, a hit after a seek, a hit where the set of
+        regions not read changed); ``missing`` bit *i*: region *i* not read at this hit."""
+        self._sources(missing)
+        shared = None if missing >> self.shared & 1 else bufs[self.shared]
         if shared is None:
             m.evtchn_pending = m.evtchn_mask = 0
         else:
@@ -93,14 +95,17 @@ class Observer:
         m.vcpu_info = vcpus
 
     def apply(self, m: Evtchn2L, bufs: list[bytearray | None],
-              dirty: list[tuple[int, int, int]], reset: bool = False) -> bool:
+              dirty: list[tuple[int, int, int]], reset: bool = False, missing: int = 0
+              ) -> bool:
         """Refresh the fields the ``dirty`` spans touch; True if any value changed.
+        ``missing``: the hit's :attr:`~xreplay.xrr.deltas.Hit.missing` regions (unknown
+        there: a region not read contributes no field, as in a decoded snapshot).
 
         A refreshed vCPU gets a new :class:`VcpuBits` (never mutated in place), so a copy of
         the previous state taken with :meth:`Evtchn2L.assign` stays valid.
         """
-        if reset or not self._present:
-            return self._full_changed(m, bufs)
+        if reset or missing != self._missing:
+            return self._full_changed(m, bufs, missing)
         if not dirty:
             return False
         shared_i = self.shared
@@ -110,8 +115,6 @@ class Observer:
         touch_pending = touch_mask = False
         touched: list[int] = []
         for region, lo, hi in dirty:
-            if not self._present[region]:
-                return self._full_changed(m, bufs)  # a region read for the first time
             if region == shared_i:
                 if lo < p1 and hi > p0:
                     touch_pending = True
@@ -148,9 +151,9 @@ class Observer:
                 m.vcpu_info[v], changed = VcpuBits(up, mask, sel), True
         return changed
 
-    def _full_changed(self, m: Evtchn2L, bufs: list[bytearray | None]) -> bool:
+    def _full_changed(self, m: Evtchn2L, bufs: list[bytearray | None], missing: int) -> bool:
         before = (m.evtchn_pending, m.evtchn_mask, dict(m.vcpu_info))
-        self.full(m, bufs)
+        self.full(m, bufs, missing)
         return before != (m.evtchn_pending, m.evtchn_mask, m.vcpu_info)
 
 
@@ -170,5 +173,5 @@ def states(reader: XrrReader) -> Iterator[tuple[Hit, Evtchn2L]]:
     m = Evtchn2L(g, Routing(g, h.vcpus, h.notify), vcpu_info={})
     obs = Observer(h)
     for hit in reader.deltas():
-        obs.apply(m, reader.buffers, hit.dirty, hit.reset)
+        obs.apply(m, reader.buffers, hit.dirty, hit.reset, hit.missing)
         yield hit, m

@@ -35,16 +35,18 @@ class Hit:
 
     ``dirty`` holds ``(region, start, end)`` per rewritten span (a full encoding is the
     whole region) and ``touched`` has bit *i* set when region *i* was rewritten;
-    ``reset`` says the buffers were rebuilt from an earlier keyframe, so a consumer must
-    decode everything (the first hit after a seek).
+    ``unread`` bit *i* when region *i* could not be read at this hit (stored absent: its
+    buffer holds older bytes) and ``missing`` (set by the reader) adds the regions never
+    read so far; ``reset`` says the buffers were rebuilt from an earlier keyframe, so a
+    consumer must decode everything (the first hit after a seek).
     """
 
     __slots__ = ("seq", "t_ns", "probe", "vcpu", "flags", "pc", "sp", "regflags", "offset",
-                 "dirty", "touched", "reset")
+                 "dirty", "touched", "unread", "missing", "reset")
 
     def __init__(self, seq: int, t_ns: int, probe: int, vcpu: int, flags: int, pc: int,
                  sp: int | None, regflags: int | None, dirty: list[tuple[int, int, int]],
-                 touched: int) -> None:
+                 touched: int, unread: int = 0) -> None:
         self.seq = seq
         self.t_ns = t_ns
         self.probe = probe
@@ -55,6 +57,8 @@ class Hit:
         self.regflags = regflags
         self.dirty = dirty
         self.touched = touched
+        self.unread = unread
+        self.missing = unread
         self.offset = 0
         self.reset = False
 
@@ -190,7 +194,7 @@ def decode_snapshot_v1(b: bytes, i: int, end: int, bufs: list[bytearray | None],
         if vcpu >= _MAX_VCPUS:
             raise Undecodable(f"vCPU {vcpu} beyond the ABI's {_MAX_VCPUS}")
         dirty: list[tuple[int, int, int]] = []
-        touched = seen = 0
+        touched = seen = unread = 0
         nbufs = len(bufs)
         for _ in range(nregions):
             region, enc, n = b[i], b[i + 1], b[i + 2]
@@ -207,6 +211,8 @@ def decode_snapshot_v1(b: bytes, i: int, end: int, bufs: list[bytearray | None],
                 raise Undecodable("undecodable snapshot: region data past the frame's end")
             if apply_region(bufs, sizes, region, enc, b, i, n, dirty):
                 touched |= 1 << region
+            elif enc == _ABSENT:
+                unread |= 1 << region
             i += n
     except IndexError:
         raise Undecodable("undecodable snapshot: the payload ends early") from None
@@ -214,7 +220,7 @@ def decode_snapshot_v1(b: bytes, i: int, end: int, bufs: list[bytearray | None],
         raise Undecodable("undecodable snapshot: the payload ends early")
     return Hit(seq, t_ns, probe, vcpu, flags, pc,
                sp if flags & _HAVE_SP else None,
-               regflags if flags & _HAVE_FLAGS else None, dirty, touched)
+               regflags if flags & _HAVE_FLAGS else None, dirty, touched, unread)
 
 
 # --------------------------------------------------------------------------- version 2.0
@@ -343,7 +349,7 @@ class SnapshotCodecV2:
             codes = b[i] if ncodes == 1 else int.from_bytes(b[i:i + ncodes], "little")
             i += ncodes
             dirty: list[tuple[int, int, int]] = []
-            touched = 0
+            touched = unread = 0
             region = 0
             while codes:  # unused high codes are 0 (same)
                 code = codes & 3
@@ -367,6 +373,8 @@ class SnapshotCodecV2:
                     i += n
                 elif region >= len(bufs):
                     raise Undecodable(f"region {region} not declared in the header")
+                elif code == CODE_ABSENT:
+                    unread |= 1 << region
                 codes >>= 2
                 region += 1
         except IndexError:
@@ -375,7 +383,7 @@ class SnapshotCodecV2:
             raise Undecodable("undecodable snapshot: its length disagrees with its fields")
         self.seq, self.t_ns = seq, t_ns
         return Hit(seq, t_ns, probe, vcpu, flags & _KNOWN_FLAGS, pc, sp, regflags, dirty,
-                   touched)
+                   touched, unread)
 
     def prefix(self, b: bytes, i: int, end: int) -> tuple[int, int]:
         """(seq, flags) of a 2.0 snapshot for a keyframe search (no region decoded)."""

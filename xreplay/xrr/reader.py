@@ -56,6 +56,7 @@ class Record:
     regions: list[bytes | None]
     offset: int  # byte offset of the frame in the file
     changed: list[bool]  # which regions differ from the previous record
+    unread: int = 0  # bit i: region i could not be read at this hit (its bytes are older)
 
     @property
     def keyframe(self) -> bool:
@@ -399,6 +400,7 @@ class XrrReader:
         decode = (SnapshotCodecV2(len(sizes)).decode if self.version[0] >= 2
                   else decode_snapshot_v1)
         reset = start > 0
+        never = (1 << len(sizes)) - 1  # regions not read so far
         for pos, kind, buf, i, end in self._frames(begin, index):
             if kind != _KIND_SNAPSHOT:
                 continue  # notes are indexed by _frames; unknown kinds (newer minors) skipped
@@ -413,6 +415,9 @@ class XrrReader:
                     self._commit(index)
                 raise err from None
             expect += 1
+            if never and hit.touched & never:
+                never &= ~hit.touched
+            hit.missing = hit.unread | never
             if hit.seq >= start:
                 hit.offset = pos
                 if reset:
@@ -443,7 +448,8 @@ class XrrReader:
                         snap_bytes[region] = bytes(bufs[region])  # type: ignore[arg-type]
             yield Record(seq=hit.seq, t_ns=hit.t_ns, probe=hit.probe, vcpu=hit.vcpu,
                          flags=hit.flags, pc=hit.pc, sp=hit.sp, regflags=hit.regflags,
-                         regions=list(snap_bytes), offset=hit.offset, changed=changed)
+                         regions=list(snap_bytes), offset=hit.offset, changed=changed,
+                         unread=hit.unread)
 
     def _corrupt(self, pos: int, why: str) -> RecordingFormatError:
         return self._bad(pos, f"corrupt frame at byte {pos} ({why}); the snapshots before it "
@@ -484,8 +490,10 @@ class XrrReader:
         dec = self._decoder
         shared = None
         watch: dict[str, bytes] = {}
-        for spec, data in zip(h.regions, rec.regions, strict=True):
-            if data is None:
+        missing: list[str] = []
+        for i, (spec, data) in enumerate(zip(h.regions, rec.regions, strict=True)):
+            if data is None or rec.unread >> i & 1:
+                missing.append(spec.name)
                 continue
             if spec.kind == "shared_info":
                 shared = data
@@ -496,9 +504,12 @@ class XrrReader:
             pending, mask = dec.bitmaps(shared)
         vcpus: dict[int, VcpuState] = {}
         for v, region in self._vcpu_plan:
-            raw = None if region is None else rec.regions[region]
-            source = "registered"
-            if raw is None:  # not registered, or unread at this hit: the legacy slot
+            if region is not None:
+                raw = rec.regions[region]
+                if raw is None or rec.unread >> region & 1:
+                    continue  # its registered copy was not read: the legacy slot is stale
+                source = "registered"
+            else:
                 if shared is None:
                     continue
                 raw = dec.embedded_vcpu_info(shared, v)
@@ -518,7 +529,7 @@ class XrrReader:
                         probe=self._probe_names[rec.probe], vcpu=rec.vcpu,
                         pc=rec.pc, flags=rec.regflags, evtchn_pending=pending,
                         evtchn_mask=mask, vcpus=vcpus, hang=rec.hang, watch=watch,
-                        labels=h.labels, notify=h.notify)
+                        labels=h.labels, notify=h.notify, missing=tuple(missing))
 
     def snapshot_of_hit(self, hit: Hit) -> Snapshot:
         """The full :class:`Snapshot` at ``hit``, from :attr:`buffers` as they are now (call
@@ -527,7 +538,7 @@ class XrrReader:
         return self.snapshot_of(Record(
             seq=hit.seq, t_ns=hit.t_ns, probe=hit.probe, vcpu=hit.vcpu, flags=hit.flags,
             pc=hit.pc, sp=hit.sp, regflags=hit.regflags, regions=regions, offset=hit.offset,
-            changed=[False] * len(regions)))
+            changed=[False] * len(regions), unread=hit.unread))
 
     def snapshots(self, start: int = 0) -> Iterator[Snapshot]:
         cache: dict = {}
