@@ -850,6 +850,7 @@ class Replayer:
         self._shadow: bytes | None = None
         self._by_role: dict[str, list[Detector]] = {}
         self._unfed = False  # the model changed in hits skipped since the last one fed
+        self._irq = interrupts_enabled
 
     def _detectors(self, role: str) -> list[Detector]:
         ds = self._by_role[role] = [d for d in self.detectors
@@ -875,8 +876,8 @@ class Replayer:
             shadow = None  # not read at this hit, as Snapshot.watch leaves it out
         names = self._probe_names
         probe = names[hit.probe] if hit.probe < len(names) else f"probe{hit.probe}"
-        irq = (None if hit.regflags is None
-               else interrupts_enabled(self.walk.header.arch, hit.regflags))
+        rf = hit.regflags
+        irq = None if rf is None else self._irq(self.walk.header.arch, rf)
         return self._feed(hit.seq, hit.t_ns, probe, hit.vcpu, hit.hang, irq, changed, shadow)
 
     def _observe(self, hit: Hit, buffers: list[bytearray | None]) -> bool:
