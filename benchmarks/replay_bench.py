@@ -166,8 +166,10 @@ def rewrite(src: Path, dst: Path, version: tuple[int, int] | None = None) -> int
     with XrrReader(src) as r, XrrWriter(dst, r.header, version=version or (
             fmt.VERSION_MAJOR, fmt.VERSION_MINOR)) as w:
         for rec in r.records():
+            regions = [None if rec.unread >> i & 1 else data
+                       for i, data in enumerate(rec.regions)]
             w.append(probe=rec.probe, vcpu=rec.vcpu, pc=rec.pc, sp=rec.sp,
-                     regflags=rec.regflags, t_ns=rec.t_ns, hang=rec.hang, regions=rec.regions)
+                     regflags=rec.regflags, t_ns=rec.t_ns, hang=rec.hang, regions=regions)
             n += 1
     return n
 
