@@ -75,7 +75,8 @@ def layout(arch: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--at", "at", type=int, default=None, help="Show snapshot number N.")
+@click.option("--at", "at", type=int, default=None, help="Show snapshot number N (-1: the "
+              "last, -2 the one before ...).")
 @click.option("--changes", "changes_range", default=None, metavar="FROM..TO",
               help="List the bits that changed between consecutive snapshots in the range.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -84,10 +85,12 @@ def show(file: Path, at: int | None, changes_range: str | None, as_json: bool) -
     from xreplay import inspect
     from xreplay.xrr import XrrReader
 
+    if at is not None and changes_range is not None:
+        raise XReplayError("--at and --changes are two views: give one of them")
     with XrrReader(file) as reader:
         stopped = None
         if at is not None:
-            snap = reader.snapshot(at)
+            snap = inspect.snapshot_at(reader, at)
             if as_json:
                 emit_json(snap.to_json())
             else:
@@ -366,6 +369,10 @@ def export(file: Path, fmt: str, output: str) -> None:
     from xreplay.xrr import XrrReader
 
     XrrReader(file).close()  # validate before creating the output
+    if output != "-":
+        from xreplay.paths import check_output
+
+        check_output(output)
     if output == "-":
         n = FORMATS[fmt](file, sys.stdout)
         return
@@ -433,7 +440,8 @@ def demo(out_dir: Path, variant: str, kinds: tuple[str, ...], seed: int, events:
         click.echo(f"\n== verdict (xreplay replay {run.output})")
         serious = [f for f in result.findings if f.severity != "info"]
         if not serious:
-            click.echo("no lost event delivery found")
+            why = result.incomplete()
+            click.echo(f"no verdict: {why}" if why else "no lost event delivery found")
         for f in serious:
             click.echo(f"{f.kind} at #{f.snapshot}: {f.message}")
         click.echo("")

@@ -126,3 +126,15 @@ def iter_changes(reader: XrrReader, lo: int, hi: int | None) -> Iterator[dict[st
         prev = snap
     if prev is None:
         raise XReplayError(f"{reader.name}: no snapshot #{lo} (the recording has fewer)")
+
+
+def snapshot_at(reader: XrrReader, n: int) -> Snapshot:
+    """Snapshot number ``n``; a negative ``n`` counts from the end (-1 is the last)."""
+    if n >= 0:
+        return reader.snapshot(n)
+    from collections import deque
+
+    tail = deque(reader.records(), maxlen=-n)
+    if len(tail) < -n:
+        raise XReplayError(f"{reader.name}: no snapshot {n} (the recording has {len(tail)})")
+    return reader.snapshot_of(tail[0])

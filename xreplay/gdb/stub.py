@@ -6,7 +6,8 @@ Stubs differ in what a recorder must do (GDB manual, "Remote Protocol"; QEMU
 * **QEMU** (``-s``/``-gdb``) is a whole-machine stub: x86 always reports the 64-bit
   register set, so gdb needs ``set architecture i386:x86-64`` even for a 32-bit guest
   (otherwise the connection fails with "'g' packet reply is too long"); it can report one
-  hit twice, so hits are de-duplicated.  It answers ``qemu.Supported``.
+  hit twice, so hits are de-duplicated.  It answers ``qqemu.Supported`` (QEMU's own
+  query prefix).
 * **gdbserver** debugs one process; it answers ``qXfer:exec-file:read`` with the
   program's path.
 * **gdbsx** (Xen's, in dom0) debugs one domain, one thread per vCPU.
@@ -76,9 +77,9 @@ def query(gdb: GdbSession, packet: str) -> str | None:
 def identify(gdb: GdbSession) -> StubInfo:
     """Ask the connected stub who it is."""
     answers: dict[str, str] = {}
-    qemu = query(gdb, "qemu.Supported")
+    qemu = query(gdb, "qqemu.Supported")
     if qemu is not None:
-        answers["qemu.Supported"] = qemu
+        answers["qqemu.Supported"] = qemu
     if qemu:
         return StubInfo(StubKind.QEMU, answers)
     exe = query(gdb, "qXfer:exec-file:read::0,400")

@@ -107,6 +107,8 @@ class Recorder:
             self.elf = read_elf(o.elf)
         self.arch = resolve_arch(o.arch, self.elf)
         check_output(o.output)
+        if self.arch is not None:
+            self._check_ports_and_vcpus()
         with tempfile.TemporaryDirectory(prefix="xreplay-") as tmp:
             self.channel = AgentChannel(tmp)
             started = False
@@ -334,6 +336,10 @@ class Recorder:
                 "address")
 
     def _explain_agent_error(self, msg: str) -> str:
+        msg = re.sub(r"^(gdb\.)?GdbError: ", "", msg.strip())
+        if "not found" in msg and msg.startswith("probe "):
+            return (f"{msg} in {self.o.elf or 'the target'}: check the name (nm the image), "
+                    "give --elf with symbols, or pass an address as *0xADDR")
         if "No symbol" in msg or "not defined" in msg:
             hint = ("check the name, give --elf with symbols, or pass the location/address "
                     "explicitly (--shared-info ADDR, --probe NAME=*ADDR)")
