@@ -31,7 +31,7 @@ def export_chrome(path: str | os.PathLike | BinaryIO, out: TextIO) -> int:
         for hit, m in states(r):  # the delta path: fields decoded only where they changed
             us = hit.t_ns / 1000.0
             v = m.vcpu_info.get(hit.vcpu)
-            live = [p for p in iter_bits(m.evtchn_pending & ~m.evtchn_mask)][:64]
+            live = [p for p in iter_bits(m.evtchn_pending & m.unmasked())][:64]
             args = {"snapshot": hit.seq, "pc": hex(hit.pc),
                     "interrupts_enabled": interrupts_enabled(h.arch, hit.regflags),
                     "pending_unmasked": [f"{p}" + (f" ({labels[p]})" if p in labels

@@ -548,7 +548,7 @@ class LostPending(Detector):
     def step(self, w: Walk, s: Step) -> None:
         prev, cur = s.prev, s.cur
         assert cur is not None
-        if prev is not None and s.changed:
+        if prev is not None and s.changed and prev.evtchn_pending != cur.evtchn_pending:
             cleared = prev.evtchn_pending & ~cur.evtchn_pending & w.geometry.all_ports
             if cleared:
                 if self.shadow is not None:
@@ -558,7 +558,7 @@ class LostPending(Detector):
                         self.taken[p] = _Taken(s.index, s.prev_index)
                         self.taken_bits |= 1 << p
         if self.taken_bits:
-            for p in iter_bits(self.taken_bits & ~cur.evtchn_mask):
+            for p in iter_bits(self.taken_bits & cur.unmasked()):
                 del self.taken[p]
                 self.taken_bits &= ~(1 << p)
             if s.role in ("block", HANG):
@@ -665,7 +665,7 @@ class UpcallMaskedAtBlock(Detector):
             f, n = self.open[v]
             self.open[v] = (f, n + 1)
             return
-        ports = (cur.evtchn_pending & ~cur.evtchn_mask & w.routing.ports_of(v)
+        ports = (cur.evtchn_pending & cur.unmasked() & w.routing.ports_of(v)
                  & w.geometry.all_ports)
         waiting = (f"; pending for it: {w.ports_text(iter_bits(ports), cur)}" if ports
                    else "")
@@ -739,7 +739,7 @@ class SpuriousUpcall(Detector):
             return
         cur = s.cur
         assert cur is not None
-        if cur.evtchn_pending & ~cur.evtchn_mask & w.routing.ports_of(s.vcpu):
+        if cur.evtchn_pending & cur.unmasked() & w.routing.ports_of(s.vcpu):
             return
         self.count += 1
         if self.first is None:
@@ -867,13 +867,18 @@ class Replayer:
     def feed_hit(self, hit: Hit, buffers: list[bytearray | None]) -> str:
         """One hit from :meth:`XrrReader.deltas`, ``buffers`` its live region buffers;
         returns the hit's role."""
-        changed = self._observe(hit, buffers)
+        changed = self.observer.apply(self.cur, buffers, hit.dirty, hit.reset, hit.missing)
         if self._unfed:
             changed, self._unfed = True, False
-        shadow = self._shadow
         sr = self._shadow_region
-        if sr is not None and hit.missing >> sr & 1:
-            shadow = None  # not read at this hit, as Snapshot.watch leaves it out
+        if sr is None:
+            shadow = None
+        else:
+            if hit.reset or hit.touched >> sr & 1:
+                data = buffers[sr]
+                self._shadow = None if data is None else bytes(data)
+            # not read at this hit: left out, as Snapshot.watch does
+            shadow = None if hit.missing >> sr & 1 else self._shadow
         names = self._probe_names
         probe = names[hit.probe] if hit.probe < len(names) else f"probe{hit.probe}"
         rf = hit.regflags
@@ -896,17 +901,16 @@ class Replayer:
     def _feed(self, index: int, t_ns: int, probe: str, vcpu: int, hang: bool,
               irq: bool | None, changed: bool, shadow: bytes | None) -> str:
         w = self.walk
-        first = self.last is None
-        if first:
-            w.t0 = t_ns
-        w.count += 1
-        role = HANG if hang else w.roles.get(probe, "other")
-        w.hits[role] += 1
         s = self._step
-        if first:
+        role = HANG if hang else w.roles.get(probe, "other")
+        if self.last is None:
+            w.t0 = t_ns
             s.quiet, s.changed, s.cur, s.prev = False, True, self.cur, None
         else:
             s.quiet, s.changed, s.prev = w.quiet(), changed, self.prev
+        w.count += 1
+        hits = w.hits
+        hits[role] = hits.get(role, 0) + 1
         w.update_track(vcpu, index, t_ns, role, irq)
         s.index, s.t_ns, s.probe, s.vcpu, s.role = index, t_ns, probe, vcpu, role
         s.hang, s.interrupts_enabled, s.shadow = hang, irq, shadow

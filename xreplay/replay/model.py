@@ -86,6 +86,17 @@ class Evtchn2L:
     evtchn_mask: int = 0
     vcpu_info: dict[int, VcpuBits] = field(default_factory=dict)
     upcalls: int = 0
+    _unmasked_of: int = field(default=-1, repr=False, compare=False)
+    _unmasked: int = field(default=0, repr=False, compare=False)
+
+    def unmasked(self) -> int:
+        """The unmasked ports (``~evtchn_mask`` within the 2-level range), cached per mask:
+        a guest masks nearly every port, so ``~`` of its mask is a 4096-bit operation, and
+        the mask rarely changes."""
+        mask = self.evtchn_mask
+        if mask is not self._unmasked_of:
+            self._unmasked_of, self._unmasked = mask, ~mask & self.geometry.all_ports
+        return self._unmasked
 
     @classmethod
     def new(cls, arch: str, vcpus: Iterable[int] = (0,),
@@ -200,12 +211,12 @@ class Evtchn2L:
         v = self.vcpu_info.get(vcpu)
         if v is None:
             return 0
-        return (self.evtchn_pending & ~self.evtchn_mask & self.routing.ports_of(vcpu)
+        return (self.evtchn_pending & self.unmasked() & self.routing.ports_of(vcpu)
                 & self.geometry.expand_sel(v.evtchn_pending_sel))
 
     def stranded(self) -> int:
         """Pending, unmasked ports no one will deliver: no selector bit, no upcall pending."""
-        live = self.evtchn_pending & ~self.evtchn_mask & self.geometry.all_ports
+        live = self.evtchn_pending & self.unmasked()
         if not live:
             return 0
         out = 0
@@ -332,11 +343,12 @@ def may_break_abi_quietly(prev: Evtchn2L, cur: Evtchn2L) -> bool:
     same conditions on whole bitmaps, so that the replay runs the per-bit explanation only
     on the rare steps that need it.  Never False where such a change is illegal."""
     g, r = cur.geometry, cur.routing
-    pend_unmasked = cur.evtchn_pending & ~cur.evtchn_mask & g.all_ports
+    unmasked = cur.unmasked()
+    pend_unmasked = cur.evtchn_pending & unmasked
     selected = 0  # ports whose notify vCPU has their selector word set
     for v, bits in cur.vcpu_info.items():
         selected |= r.ports_of(v) & g.expand_sel(bits.evtchn_pending_sel)
-    if cur.evtchn_pending & ~prev.evtchn_pending & ~cur.evtchn_mask & ~selected:
+    if cur.evtchn_pending & ~prev.evtchn_pending & unmasked & ~selected:
         return True  # evtchn_2l_set_pending of an unmasked port sets its selector bit
     for v, bits in cur.vcpu_info.items():
         before = prev.vcpu_info.get(v)
