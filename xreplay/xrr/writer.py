@@ -1,8 +1,9 @@
 """Streaming ``.xrr`` writer: keyframes plus byte-run deltas, one flushed frame per snapshot.
 
 Most of a shared_info page never changes between two probe hits, so a snapshot usually
-costs a few dozen bytes.  Every frame is written and flushed whole, so whatever happens to
-the recorder afterwards, the snapshots already written stay readable.
+costs about 20 bytes in format 2.0 (the previous snapshot implies its number, time and
+registers; keyframes are zlib streams).  Every frame is written and flushed whole, so
+whatever happens to the recorder afterwards, the snapshots already written stay readable.
 
 The first failed write (a full disk, a vanished mount) becomes a
 :class:`~xreplay.errors.RecordingWriteError` naming the file and the snapshots safely on
