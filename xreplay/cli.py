@@ -1,9 +1,10 @@
 """The ``xreplay`` command: a thin click shell over the library.
 
 Exit codes, as scripts expect (ruff's convention): 0 fine, 1 findings (replay/diff),
-2 bad input or environment, reported as one line on stderr.  Nothing else: a bug in
-xreplay (an exception that is not an :class:`XReplayError`) is also exit 2, with one line
-asking for a report, so that a crash is never mistaken for findings.
+2 bad input or environment, reported as one line on stderr (``record`` adds its end
+reasons, 130 is Ctrl-C).  A bug in xreplay (an exception that is not an
+:class:`XReplayError`) is also exit 2, with one line asking for a report, so that a crash
+is never mistaken for findings.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class XReplayGroup(click.Group):
             ctx.exit(2)
         except BrokenPipeError:
             ctx.exit(0)
+        except KeyboardInterrupt:
+            click.echo("xreplay: interrupted", err=True)
+            ctx.exit(130)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as e:  # noqa: BLE001 - the last guard: exit 2, never a traceback

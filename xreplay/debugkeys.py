@@ -73,7 +73,8 @@ _POLLING = re.compile(r"Polling vCPUs: \{([0-9, -]{0,4096})\}", re.ASCII)
 _PORT = re.compile(
     r"(\d{1,7}) \[([01])/([01])/([^\]]{1,8})\]: s=(\d{1,3}) n=(-?\d{1,10}) x=(\d{1,3})(.*)",
     re.ASCII)
-_PORT_START = re.compile(r"\d{1,10} {0,4}\[", re.ASCII)
+# Any digits here (not re.ASCII): a port line with Unicode digits is reported, not skipped.
+_PORT_START = re.compile(r"\d{1,10} {0,4}\[")
 # The s column of the 2-level ABI: evtchn_2l_print_state's "%d" of one bit.  The FIFO ABI's
 # (evtchn_fifo_print_state: "?     ", "%c -   ", "%c %-4u") is checked by rendering it back.
 _CELL_2L = re.compile(r"[01]")

@@ -9,7 +9,8 @@ target, fix a profile)::
     ├── FormatError            a file does not follow its format
     │   ├── RecordingFormatError   an .xrr recording (``file``, ``offset``)
     │   └── DebugKeysFormatError   Xen 'e' key output
-    ├── RecordingWriteError    writing a recording failed (disk full ...) (``file``, ``snapshots``)
+    ├── RecordingWriteError    writing a recording failed (disk full ...) (``file``, ``snapshots``;
+    │                          also an OSError)
     ├── TargetError            the gdbstub / guest (cannot attach, went away)
     ├── ProfileError           a guest profile or symbol map
     ├── LabError               the Xen lab
@@ -46,20 +47,23 @@ class DebugKeysFormatError(FormatError):
     """Text that is not Xen 'e' debug-key output, or (strict mode) a malformed line."""
 
 
-class RecordingWriteError(XReplayError):
+class RecordingWriteError(XReplayError, OSError):
     """Writing a recording failed; ``snapshots`` were complete on disk before the failure.
 
-    ``errno`` is the OS error number (``errno.ENOSPC`` for a full disk), None when unknown.
+    Also an :class:`OSError` (``errno``, ``strerror`` of the failed write: ``errno.ENOSPC``
+    for a full disk), so code that catches OSError around a writer keeps working.
     """
 
     def __init__(self, file: str, snapshots: int, error: OSError) -> None:
+        super().__init__(error.errno, error.strerror or str(error))
         self.file = file
         self.snapshots = snapshots
-        self.errno = error.errno
         self.error = error
-        what = ("disk full" if error.errno in (_errno.ENOSPC, _errno.EDQUOT)
-                else f"{error.strerror or error}")
-        super().__init__(f"{what} writing {file} after {snapshots} snapshots")
+        what = "disk full" if self.disk_full else f"{error.strerror or error}"
+        self.message = f"{what} writing {file} after {snapshots} snapshots"
+
+    def __str__(self) -> str:
+        return self.message
 
     @property
     def disk_full(self) -> bool:

@@ -32,26 +32,25 @@ def _ident(n: int) -> str:
 Source = str | os.PathLike | BinaryIO  # a recording's path, or a seekable binary stream
 
 
-def _changing_ports(path: Source) -> list[int]:
+def _changing_ports(r: XrrReader) -> list[int]:
     """Ports whose pending or mask bit changes, or that are pending at any snapshot (pass 1)."""
-    with XrrReader(path) as r:
-        seen = 0
-        first: tuple[int, int] | None = None  # (evtchn_pending, evtchn_mask) at the first
-        for _, m in states(r):
-            if first is None:
-                first = (m.evtchn_pending, m.evtchn_mask)
-                seen |= m.evtchn_pending
-            else:
-                seen |= (m.evtchn_pending ^ first[0])
-                seen |= (m.evtchn_mask ^ first[1]) | m.evtchn_pending
-        ports = set(iter_bits(seen)) | set(r.header.labels)
+    seen = 0
+    first: tuple[int, int] | None = None  # (evtchn_pending, evtchn_mask) at the first
+    for _, m in states(r):
+        if first is None:
+            first = (m.evtchn_pending, m.evtchn_mask)
+            seen |= m.evtchn_pending
+        else:
+            seen |= (m.evtchn_pending ^ first[0])
+            seen |= (m.evtchn_mask ^ first[1]) | m.evtchn_pending
+    ports = set(iter_bits(seen)) | set(r.header.labels)
     return sorted(p for p in ports if p > 0)
 
 
 def export_vcd(path: Source, out: TextIO) -> int:
     """Write ``path`` as VCD to ``out``; returns the number of snapshots written."""
-    ports = _changing_ports(path)
     with XrrReader(path) as r:
+        ports = _changing_ports(r)
         h = r.header
         sig: dict[str, tuple[str, int]] = {}
 

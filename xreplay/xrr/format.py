@@ -52,6 +52,7 @@ READABLE_MAJORS = (1, 2)
 
 MAX_META = 1 << 20  # header JSON
 MAX_FRAME = 64 << 20  # one frame's payload
+MAX_NOTE = 256 << 10  # one note's JSON (a 4096-port 'e' dump as text fits)
 MAX_REGION = 16 << 20  # one recorded memory region
 MAX_REGIONS = 255  # a region id is a u8
 MAX_PROBES = 256

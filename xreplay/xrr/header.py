@@ -88,10 +88,15 @@ class RecordingHeader:
         raise UsageError(f"no region named {name!r} in the recording header")
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["labels"] = {str(k): v for k, v in self.labels.items()}
-        d["notify"] = {str(k): v for k, v in self.notify.items()}
-        return d
+        """The header's JSON (free-form objects shared, not deep-copied: they may be big)."""
+        return {
+            "arch": self.arch, "probes": [asdict(p) for p in self.probes],
+            "regions": [asdict(r) for r in self.regions], "vcpus": list(self.vcpus),
+            "target": dict(self.target), "labels": {str(k): v for k, v in self.labels.items()},
+            "notify": {str(k): v for k, v in self.notify.items()},
+            "delivery": dict(self.delivery), "created": self.created, "tool": self.tool,
+            "keyframe_interval": self.keyframe_interval, "extra": dict(self.extra),
+        }
 
     def validate(self, source: str = "recording header", *, writing: bool = False
                  ) -> RecordingHeader:
@@ -249,20 +254,23 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+_CONTAINERS = (dict, list)
+
+
 def json_depth(obj: Any) -> int:
-    """Nesting depth of decoded JSON, without recursion (a hostile file nests 100,000 deep)."""
+    """Nesting depth of decoded JSON, level by level without recursion (a hostile file
+    nests 100,000 deep); stops counting past :data:`~fmt.MAX_JSON_DEPTH`."""
     depth = 0
-    stack = [(obj, 1)]
-    while stack:
-        o, d = stack.pop()
-        if isinstance(o, dict):
-            o = list(o.values())
-        elif not isinstance(o, list):
-            continue
-        depth = max(depth, d)
+    level = [obj] if type(obj) in _CONTAINERS else []
+    while level:
+        depth += 1
         if depth > fmt.MAX_JSON_DEPTH:
-            return depth
-        stack.extend((x, d + 1) for x in o if isinstance(x, dict | list))
+            break
+        nxt: list[Any] = []
+        for o in level:
+            nxt += [x for x in (o.values() if type(o) is dict else o)
+                    if type(x) in _CONTAINERS]
+        level = nxt
     return depth
 
 

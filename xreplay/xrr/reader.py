@@ -191,8 +191,9 @@ class XrrReader:
         """(offset, kind, buffer, start, end) of each intact frame, its payload being
         ``buffer[start:end]``; stops at a torn tail or damage.  Reads in large chunks.
 
-        With ``index`` (a pass from the first frame), torn tails, damage, notes and the
-        trailer are collected into it; a pass from elsewhere only yields frames.
+        With ``index`` (the first pass from the first frame), torn tails, damage, notes and
+        the trailer are collected into it.  Later passes stop at the damage that pass found
+        (a bad note, an undecodable snapshot) without parsing notes again.
         """
         if self.version[0] >= 2:
             return self._frames_v2(start, index)
@@ -206,9 +207,13 @@ class XrrReader:
         head_size, crc_size = fmt.FRAME_HEAD_SIZE, fmt.FRAME_CRC_SIZE
         mark, max_frame = fmt.FRAME_MARK, fmt.MAX_FRAME
         crc32, from_bytes = zlib.crc32, int.from_bytes
+        known = self._index.damage if index is None and self._index is not None else None
+        stop = known.offset if known is not None and known.offset is not None else -1
         buf = b""
         i = 0  # buf[i] is the byte at file offset pos
         while True:
+            if pos == stop:
+                raise known  # type: ignore[misc]
             if len(buf) - i < head_size:
                 buf = buf[i:] + f.read(_CHUNK)
                 i = 0
@@ -259,9 +264,13 @@ class XrrReader:
         crc_size, max_frame = fmt.FRAME_CRC_SIZE, fmt.MAX_FRAME
         crc32, from_bytes = zlib.crc32, int.from_bytes
         longest_head = 1 + 5  # a VarInt of MAX_FRAME takes at most 4 bytes; 5 is damage
+        known = self._index.damage if index is None and self._index is not None else None
+        stop = known.offset if known is not None and known.offset is not None else -1
         buf = b""
         i = 0  # buf[i] is the byte at file offset pos
         while True:
+            if pos == stop:
+                raise known  # type: ignore[misc]
             if len(buf) - i < longest_head:
                 buf = buf[i:] + f.read(_CHUNK)
                 i = 0
@@ -318,6 +327,9 @@ class XrrReader:
 
     def _index_json(self, index: _Index, pos: int, kind: int, payload: bytes) -> None:
         what = "note" if kind == _KIND_NOTE else "end trailer"
+        if len(payload) > fmt.MAX_NOTE:
+            raise self._bad(pos, f"{what} at byte {pos} holds {len(payload)} bytes, more than "
+                            f"the format allows ({fmt.MAX_NOTE}): the file is corrupt")
         data = parse_json_object(payload, what, self.name, pos)
         if kind == _KIND_END:
             index.trailer = data
@@ -390,9 +402,9 @@ class XrrReader:
         Raises :class:`RecordingFormatError` at damage, after every intact hit before it.
         """
         begin, expect = self._keyframe_before(start) if start > 0 else (None, 0)
-        # A pass from the first frame checks notes and the end frame as it goes (cheap:
-        # they are rare) and, the first time it completes, becomes the reader's index.
-        index = _Index() if begin is None else None
+        # The first pass from the first frame checks notes and the end frame as it goes and
+        # becomes the reader's index when it completes; later passes reuse it.
+        index = _Index() if begin is None and self._index is None else None
         sizes = self._sizes
         bufs: list[bytearray | None] = [None] * len(sizes)
         self.buffers = bufs

@@ -13,7 +13,6 @@ write the "closed cleanly" trailer (neither does leaving a ``with`` block on an 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -72,7 +71,7 @@ class XrrWriter:
         try:
             self._write_header()
         except BaseException:
-            self.abort()
+            self.abandon()
             raise
 
     def _write_header(self) -> None:
@@ -203,6 +202,9 @@ class XrrWriter:
         """Record something that happened between snapshots (e.g. a detach)."""
         t = time.monotonic_ns() - self._t0
         body = json.dumps({"event": event, "t_ns": t, "after": self.count, **data}).encode()
+        if len(body) > fmt.MAX_NOTE:
+            raise UsageError(f"note {event!r} of {len(body)} bytes exceeds the format's "
+                             f"bound ({fmt.MAX_NOTE})")
         self._frame(fmt.KIND_NOTE, body)
         self._flush()
 
@@ -217,15 +219,18 @@ class XrrWriter:
         try:
             if self.error is None:
                 body = json.dumps({"snapshots": self.count, **stats}).encode()
+                if len(body) > fmt.MAX_NOTE:  # keep the clean close, drop the statistics
+                    body = json.dumps({"snapshots": self.count, "stats": "too large"}).encode()
                 self._frame(fmt.KIND_END, body)
                 self._flush()
         finally:
-            self.abort()
+            self.abandon()
         if self.error is not None:
             raise self.error
 
-    def abort(self) -> None:
-        """Close the file without the trailer: readers will see it did not close cleanly."""
+    def abandon(self) -> None:
+        """Close without the trailer (after a failed write): the file ends at its last
+        complete frame and reads back as not closed cleanly."""
         if self.closed:
             return
         self.closed = True
@@ -235,16 +240,6 @@ class XrrWriter:
             except OSError as e:
                 self._failed(e)
 
-    def abandon(self) -> None:
-        """Close without the trailer (after a failed write): the file ends at its last
-        complete frame and reads back as not closed cleanly."""
-        if self.closed:
-            return
-        self.closed = True
-        if self._own:
-            with contextlib.suppress(OSError):
-                self._f.close()
-
     def __enter__(self) -> XrrWriter:
         return self
 
@@ -252,4 +247,4 @@ class XrrWriter:
         if exc_type is None:
             self.close()
         else:  # leaving on an exception: not a clean close, and that exception wins
-            self.abort()
+            self.abandon()
