@@ -43,7 +43,8 @@ from xreplay.abi.ports import MAX_VIRT_CPUS
 
 MAGIC = b"XRREC\x00\r\n"  # \r\n catches text-mode mangling, as PNG's signature does
 # 2.0 (issue 13): compact frames (one head byte, VarInt length) and snapshots whose
-# sequence number, time and registers are implicit or deltas; 1.0 files stay readable.
+# sequence number, time and registers are implicit or deltas; 1.x files stay readable.
+# 1.1 added FrameKind.GUEST_TIME and the header's "replay" key; 2.0 keeps both.
 VERSION_MAJOR = 2
 VERSION_MINOR = 0
 READABLE_MAJORS = (1, 2)
@@ -74,6 +75,7 @@ class FrameKind(enum.IntEnum):
     SNAPSHOT = 1
     NOTE = 2  # JSON: something that happened between snapshots (detach, foreign hits …)
     END = 3  # JSON trailer written by a clean close
+    GUEST_TIME = 4  # 1.1: the guest position (QEMU icount) of a snapshot taken on a replay
 
 
 class SnapshotFlags(enum.IntFlag):
@@ -98,6 +100,7 @@ class RegionEncoding(enum.IntEnum):
 
 # Short aliases, as the rest of the code has always spelt them.
 KIND_SNAPSHOT, KIND_NOTE, KIND_END = FrameKind.SNAPSHOT, FrameKind.NOTE, FrameKind.END
+KIND_GUEST_TIME = FrameKind.GUEST_TIME
 FLAG_KEYFRAME, FLAG_HANG = SnapshotFlags.KEYFRAME, SnapshotFlags.HANG
 FLAG_HAVE_FLAGS, FLAG_HAVE_SP = SnapshotFlags.HAVE_FLAGS, SnapshotFlags.HAVE_SP
 FLAG_REPEAT_REGS = SnapshotFlags.REPEAT_REGS
@@ -267,7 +270,13 @@ def fixed_struct(st: Struct) -> struct.Struct:
 frame_head_struct = fixed_struct(FrameHead)  # (mark, kind, length)
 header_prefix_struct = fixed_struct(FileHeaderPrefix)  # (magic, major, minor, meta_len)
 
+GuestTimePayload = Struct(
+    "seq" / VarInt,  # the snapshot it belongs to
+    "icount" / VarInt,  # instructions the guest had executed at that hit (QEMU replay)
+)
+
 snapshot_payload = SnapshotPayload.compile()
+guest_time_payload = GuestTimePayload.compile()
 snapshot_prefix = SnapshotPrefix.compile()
 delta_run = DeltaRun.compile()
 delta_runs = DeltaRuns.compile()

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from construct import ConstructError
+
 from xreplay.errors import RecordingFormatError, UsageError, XReplayError
 from xreplay.snapshot import Snapshot, SnapshotDecoder, VcpuState
 from xreplay.xrr import format as fmt
@@ -391,6 +393,22 @@ class XrrReader:
     def damage(self) -> RecordingFormatError | None:
         """Where frame-level damage stops every read (None: the frames are intact)."""
         return self._ensure_index().damage
+
+    # -- guest time ------------------------------------------------------------------
+
+    def guest_times(self) -> dict[int, int]:
+        """Snapshot number -> guest position (QEMU icount), for recordings taken on a replay;
+        empty for live recordings (their times are host times only)."""
+        out: dict[int, int] = {}
+        for pos, kind, buf, i, end in self._frames(None, None):
+            if kind == int(fmt.KIND_GUEST_TIME):
+                try:
+                    c = fmt.guest_time_payload.parse(buf[i:end])
+                except (ConstructError, *fmt.PARSE_ERRORS) as e:
+                    raise self._bad(pos, f"undecodable guest time at byte {pos}: {e}"
+                                    ) from None
+                out[c.seq] = c.icount
+        return out
 
     # -- records ---------------------------------------------------------------------
 

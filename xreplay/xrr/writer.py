@@ -27,7 +27,7 @@ from xreplay.xrr import format as fmt
 from xreplay.xrr.deltas import SnapshotCodecV2, deflate, encode_runs, uvarint
 from xreplay.xrr.header import RecordingHeader
 
-WRITABLE_VERSIONS = ((fmt.VERSION_MAJOR, fmt.VERSION_MINOR), (1, 0))
+WRITABLE_VERSIONS = ((fmt.VERSION_MAJOR, fmt.VERSION_MINOR), (1, 1), (1, 0))
 
 encode_delta = encode_runs  # the name this module has always exported
 
@@ -197,6 +197,11 @@ class XrrWriter:
             elif enc == fmt.ENC_DELTA:
                 data.append(reg["data"])
         return self._v2.encode(seq, t_ns, probe, vcpu, flags, pc, sp, regflags, codes, data)
+
+    def guest_time(self, seq: int, icount: int) -> None:
+        """Store the guest position of snapshot ``seq`` (e.g. QEMU's icount on a replay)."""
+        self._frame(fmt.KIND_GUEST_TIME,
+                    fmt.guest_time_payload.build({"seq": seq, "icount": icount}))
 
     def note(self, event: str, **data: Any) -> None:
         """Record something that happened between snapshots (e.g. a detach)."""
