@@ -330,6 +330,7 @@ def test_a_full_disk_is_one_typed_error_naming_file_and_count() -> None:
     with pytest.raises(RecordingWriteError) as e:
         XrrWriter("/dev/full", header)
     assert e.value.disk_full and e.value.errno == errno.ENOSPC and e.value.snapshots == 0
+    assert isinstance(e.value, OSError)  # code catching OSError around a writer still does
     assert str(e.value) == "disk full writing /dev/full after 0 snapshots"
 
 
