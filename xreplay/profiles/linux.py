@@ -42,6 +42,13 @@ UPCALL_SYMBOLS = ("__xen_evtchn_do_upcall", "xen_evtchn_do_upcall", "xen_hvm_evt
 BOTTOM_HALF_SYMBOL = "evtchn_2l_handle_events"
 #: PV Linux idles through xen_safe_halt -> SCHEDOP_block: the "about to block" point.
 BLOCK_SYMBOL = "xen_safe_halt"
+#: PVH/HVM Linux keeps the native irq pv-ops, so it idles through default_idle ->
+#: pv_ops.irq.safe_halt = native_safe_halt (``sti; hlt``; Xen blocks the vCPU on the HLT
+#: exit). Best first: native_safe_halt is the instruction itself, default_idle its caller.
+HVM_BLOCK_SYMBOLS = ("native_safe_halt", "default_idle")
+#: HYPERVISOR_CALLBACK_VECTOR (arch/x86/include/asm/irq_vectors.h): the vector Xen raises
+#: in a PVH/HVM Linux guest, whose handler is sysvec_xen_hvm_callback.
+HVM_CALLBACK_VECTOR = 0xF3
 SIF_INITDOMAIN = 0x2  # xen/include/public/xen.h, start_info.flags
 DOMAINS = ("dom0", "domu")
 #: Linux's ``enum xen_domain_type`` (include/xen/xen.h).
@@ -135,6 +142,16 @@ class LinuxSymbols:
             evtchn_ops_2l=syms.get("evtchn_ops_2l"),
             evtchn_ops_fifo=syms.get("evtchn_ops_fifo"), source=source, extra=dict(syms))
 
+    @property
+    def hvm_block(self) -> int | None:
+        """The PVH/HVM idle point (:data:`HVM_BLOCK_SYMBOLS`), if the map has one."""
+        name = self.hvm_block_name
+        return self.extra[name] if name else None
+
+    @property
+    def hvm_block_name(self) -> str | None:
+        return next((n for n in HVM_BLOCK_SYMBOLS if n in self.extra), None)
+
     @classmethod
     def load(cls, path: str | Path) -> LinuxSymbols:
         return cls.from_map(read_system_map(path), str(path))
@@ -180,14 +197,16 @@ class LinuxSymbols:
                      f"{START_INFO_SHARED_INFO:#x}) == {shared_info_ma:#x}")
         return expr
 
-    def probes(self, block: bool = True, extra: Mapping[str, int] | None = None
-               ) -> list[ProbeSpec]:
+    def probes(self, block: bool = True, extra: Mapping[str, int] | None = None,
+               hvm: bool = False) -> list[ProbeSpec]:
         """Upcall, bottom half, block (if wanted and present), then ``extra`` (name ->
-        address, role ``other``)."""
+        address, role ``other``). ``hvm``: a PVH/HVM guest, which blocks in
+        :data:`HVM_BLOCK_SYMBOLS` instead of xen_safe_halt."""
         out = [ProbeSpec("upcall", f"*{self.upcall:#x}", "upcall"),
                ProbeSpec("bottom-half", f"*{self.bottom_half:#x}", "bottom-half")]
-        if block and self.block is not None:
-            out.append(ProbeSpec("block", f"*{self.block:#x}", "block"))
+        where = self.hvm_block if hvm else self.block
+        if block and where is not None:
+            out.append(ProbeSpec("block", f"*{where:#x}", "block"))
         out += [ProbeSpec(name, f"*{addr:#x}", "other") for name, addr in (extra or {}).items()]
         return out
 
@@ -209,7 +228,7 @@ def _symbols(symbols: str | Path | LinuxSymbols) -> LinuxSymbols:
 def linux_profile(symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] = (0,),
                   domain: str | None = None, *, block: bool = True,
                   extra: Iterable[str] = (), shared_info_ma: int | None = None,
-                  shared_info_va: int | None = None) -> dict[str, Any]:
+                  shared_info_va: int | None = None, hvm: bool = False) -> dict[str, Any]:
     """RecordOptions keyword arguments for a Linux guest, from its symbol map.
 
     ``domain`` (``dom0``/``domu``) is for whole-machine stubs such as QEMU's: hits in other
@@ -238,7 +257,7 @@ def linux_profile(symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] = (0,
     where = f" ({domain})" if domain else ""
     return {
         "arch": "x86_64",
-        "probes": s.probes(block, extra_addrs),
+        "probes": s.probes(block, extra_addrs, hvm=hvm),
         "shared_info": (s.shared_info_expr if shared_info_va is None
                         else f"{shared_info_va:#x}"),
         "vcpu_info": {c: s.vcpu_info_expr(c, safe=True) for c in cpus},
@@ -267,7 +286,8 @@ def apply(options: Any, symbols: str | Path | LinuxSymbols, vcpus: Iterable[int]
     delivery mechanism.
     """
     kw = linux_profile(symbols, options.vcpus if vcpus is None else vcpus, domain, block=block,
-                       extra=extra, shared_info_va=facts.shared_info_va if facts else None)
+                       extra=extra, shared_info_va=facts.shared_info_va if facts else None,
+                       hvm=facts is not None and facts.domain_type == "hvm")
     for key, value in kw.items():
         if key == "extra_gdb_commands":
             value = [*options.extra_gdb_commands,
@@ -352,6 +372,9 @@ class GuestFacts:
         """How events reach the guest. PV Linux idles in xen_safe_halt with
         evtchn_upcall_mask set, legitimately: SCHEDOP_block clears the mask as it blocks
         (Xen's vcpu_block_enable_events), hence ``block``."""
+        if self.domain_type == "hvm":  # PVH/HVM: the callback vector, idle by HLT
+            return {"mechanism": "callback-vector", "vector": HVM_CALLBACK_VECTOR,
+                    "block": "hlt"}
         if self.domain_type != "pv":
             return {}
         return {"mechanism": "pv-callback", "block": "schedop_block"}
