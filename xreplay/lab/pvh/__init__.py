@@ -243,10 +243,14 @@ class Unikernel:
 
     def xl_state(self) -> str:
         """``xl list``'s state column for the domain (e.g. ``-b----``, ``r-----``)."""
-        out = self.lab.dom0(f"xl list {self.domid}", timeout=30)
+        return self.state_of(self.lab, self.domid)
+
+    @staticmethod
+    def state_of(lab: Lab, domid: int) -> str:
+        out = lab.dom0(f"xl list {domid}", timeout=30)
         rows = [ln.split() for ln in out.splitlines()[1:] if ln.strip()]
         if not rows or len(rows[0]) < 5:
-            raise XReplayError(f"xl list {self.domid}: unexpected output: {out.strip()}")
+            raise XReplayError(f"xl list {domid}: unexpected output: {out.strip()}")
         return rows[0][4]
 
     def e_dump(self) -> tuple[DomainEvtchnDump, str]:
