@@ -125,7 +125,7 @@ def test_target_killed_mid_recording_leaves_a_readable_file(kind: str,
         t = threading.Thread(target=lambda: done.append(rec.run()))
         t.start()
         deadline = time.monotonic() + 30
-        while (rec.writer is None or rec.writer.count < 50) and time.monotonic() < deadline:
+        while rec.sink.count < 50 and time.monotonic() < deadline:
             time.sleep(0.05)
         os.killpg(guest.pid, signal.SIGKILL)
         t.join(60)

@@ -97,13 +97,13 @@ def test_killed_target_leaves_a_readable_file(counter: Path, tmp_path: Path) -> 
     t.start()
     try:
         deadline = time.monotonic() + 20
-        while (rec.writer is None or rec.writer.count < 10) and time.monotonic() < deadline:
+        while rec.sink.count < 10 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert rec.launched is not None
         os.killpg(rec.launched.pid, signal.SIGKILL)  # the target dies mid-recording
         t.join(30)
     finally:
-        if rec.launched is not None and rec.launched.poll() is None:
+        if rec.launched is not None and rec.launched.alive():
             os.killpg(rec.launched.pid, signal.SIGKILL)
     assert done and done[0].reason in ("target-lost", "target-exited")
     with XrrReader(out) as r:
@@ -154,16 +154,24 @@ def test_missing_gdb_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_bad_watch_spec() -> None:
-    with pytest.raises(XReplayError, match="NAME=EXPR:LEN"):
+    with pytest.raises(XReplayError, match=r"NAME=EXPR\[:LEN\]"):
         WatchSpec.parse("shadow&x")
 
 
-def test_wrong_arch_is_caught_from_debug_info(counter: Path, tmp_path: Path) -> None:
+def test_an_arch_that_contradicts_the_elf_is_one_clear_error(counter: Path,
+                                                            tmp_path: Path) -> None:
     out = tmp_path / "w.xrr"
     opts = options(counter, out, "5", arch="x86_32")
-    with pytest.raises(XReplayError, match=r"3136 bytes .* 2344 bytes for --arch x86_32: "
-                                           r"pass --arch x86_64"):
+    with pytest.raises(XReplayError, match=r"--arch x86_32 contradicts .*ELF64 x86-64, the "
+                                           r"x86_64 ABI"):
         Recorder(opts).run()
+    assert not out.exists()
+
+
+def test_arch_comes_from_the_elf(counter: Path, tmp_path: Path) -> None:
+    opts = options(counter, tmp_path / "a.xrr", "5", arch=None)
+    result = Recorder(opts).run()
+    assert result.arch == "x86_64" and result.stub == "gdbserver" and result.snapshots == 5
 
 
 def test_a_listener_that_is_no_gdbstub_is_one_clear_error(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import click
 from xreplay import __version__
 from xreplay.errors import XReplayError
 from xreplay.output import emit_json
+from xreplay.profiles.presets import PROFILE_NAMES
 
 
 class XReplayGroup(click.Group):
@@ -107,6 +108,11 @@ def _print_summary(s: dict[str, Any], first: Any, last: Any) -> None:
                    f"at {p['location']}")
     if s["labels"]:
         click.echo("  labels " + ", ".join(f"{k}={v}" for k, v in s["labels"].items()))
+    for name, u in s["unreadable"].items():
+        listed = ", ".join(f"#{i}" for i in u["first"])
+        more = ", ..." if u["snapshots"] > len(u["first"]) else ""
+        click.echo(f"  UNREADABLE {name} in {u['snapshots']} of {s['snapshots']} snapshots: "
+                   f"{listed}{more}")
     for note in s["notes"]:
         click.echo(f"  note after #{note.get('after')}: {note.get('event')}")
     if first is not None:
@@ -143,30 +149,41 @@ def _parse_int_map(values: tuple[str, ...], what: str) -> dict[int, int]:
     return out
 
 
-@main.command()
+def _record_epilog() -> str:
+    from xreplay.record import EXIT_HELP
+
+    return EXIT_HELP
+
+
+@main.command(epilog=_record_epilog())
 @click.option("--target", help="HOST:PORT of a gdbstub (gdbserver, QEMU -gdb, gdbsx).")
 @click.option("--launch", help="Command that starts the target's gdbstub (then --target "
-              "attaches to it); stopped by its PID at the end unless --detach.")
+              "attaches to it); its output goes to FILE.launch.log; stopped by its PID at "
+              "the end unless --detach.")
 @click.option("--elf", type=click.Path(dir_okay=False, path_type=Path),
               help="Guest image with symbols.")
-@click.option("--arch", default="x86_64", show_default=True,
-              help="Guest ABI of shared_info: x86_64, x86_32, arm64, arm32.")
+@click.option("--arch", default=None, help="Guest ABI of shared_info: x86_64, x86_32, arm64, "
+              "arm32 [default: from --elf, else from the stub].")
+@click.option("--profile", type=click.Choice(PROFILE_NAMES), help="Probes, shared_info and "
+              "shadow of a kind of guest (solo5, mirage, minios, linux with --symbols, "
+              "xreplay-lab); each option below overrides its part.")
 @click.option("--upcall", "upcall", help="Location of the upcall (interrupt top half).")
 @click.option("--bottom-half", "bottom_half", help="Location of the bottom half (demux).")
 @click.option("--block", "block", help="Location where the vCPU blocks (hlt / SCHEDOP_block).")
 @click.option("--probe", "extra_probes", multiple=True, metavar="NAME=LOCATION",
               help="Another probe (repeatable).")
-@click.option("--shared-info", "shared_info", default="HYPERVISOR_shared_info",
-              show_default=True, help="Address or gdb expression of shared_info (a pointer "
-              "variable, the object itself, or a number).")
+@click.option("--shared-info", "shared_info", default=None, help="Address or gdb expression "
+              "of shared_info: a pointer variable (followed at every hit), the object or "
+              "page itself, or a run-time address [default: HYPERVISOR_shared_info].")
 @click.option("--vcpu-info", "vcpu_info", multiple=True, metavar="[VCPU=]EXPR",
               help="Where a vCPU's registered vcpu_info lives (repeatable).")
-@click.option("--watch", multiple=True, metavar="NAME=EXPR:LEN",
-              help="Extra guest memory stored with each snapshot (repeatable).")
+@click.option("--watch", multiple=True, metavar="NAME=EXPR[:LEN]",
+              help="Extra guest memory stored with each snapshot (repeatable; quote it: "
+              "'shadow=&evtchn_callback_ml').")
 @click.option("--label", multiple=True, metavar="PORT=NAME", help="Name a port (repeatable).")
 @click.option("--bind", multiple=True, metavar="PORT=VCPU", help="A port's notify vCPU "
               "(Xen's n=, see lsevtchn; default 0; repeatable).")
-@click.option("--vcpus", default="0", show_default=True, help="vCPUs to decode, e.g. 0,1.")
+@click.option("--vcpus", default=None, help="vCPUs to decode, e.g. 0,1 [default: 0].")
 @click.option("--count", type=click.IntRange(1), help="Stop after N snapshots.")
 @click.option("--duration", type=click.FloatRange(0, min_open=True), help="Stop after S s.")
 @click.option("--hang-after", "hang_after", type=click.FloatRange(0, min_open=True),
@@ -175,9 +192,9 @@ def _parse_int_map(values: tuple[str, ...], what: str) -> dict[int, int]:
               help="At the end, kill the target or detach and let it run on (default: kill "
               "what --launch started, detach from anything else).")
 @click.option("--dedupe/--no-dedupe", default=None,
-              help="Drop exact repeated hits (default: on for QEMU targets).")
-@click.option("--qemu", "is_qemu", is_flag=True, help="The stub is QEMU's (sets gdb's "
-              "architecture to i386:x86-64 for x86 guests, de-duplicates hits).")
+              help="Drop exact repeated hits (default: on for QEMU's stub).")
+@click.option("--qemu", "is_qemu", is_flag=True, help="Treat the stub as QEMU's even if it "
+              "does not say so (QEMU is recognised by itself).")
 @click.option("--filter", "filter_expr", help="gdb expression: record a hit only where it is "
               "true (whole-machine stubs); other hits are resumed and counted.")
 @click.option("--vcpu-expr", "vcpu_expr", help="gdb expression giving the guest's vCPU id at a "
@@ -190,67 +207,35 @@ def _parse_int_map(values: tuple[str, ...], what: str) -> dict[int, int]:
 @click.option("--no-guest-check", "no_guest_check", is_flag=True, help="With --symbols: do "
               "not stop once in the guest first (ABI and domain-type check, port labels).")
 @click.option("--gdb", default="gdb", show_default=True, help="gdb executable.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              required=True, help="Recording file to write.")
-def record(target: str | None, launch: str | None, elf: Path | None, arch: str,
-           upcall: str | None, bottom_half: str | None, block: str | None,
-           extra_probes: tuple[str, ...], shared_info: str, vcpu_info: tuple[str, ...],
-           watch: tuple[str, ...], label: tuple[str, ...], bind: tuple[str, ...],
-           vcpus: str, count: int | None,
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True,
+                                                path_type=Path),
+              required=True, help="Recording file to write (created once set-up succeeded).")
+def record(target: str | None, launch: str | None, elf: Path | None, arch: str | None,
+           profile: str | None, upcall: str | None, bottom_half: str | None,
+           block: str | None, extra_probes: tuple[str, ...], shared_info: str | None,
+           vcpu_info: tuple[str, ...], watch: tuple[str, ...], label: tuple[str, ...],
+           bind: tuple[str, ...], vcpus: str | None, count: int | None,
            duration: float | None, hang_after: float | None, kill_target: bool | None,
            dedupe: bool | None, is_qemu: bool, filter_expr: str | None, vcpu_expr: str | None,
            symbols: Path | None, domain: str | None, no_guest_check: bool, gdb: str,
            output: Path) -> None:
     """Record a live guest's event-channel state at its upcall, bottom half and block."""
-    import shlex
+    from xreplay.paths import check_output
+    from xreplay.record.build import RecordChoices, build_options
 
-    from xreplay.abi import canonical_arch
-    from xreplay.record import RecordOptions, WatchSpec
-    from xreplay.xrr import ProbeSpec
-
-    arch = canonical_arch(arch)
-    probes = [ProbeSpec(name, loc, name) for name, loc in
-              (("upcall", upcall), ("bottom-half", bottom_half), ("block", block)) if loc]
-    probes += [ProbeSpec(k, v, "other") for k, v in
-               _parse_kv(extra_probes, "--probe", key_int=False).items()]
-    vinfo: dict[int, str] = {}
-    for text in vcpu_info:
-        key, sep, expr = text.partition("=")
-        if sep and key.strip().isdigit():
-            vinfo[int(key)] = expr
-        else:
-            vinfo[0] = text
-    try:
-        vcpu_list = [int(v) for v in vcpus.split(",") if v.strip()]
-    except ValueError:
-        raise XReplayError(f"bad --vcpus {vcpus!r}: write e.g. 0,1") from None
-    if launch and not target:
-        raise XReplayError("--launch needs --target HOST:PORT (where the launched stub listens)")
-    options = RecordOptions(
-        output=output, arch=arch, target=target, launch=shlex.split(launch) if launch else None,
-        elf=elf, probes=probes, shared_info=shared_info, vcpu_info=vinfo,
-        watch=[WatchSpec.parse(w) for w in watch], labels=_parse_kv(label, "--label"),
-        notify=_parse_int_map(bind, "--bind"),
-        vcpus=sorted(set(vcpu_list) | set(vinfo)) or [0], count=count, duration=duration,
-        hang_after=hang_after, kill_target=kill_target, gdb=gdb,
-        gdb_arch="i386:x86-64" if is_qemu and arch.startswith("x86") else None,
-        dedupe=is_qemu if dedupe is None else dedupe, filter=filter_expr,
-        target_kind="qemu" if is_qemu else "gdbstub", vcpu_expr=vcpu_expr)
-    if symbols is not None:
-        from xreplay.profiles.linux import apply_cli
-
-        given = (click.get_current_context().get_parameter_source("shared_info")
-                 != click.core.ParameterSource.DEFAULT)
-        apply_cli(options, symbols, domain=domain, check=not no_guest_check,
-                  shared_info_given=given, dedupe=dedupe)
-        if filter_expr:
-            options.filter = filter_expr
-        if vcpu_expr:
-            options.vcpu_expr = vcpu_expr
-    elif domain:
-        raise XReplayError("--domain needs --symbols (or write the gdb expression: --filter)")
-    result = run_recorder(options)
+    check_output(output)
+    choices = RecordChoices(
+        output=output, target=target, launch=launch, elf=elf, arch=arch, profile=profile,
+        upcall=upcall, bottom_half=bottom_half, block=block,
+        probes=_parse_kv(extra_probes, "--probe", key_int=False), shared_info=shared_info,
+        vcpu_info=list(vcpu_info), watch=list(watch), labels=_parse_kv(label, "--label"),
+        notify=_parse_int_map(bind, "--bind"), vcpus=vcpus, count=count, duration=duration,
+        hang_after=hang_after, kill_target=kill_target, dedupe=dedupe, qemu=is_qemu,
+        filter=filter_expr, vcpu_expr=vcpu_expr, symbols=symbols, domain=domain,
+        guest_check=not no_guest_check, gdb=gdb)
+    result = run_recorder(build_options(choices))
     _print_record_result(result)
+    click.get_current_context().exit(result.exit_code)
 
 
 def run_recorder(options: Any) -> Any:
@@ -286,11 +271,28 @@ def _print_record_result(r: Any) -> None:
         extra += f", {r.duplicates} duplicate hits dropped"
     if r.foreign:
         extra += f", {r.foreign} hits of other domains skipped"
+    if r.signal:
+        extra += f" ({r.signal})"
+    stub = f" through {r.stub}" if r.stub else ""
     click.echo(f"{r.output}: {r.snapshots} snapshots in {r.elapsed:.2f} s "
-               f"({r.rate:.0f}/s), ended by {r.reason}{extra}")
+               f"({r.rate:.0f}/s){stub}, {r.arch or '?'} ABI, ended by {r.reason}{extra}")
+    if r.message:
+        click.echo(f"xreplay: error: {r.message}", err=True)
+    for region, n in sorted(r.unreadable.items()):
+        click.echo(f"xreplay: warning: {region} could not be read in {n} of {r.snapshots} "
+                   "snapshots (xreplay show lists them)", err=True)
+    if r.snapshots and not r.readable_shared_info:
+        click.echo("xreplay: error: no snapshot could read shared_info: check --shared-info "
+                   "(a pointer that is never set, a wrong address, another domain's page)",
+                   err=True)
+    if r.filter_errors:
+        click.echo(f"xreplay: warning: gdb could not evaluate --filter at {r.filter_errors} "
+                   "hits (counted as other domains')", err=True)
     if r.hang_snapshot is not None:
         click.echo(f"hang snapshot: #{r.hang_snapshot} (xreplay show {r.output} --at "
                    f"{r.hang_snapshot})")
+    if r.launch_log is not None:
+        click.echo(f"launched target's output: {r.launch_log}")
 
 
 @main.command()

@@ -14,6 +14,9 @@ from xreplay.snapshot import Snapshot
 from xreplay.transitions import bit_changes, watch_changes
 from xreplay.xrr import XrrReader
 
+#: how many snapshot numbers ``summary`` lists per unreadable region
+UNREAD_LISTED = 20
+
 
 def summary(reader: XrrReader) -> dict[str, Any]:
     """Arch, target, probes with hit counts, snapshot count, duration, first/last snapshot."""
@@ -23,6 +26,8 @@ def summary(reader: XrrReader) -> dict[str, Any]:
     last: Snapshot | None = None
     count = 0
     hangs = 0
+    unread: dict[str, list[int]] = {}
+    unread_count: Counter[str] = Counter()
     for snap in reader.snapshots():
         if first is None:
             first = snap
@@ -30,6 +35,11 @@ def summary(reader: XrrReader) -> dict[str, Any]:
         hits[snap.probe] += 1
         count += 1
         hangs += snap.hang
+        for name in snap.missing:
+            unread_count[name] += 1
+            seen = unread.setdefault(name, [])
+            if len(seen) < UNREAD_LISTED:
+                seen.append(snap.index)
     return {
         "file": reader.name,
         "arch": h.arch,
@@ -43,6 +53,8 @@ def summary(reader: XrrReader) -> dict[str, Any]:
         "labels": {str(k): v for k, v in sorted(h.labels.items())},
         "snapshots": count,
         "hang_snapshots": hangs,
+        "unreadable": {name: {"snapshots": unread_count[name], "first": unread[name]}
+                       for name in sorted(unread)},
         "duration_s": (last.t_ns - first.t_ns) / 1e9 if first and last else 0.0,
         "closed_cleanly": reader.trailer is not None,
         "trailer": reader.trailer,

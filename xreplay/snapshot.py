@@ -115,6 +115,12 @@ class Snapshot:
     watch: dict[str, bytes] = field(default_factory=dict)
     labels: dict[int, str] = field(default_factory=dict)
     notify: dict[int, int] = field(default_factory=dict)  # port -> notify vCPU
+    #: regions that could not be read at this hit (their fields above are unknown, not 0)
+    missing: tuple[str, ...] = ()
+
+    @property
+    def has_shared_info(self) -> bool:
+        return "shared_info" not in self.missing
 
     @property
     def structs(self) -> XenStructs:
@@ -194,6 +200,10 @@ class Snapshot:
                 f"  vcpu {v.vcpu}: evtchn_upcall_pending={v.evtchn_upcall_pending} "
                 f"evtchn_upcall_mask={mask} evtchn_pending_sel={v.evtchn_pending_sel:#x} "
                 f"system_time={v.time.get('system_time', 0)} ({v.source})")
+        for name in self.missing:
+            lines.append(f"  {name}: NOT READ at this hit (its fields are unknown)")
+        if not self.has_shared_info:
+            return "\n".join(lines)
         lines.append("    port [p/m/s]")
         lines.extend(p.render() for p in self.port_table())
         return "\n".join(lines)
@@ -214,6 +224,7 @@ class Snapshot:
             "evtchn_mask_clear": [p for p in iter_bits(~self.evtchn_mask
                                                         & ((1 << self.nr_ports) - 1))],
             "watch": {k: v.hex() for k, v in self.watch.items()},
+            "missing": list(self.missing),
         }
 
 

@@ -6,28 +6,41 @@ project's virtualenv, so it uses the standard library only.  Each probe is a
 ``Inferior.read_memory``, sends one binary frame to the recorder over a Unix socket and
 returns False, so gdb resumes the target at once (GDB manual, "Breakpoints In Python").
 The recorder (``xreplay.record``) owns the ``.xrr`` file; this side only reads and sends.
+The wire format is :mod:`xreplay.gdb.wire`, loaded from beside this file.
 
-Wire protocol (little-endian), one message per frame: ``u32 length``, ``u8 type``, body.
-Type ``S`` (snapshot): ``<IHHQQQB`` = hit, probe, vcpu, pc, sp, regflags, flags, then
-``u8 nregions`` and per region ``u32 size`` (0xFFFFFFFF = unreadable) and the bytes.
-Type ``J``: a UTF-8 JSON object (hello, counters, errors).
+A region named by a *pointer* (Mini-OS' and Linux's ``HYPERVISOR_shared_info``) is
+followed at every hit: the pointer may be NULL or unmapped when gdb attaches and set at
+boot, and a PIE's statically initialised pointer holds its link-time value until the
+dynamic loader relocates it.  Each change of address is reported to the recorder, which
+notes it in the recording.
 """
 
+import importlib.util
 import json
+import os
+import re
 import socket
-import struct
+import sys
 import threading
 
 import gdb  # type: ignore[import-not-found]
 
-_SNAP = struct.Struct("<IHHQQQB")
-_LEN = struct.Struct("<IB")
-UNREADABLE = 0xFFFFFFFF
-F_HANG = 1
-F_HAVE_SP = 2
-F_HAVE_FLAGS = 4
+
+def _load_wire():
+    name = "xreplay_wire"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(os.path.dirname(os.path.abspath(__file__)), "wire.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+wire = _load_wire()
 
 FLUSH_INTERVAL = 0.02  # s
+_ADDRESS_OF = re.compile(r"^\s*&\s*[A-Za-z_]\w*\s*$")
 FLUSH_COUNT = 64
 FLUSH_BYTES = 1 << 18
 
@@ -51,6 +64,95 @@ class _Probe(gdb.Breakpoint):
         return self.agent.on_hit(self.pid)
 
 
+class _Region:
+    """Where one region lives: a fixed address, a pointer followed at each hit, or an
+    expression re-evaluated at each hit (profiles that know better, e.g. Linux per-cpu)."""
+
+    def __init__(self, spec):
+        self.name = spec["name"]
+        self.size = spec["size"]
+        self.expr = spec["expr"]
+        self.address = None
+        self.pointer_at = None  # address of the pointer variable, when followed by value
+        self.pointer_size = 0
+        self.reeval = bool(spec.get("reeval"))
+        self.info = {"name": self.name, "expr": self.expr}
+        try:
+            value = gdb.parse_and_eval(self.expr)
+        except gdb.MemoryError as e:
+            # Memory the expression reads is not mapped now (a whole-machine stub attached
+            # in Xen or another domain, a pointer not yet set): resolve it at each hit.
+            self.reeval = True
+            self.info.update(how="expression", error=str(e))
+            return
+        t = value.type.strip_typedefs()
+        self.info["type"] = str(value.type)
+        if self.reeval:
+            self.info["how"] = "expression"
+        elif t.code == gdb.TYPE_CODE_PTR:
+            self.info["how"] = "pointer"
+            target = t.target().strip_typedefs()
+            if target.code in (gdb.TYPE_CODE_STRUCT, gdb.TYPE_CODE_ARRAY):
+                self.info.update(type_size=target.sizeof, type_code=_code(target))
+            if value.address is not None:
+                self.pointer_at = int(value.address)
+                self.pointer_size = t.sizeof
+            elif not _ADDRESS_OF.match(self.expr):
+                # e.g. &HYPERVISOR_shared_info->vcpu_info[1]: computed from a pointer
+                # that may not be set yet
+                self.reeval = True
+        elif t.code == gdb.TYPE_CODE_INT and value.address is not None:
+            # a word in memory holding the address (a symbol map's pointer variable,
+            # read as *(unsigned long *)ADDR): followed like a pointer
+            self.info["how"] = "pointer"
+            self.pointer_at = int(value.address)
+            self.pointer_size = t.sizeof
+        elif t.code == gdb.TYPE_CODE_INT:
+            self.info["how"] = "address"
+        elif value.address is not None:
+            self.info.update(how="object", type_size=t.sizeof, type_code=_code(t))
+        else:
+            raise gdb.GdbError(f"cannot take the address of {self.expr!r} ({value.type})")
+        if not self.size:
+            # --watch NAME=EXPR without a length: the object's own size
+            self.size = self.info.get("type_size") or 0
+            if not self.size:
+                raise gdb.GdbError(f"region {self.name}: gdb does not know the size of "
+                                   f"{self.expr!r}; give NAME=EXPR:LEN")
+        self.info["size"] = self.size
+        self.address = self.locate(value)
+        self.info["address"] = self.address
+
+    def locate(self, value=None):
+        """The region's address now; None when its pointer is NULL or unreadable."""
+        try:
+            if self.pointer_at is not None:
+                raw = bytes(gdb.selected_inferior().read_memory(self.pointer_at,
+                                                                self.pointer_size))
+                addr = int.from_bytes(raw, "little")
+            else:
+                if value is None:
+                    value = gdb.parse_and_eval(self.expr)
+                t = value.type.strip_typedefs()
+                if t.code in (gdb.TYPE_CODE_PTR, gdb.TYPE_CODE_INT):
+                    addr = int(value)
+                elif value.address is not None:
+                    addr = int(value.address)
+                else:
+                    return None
+        except (gdb.error, gdb.MemoryError, ValueError):
+            return None
+        return addr or None
+
+    @property
+    def follows(self):
+        return self.pointer_at is not None or self.reeval
+
+
+def _code(t):
+    return "struct" if t.code == gdb.TYPE_CODE_STRUCT else "array"
+
+
 class Agent:
     def __init__(self, config):
         self.config = config
@@ -64,30 +166,21 @@ class Agent:
         self.inferior = gdb.selected_inferior()
         self.arch = gdb.selected_frame().architecture().name() if gdb.selected_thread() else ""
         self.flags_reg = config.get("flags_register")
-        self.regions = []  # [address or None, size, expression to re-evaluate or None]
         self.hits = 0
         self.duplicates = 0
         self.foreign = 0
+        self.filter_errors = 0
         self.count_limit = config.get("count") or 0
         self.dedupe = bool(config.get("dedupe"))
         self.filter_expr = config.get("filter")
+        self.vcpu_expr = config.get("vcpu_expr")
         self.last = {}
         self.probes = []
-        resolved = []
-        for spec in config["regions"]:
-            reeval = spec["expr"] if spec.get("reeval") else None
-            try:
-                addr = self.resolve(spec["expr"])
-            except gdb.error:
-                # On a whole-machine stub the attach may stop in Xen or another domain, where
-                # the guest's pointers are not mapped; a re-evaluated region resolves per hit.
-                if reeval is None:
-                    raise
-                addr = None
-            self.regions.append([addr, spec["size"], reeval])
-            resolved.append({"name": spec["name"], "address": addr, "per_hit": bool(reeval),
-                             "type_size": self.object_size(spec["expr"])})
-        self.vcpu_expr = config.get("vcpu_expr")
+        self.regions = [_Region(spec) for spec in config["regions"]]
+        for r in self.regions:
+            r.info["readable"] = self.readable(r.address)
+        self.check_expression("--filter", self.filter_expr)
+        self.check_expression("--vcpu-expr", self.vcpu_expr)
         try:
             for i, spec in enumerate(config["probes"]):
                 self.probes.append(_Probe(self, i, spec))
@@ -96,38 +189,34 @@ class Agent:
                 p.delete()
             self.sock.close()
             raise
-        self.send_json({"event": "hello", "regions": resolved, "arch": self.arch,
+        self.send_json({"event": "hello", "regions": [r.info for r in self.regions],
+                        "arch": self.arch,
                         "probes": [{"name": p.name, "locations": p.location,
                                     "number": p.number} for p in self.probes]})
 
     # -- helpers -------------------------------------------------------------------
 
     @staticmethod
-    def resolve(expr):
-        """An address from an expression: a pointer's value, an object's address, or an int."""
-        value = gdb.parse_and_eval(expr)
-        code = value.type.strip_typedefs().code
-        if code == gdb.TYPE_CODE_PTR:
-            return int(value)
-        if code in (gdb.TYPE_CODE_INT,):
-            return int(value)
-        if value.address is not None:
-            return int(value.address)
-        raise gdb.GdbError(f"cannot take an address of {expr!r}")
-
-    @staticmethod
-    def object_size(expr):
-        """sizeof the object an expression names or points to, when debug info says so
-        (lets the recorder catch a wrong --arch); None for bare addresses."""
+    def check_expression(option, expr):
+        """An expression gdb cannot evaluate at all is a set-up error, not 'false' at every
+        hit; one that only reads memory not mapped right now is fine."""
+        if not expr:
+            return
         try:
-            t = gdb.parse_and_eval(expr).type.strip_typedefs()
-            if t.code == gdb.TYPE_CODE_PTR:
-                t = t.target().strip_typedefs()
-            if t.code in (gdb.TYPE_CODE_STRUCT, gdb.TYPE_CODE_ARRAY):
-                return t.sizeof
-        except (gdb.error, RuntimeError):
+            gdb.parse_and_eval(expr)
+        except gdb.MemoryError:
             pass
-        return None
+        except gdb.error as e:
+            raise gdb.GdbError(f"{option} {expr!r}: gdb cannot evaluate it: {e}") from None
+
+    def readable(self, addr):
+        if addr is None:
+            return False
+        try:
+            self.inferior.read_memory(addr, 1)
+            return True
+        except gdb.MemoryError:
+            return False
 
     def send(self, kind, body, now=True):
         """Queue a message; flush at once (``now``) or when the batch is big or old.
@@ -137,7 +226,7 @@ class Agent:
         to FLUSH_INTERVAL so the recorder's hang detection still sees hits promptly.
         """
         with self.lock:
-            self.queue.append(_LEN.pack(len(body) + 1, kind) + body)
+            self.queue.append(wire.frame(kind, body))
             self.queued += len(body)
             if now or self.queued >= FLUSH_BYTES or len(self.queue) >= FLUSH_COUNT:
                 self._flush_locked()
@@ -158,7 +247,7 @@ class Agent:
                     return
 
     def send_json(self, obj):
-        self.send(ord("J"), json.dumps(obj).encode())
+        self.send(wire.JSON_KIND, json.dumps(obj).encode())
 
     def vcpu_id(self):
         """The guest's vCPU number: from the configured expression (a guest's own CPU id,
@@ -181,18 +270,18 @@ class Agent:
 
     def read_regions(self):
         out = []
-        for entry in self.regions:
-            addr, size, expr = entry
-            if expr is not None:
-                try:
-                    addr = entry[0] = self.resolve(expr)
-                except gdb.error:
-                    addr = None
-            if addr is None:
+        for r in self.regions:
+            if r.follows:
+                addr = r.locate()
+                if addr != r.address:
+                    r.address = addr
+                    self.send_json({"event": "region-moved", "region": r.name,
+                                    "address": addr, "hit": self.hits})
+            if r.address is None:
                 out.append(None)
                 continue
             try:
-                out.append(bytes(self.inferior.read_memory(addr, size)))
+                out.append(bytes(self.inferior.read_memory(r.address, r.size)))
             except gdb.MemoryError:
                 out.append(None)
         return out
@@ -204,6 +293,7 @@ class Agent:
             try:
                 keep = bool(gdb.parse_and_eval(self.filter_expr))
             except gdb.error:
+                self.filter_errors += 1
                 keep = False
             if not keep:
                 self.foreign += 1
@@ -221,19 +311,10 @@ class Agent:
                 self.duplicates += 1
                 return False
             self.last[vcpu] = key
-        flags = (F_HANG if hang else 0) | (F_HAVE_SP if sp is not None else 0) | (
-            F_HAVE_FLAGS if regflags is not None else 0)
-        parts = [_SNAP.pack(self.hits, pid, vcpu, pc, sp or 0, regflags or 0, flags),
-                 bytes([len(regions)])]
-        for data in regions:
-            if data is None:
-                parts.append(struct.pack("<I", UNREADABLE))
-            else:
-                parts.append(struct.pack("<I", len(data)))
-                parts.append(data)
+        body = wire.pack_snapshot(self.hits, pid, vcpu, pc, sp, regflags, hang, regions)
         self.hits += 1
         last = bool(self.count_limit) and self.hits >= self.count_limit and not hang
-        self.send(ord("S"), b"".join(parts), now=hang or last)
+        self.send(wire.SNAPSHOT_KIND, body, now=hang or last)
         return last  # True is a real stop: the recorder sees *stopped and finishes
 
     def snapshot_now(self, pid):
@@ -247,7 +328,7 @@ class Agent:
                 p.delete()
         self.probes = []
         self.send_json({"event": "finish", "hits": self.hits, "duplicates": self.duplicates,
-                        "foreign": self.foreign})
+                        "foreign": self.foreign, "filter_errors": self.filter_errors})
         self.done.set()
         with self.lock:
             self.sock.close()

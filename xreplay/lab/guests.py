@@ -104,6 +104,59 @@ _CFLAGS: dict[str, tuple[str, ...]] = {
 }
 _READY_TIMEOUT = 15.0
 
+#: How the guest declares shared_info and names its probes (see lab.h): the same program
+#: written the way each kind of guest is, so every ``--profile`` is tested on its own names.
+STYLES: dict[str, tuple[str, ...]] = {
+    "lab": (),
+    "solo5": ("-DLAB_STYLE_SOLO5",
+              "-Devtchn_upcall_handler=solo5__xen_evtchn_vector_handler",
+              "-Devtchn_demux_pending=mirage_xen_evtchn_demux_pending",
+              "-Devtchn_block_domain=mirage_xen_evtchn_block_domain"),
+    "minios": ("-DLAB_STYLE_MINIOS", "-Devtchn_upcall_handler=hypervisor_callback",
+               "-Devtchn_demux_pending=do_hypervisor_callback",
+               "-Devtchn_block_domain=block_domain"),
+}
+STYLES["minios-static"] = (*STYLES["minios"], "-DLAB_SHINFO_STATIC")
+#: the ``--profile`` that fits each style
+STYLE_PROFILE = {"lab": "xreplay-lab", "solo5": "mirage", "minios": "minios",
+                 "minios-static": "minios"}
+
+
+@dataclass(frozen=True)
+class GuestBuild:
+    """One build of the lab guest: target kind, declaration style, word size, PIE."""
+
+    kind: str = "process"
+    style: str = "lab"
+    m32: bool = False  # process only: a 32-bit program (the x86_32 ABI)
+    pie: bool = False  # process only
+
+    def __post_init__(self) -> None:
+        _check_kind(self.kind)
+        if self.style not in STYLES:
+            raise XReplayError(f"unknown lab guest style {self.style!r}: use one of "
+                               f"{', '.join(STYLES)}")
+        if self.kind == "baremetal" and (self.m32 or self.pie):
+            raise XReplayError("the bare-metal lab guest is always 32-bit and not a PIE")
+
+    @property
+    def arch(self) -> str:
+        return "x86_32" if self.m32 else ARCH[self.kind]
+
+    @property
+    def name(self) -> str:
+        parts = [self.kind] + ([self.style] if self.style != "lab" else [])
+        parts += (["m32"] if self.m32 else []) + (["pie"] if self.pie else [])
+        return "-".join(parts)
+
+    def cflags(self) -> tuple[str, ...]:
+        flags = list(_CFLAGS[self.kind])
+        if self.pie:
+            flags = [f for f in flags if f not in ("-fno-pie", "-no-pie")] + ["-fpie", "-pie"]
+        if self.m32:
+            flags.insert(0, "-m32")
+        return (*flags, *STYLES[self.style])
+
 
 def _check_kind(kind: str) -> None:
     if kind not in GUEST_KINDS:
@@ -123,24 +176,28 @@ def default_cache_dir() -> Path:
 # -- building -------------------------------------------------------------------------------
 
 
-def compile_command(kind: GuestKind, out: Path) -> list[str]:
+def _build(kind: GuestKind | GuestBuild) -> GuestBuild:
+    return kind if isinstance(kind, GuestBuild) else GuestBuild(kind)
+
+
+def compile_command(kind: GuestKind | GuestBuild, out: Path) -> list[str]:
     """The gcc command line that builds ``kind`` into ``out`` (run it in :data:`GUEST_DIR`)."""
-    _check_kind(kind)
-    units = [s for s in _SOURCES[kind] if s.endswith((".c", ".S"))]
-    cmd = ["gcc", *_CFLAGS[kind]]
-    if kind == "baremetal":
+    b = _build(kind)
+    units = [s for s in _SOURCES[b.kind] if s.endswith((".c", ".S"))]
+    cmd = ["gcc", *b.cflags()]
+    if b.kind == "baremetal":
         cmd.append("-Wl,-T," + str(GUEST_DIR / "link.ld"))
     cmd += ["-o", str(out), *(str(GUEST_DIR / u) for u in units)]
-    if kind == "baremetal":
+    if b.kind == "baremetal":
         cmd.append("-lgcc")  # 64-bit division for the virtual clock's printing
     return cmd
 
 
-def _source_digest(kind: GuestKind) -> str:
+def _source_digest(b: GuestBuild) -> str:
     h = hashlib.sha256()
-    h.update(kind.encode())
-    h.update("\0".join(_CFLAGS[kind]).encode())
-    for name in _SOURCES[kind]:
+    h.update(b.kind.encode())
+    h.update("\0".join(b.cflags()).encode())
+    for name in _SOURCES[b.kind]:
         path = GUEST_DIR / name
         if not path.is_file():
             raise XReplayError(f"lab guest source missing: {path} (broken xreplay install?)")
@@ -148,10 +205,10 @@ def _source_digest(kind: GuestKind) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_toolchain(kind: GuestKind) -> None:
+def _check_toolchain(b: GuestBuild) -> None:
     if shutil.which("gcc") is None:
         raise XReplayError("gcc not found: install the Debian package gcc (apt-get install gcc)")
-    if kind == "baremetal":
+    if b.kind == "baremetal" or b.m32:
         # Without multilib, gcc -m32 has no 32-bit libgcc.a to give back.
         res = subprocess.run(["gcc", "-m32", "-print-libgcc-file-name"], capture_output=True,
                              text=True, check=False)
@@ -160,36 +217,38 @@ def _check_toolchain(kind: GuestKind) -> None:
                                "gcc-multilib (apt-get install gcc-multilib)")
 
 
-def build_guest(kind: GuestKind, cache_dir: Path | None = None) -> Path:
+def build_guest(kind: GuestKind | GuestBuild, cache_dir: Path | None = None) -> Path:
     """Compile the ``kind`` guest (with ``-g``) and return the ELF path.
 
     The output name carries a hash of the sources and flags, so an unchanged tree is not
     rebuilt and a changed one never reuses a stale binary. The write is atomic (build to a
     temporary name, then rename), so concurrent builders are safe.
     """
-    _check_kind(kind)
-    digest = _source_digest(kind)
+    b = _build(kind)
+    kind = b.kind  # type: ignore[assignment]
+    digest = _source_digest(b)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    out = cache / f"guest-{kind}-{digest}.elf"
+    out = cache / f"guest-{b.name}-{digest}.elf"
     if out.is_file():
         return out
-    _check_toolchain(kind)
+    _check_toolchain(b)
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".guest-{kind}-", suffix=".tmp", dir=cache)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        res = subprocess.run(compile_command(kind, tmp), cwd=GUEST_DIR, capture_output=True,
+        res = subprocess.run(compile_command(b, tmp), cwd=GUEST_DIR, capture_output=True,
                              text=True, check=False)
         if res.returncode != 0:
             err = res.stderr.strip()
             if "xen/foreign" in err:
                 raise XReplayError("Xen's public headers are missing: install the Debian "
                                    f"package libxen-dev (apt-get install libxen-dev)\n{err}")
-            if kind == "baremetal" and ("-lgcc" in err or ("32" in err and "cannot find" in err)):
+            if (kind == "baremetal" or b.m32) and (
+                    "-lgcc" in err or ("32" in err and "cannot find" in err)):
                 raise XReplayError("32-bit toolchain incomplete: install the Debian package "
                                    f"gcc-multilib (apt-get install gcc-multilib)\n{err}")
-            raise XReplayError(f"building the {kind} lab guest failed:\n{err}")
+            raise XReplayError(f"building the {b.name} lab guest failed:\n{err}")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -283,6 +342,7 @@ class LabGuest:
     guest_pid: int | None = None
     """The guest process under gdbserver (None for QEMU)."""
     gdb_arch: str = GDB_ARCH
+    build: GuestBuild | None = None
     _popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _workdir: Path | None = field(default=None, repr=False)
     _final_output: str | None = field(default=None, repr=False)
@@ -290,7 +350,7 @@ class LabGuest:
     @property
     def arch(self) -> str:
         """xreplay arch name of the guest's shared_info: ``x86_64`` or ``x86_32``."""
-        return ARCH[self.kind]
+        return self.build.arch if self.build is not None else ARCH[self.kind]
 
     def gdb_connect_commands(self) -> list[str]:
         """gdb commands that load symbols and attach to the stub."""
@@ -396,19 +456,21 @@ def _wait_ready(guest: LabGuest, port: int, kind: str) -> None:
                        f"127.0.0.1:{port}:\n{log}")
 
 
-def start_guest(kind: GuestKind, variant: str = "correct", *, seed: int = DEFAULT_SEED,
-                events: int = DEFAULT_EVENTS, debugger: bool = True, port: int | None = None,
-                elf: Path | None = None, cache_dir: Path | None = None) -> LabGuest:
+def start_guest(kind: GuestKind | GuestBuild, variant: str = "correct", *,
+                seed: int = DEFAULT_SEED, events: int = DEFAULT_EVENTS, debugger: bool = True,
+                port: int | None = None, elf: Path | None = None,
+                cache_dir: Path | None = None) -> LabGuest:
     """Build (if needed) and start a lab guest.
 
     With ``debugger=True`` the guest waits, frozen, for gdb on ``.address``: the process under
     ``gdbserver --once``, the bare-metal guest under ``qemu ... -gdb tcp:... -S``. Without it,
     the process runs directly and QEMU runs without stub and without ``-S``.
     """
-    _check_kind(kind)
+    build = _build(kind)
+    kind = build.kind  # type: ignore[assignment]
     args = guest_args(variant, seed, events)
     if elf is None:
-        elf = build_guest(kind, cache_dir)
+        elf = build_guest(build, cache_dir)
     tool = "gdbserver" if kind == "process" and debugger else (
         "qemu-system-x86_64" if kind == "baremetal" else None)
     if tool and shutil.which(tool) is None:
@@ -434,6 +496,7 @@ def start_guest(kind: GuestKind, variant: str = "correct", *, seed: int = DEFAUL
                          argv=argv, pid=popen.pid, output_path=out_path, log_path=log_path,
                          address=f"127.0.0.1:{gdb_port}" if gdb_port else None,
                          guest_pid=popen.pid if kind == "process" and not debugger else None,
+                         gdb_arch="i386" if build.m32 else GDB_ARCH, build=build,
                          _popen=popen, _workdir=workdir)
         if gdb_port is None:
             return guest

@@ -7,7 +7,13 @@ difference), 2 bad input, reported as one line on stderr.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +40,30 @@ def render_snapshot(snap: Snapshot, ports: list[int] | None = None, indent: str 
     return "\n".join(indent + line for line in lines)
 
 
+@contextlib.contextmanager
+def stdin_file(path: Path, suffix: str) -> Iterator[Path]:
+    """``path``, or for ``-`` standard input copied to a temporary file (a recording is
+    read more than once)."""
+    if str(path) != "-":
+        yield path
+        return
+    fd, tmp = tempfile.mkstemp(prefix="xreplay-stdin-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(sys.stdin.buffer, out)
+        yield Path(tmp)
+    finally:
+        os.unlink(tmp)
+
+
 # --------------------------------------------------------------------------- replay
 
 
 @click.command("replay")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--debugkeys", "dump", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--debugkeys", "dump", type=click.Path(dir_okay=False, allow_dash=True,
+                                                    path_type=Path),
               help="Xen 'e' key output (xl debug-keys e; xl dmesg) to compare with the last "
               "snapshot, port by port.")
 @click.option("--domain", type=int, help="Domain of the 'e' dump to use (default: the only "
@@ -66,8 +89,10 @@ def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | N
 
     options = ReplayOptions(shadow=shadow, use_shadow=not no_shadow,
                             stall_ns=int(stall * 1e9), info=not no_info)
+    if str(file) == "-" and dump is not None and str(dump) == "-":
+        raise XReplayError("replay - --debugkeys -: only one of them can come from stdin")
     check = None
-    with XrrReader(file) as reader:
+    with stdin_file(file, ".xrr") as file, XrrReader(file) as reader:
         result = replay(reader, options)
         last_index = result.stats["last_snapshot"]
         want = {f.snapshot for f in _shown(result)[:max(tables, _TIMED)]}
@@ -79,11 +104,14 @@ def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | N
 
             if last_index is None:
                 raise XReplayError(f"{file}: the recording has no snapshot to compare")
-            section = pick_domain(debugkeys.parse_file(dump), domain, str(dump))
+            dumps = (debugkeys.parse(sys.stdin.read(), "<stdin>") if str(dump) == "-"
+                     else debugkeys.parse_file(dump))
+            section = pick_domain(dumps, domain, str(dump))
             check = check_debugkeys(snaps[last_index], section)
         explained = _explain(reader, explain_range) if explain_range else None
+    incomplete = result.incomplete()
     if as_json:
-        data: dict[str, Any] = {"file": str(file), **result.to_json()}
+        data: dict[str, Any] = {"file": str(file), **result.to_json(), "incomplete": incomplete}
         if check is not None:
             data["debugkeys"] = check.to_json()
         if explained is not None:
@@ -94,7 +122,12 @@ def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | N
         for problem in result.stats["problems"]:
             click.echo(f"xreplay: warning: {problem}", err=True)
     if result.failed or (check is not None and not check.agree):
+        if incomplete and not as_json:
+            click.echo(f"xreplay: warning: {file}: {incomplete}", err=True)
         click.get_current_context().exit(1)
+    if incomplete:
+        # never a clean bill on data that was not read
+        raise XReplayError(f"{file}: no verdict: {incomplete}")
 
 
 def _shown(result: ReplayResult) -> list[Finding]:
@@ -151,6 +184,8 @@ def _print_replay(name: str, result: ReplayResult, snaps: dict[int, Snapshot], t
         dropped = sum(st["dropped"].values())
         click.echo(f"{len(serious)} finding(s): {kinds}"
                    + (f" ({dropped} more not stored)" if dropped else ""))
+    elif result.incomplete():
+        click.echo(f"no verdict: {result.incomplete()}")
     else:
         click.echo("no lost event delivery found")
 

@@ -281,6 +281,9 @@ class MissedClear(Detector):
                     ports = self._signature(w, cur, v)
                     if ports:
                         self._report(w, cur, v, ports, "the hang snapshot")
+            for v in cur.vcpus:
+                if v not in self.reported:
+                    self._hang_alone(w, cur, v)
             return
         for v, tr in w.tracks.items():
             if (v == cur.vcpu or v in self.reported or not tr.blocked or tr.last_hit is None
@@ -320,6 +323,32 @@ class MissedClear(Detector):
                     "there, but the recording stopped before showing whether it re-checked "
                     "upcall_pending; re-record with --hang-after to take a hang snapshot",
                     "info"))
+
+    def _hang_alone(self, w: Walk, snap: Snapshot, vcpu: int) -> None:
+        """The hang snapshot judged on its own (attached after the guest hung, or no probe
+        saw the vCPU block): the signature there means Xen already raised the upcall and
+        will not raise it again, whatever came before."""
+        ports = self._signature(w, snap, vcpu)
+        state = snap.vcpus[vcpu]
+        if not ports or state.evtchn_upcall_mask:
+            return
+        if vcpu == snap.vcpu and snap.interrupts_enabled is False:
+            return  # interrupts off: the upcall may still be waiting in the LAPIC
+        self.reported.add(vcpu)
+        tr = w.tracks.get(vcpu)
+        seen = ("it never hit a probe in this recording" if tr is None or tr.last_hit is None
+                else f"its last probe hit was #{tr.last_hit}")
+        text = (f"At the hang snapshot (#{snap.index}, taken when no probe had been hit for "
+                f"a while) vCPU {vcpu} has evtchn_upcall_pending=1, evtchn_upcall_mask=0, "
+                f"evtchn_pending_sel={state.evtchn_pending_sel:#x} and port(s) "
+                f"{w.ports_text(iter_bits(ports), snap)} pending and unmasked with their "
+                f"selector bit set ({seen}). Xen notifies only on the 0->1 edge of "
+                "evtchn_upcall_pending, so this upcall was raised already and no other will "
+                f"come until the guest clears it: vCPU {vcpu} waits for ever. The missed "
+                "clear is the bottom half that never ran after the last upcall; record "
+                "from earlier (or with --upcall/--bottom-half/--block probes) to see which.")
+        w.add(Finding("missed-clear", snap.index, None, None, vcpu, list(iter_bits(ports)),
+                      ["evtchn_upcall_pending", "evtchn_pending_sel"], text, "error"))
 
     def _report(self, w: Walk, snap: Snapshot, vcpu: int, ports: int, proof: str) -> None:
         self.reported.add(vcpu)
@@ -733,6 +762,29 @@ class ReplayResult:
         """True when a finding is not informational (the CLI's exit status 1)."""
         return any(f.severity != "info" for f in self.findings)
 
+    @property
+    def judged(self) -> int:
+        """Snapshots the detectors saw: those whose shared_info (and the probed vCPU's
+        vcpu_info) was read."""
+        return int(self.stats.get("snapshots", 0))
+
+    def incomplete(self) -> str | None:
+        """Why no clean verdict can be given (regions the judgement needs were not read),
+        as one line; None when every snapshot was judged."""
+        recorded = int(self.stats.get("recorded", self.judged))
+        unread = self.stats.get("unreadable") or {}
+        if recorded == 0:
+            return "the recording holds no snapshot: nothing to judge"
+        if self.judged == recorded:
+            return None
+        name, n = max(unread.items(), key=lambda kv: kv[1]) if unread else ("a region", 0)
+        what = ("re-record with --shared-info pointing at the shared page (a pointer "
+                "variable, the page itself, or its run-time address)" if name == "shared_info"
+                else f"re-record with a readable --vcpu-info for {name.split('.')[-1]}"
+                if name.startswith("vcpu_info") else "re-record")
+        return (f"{name} could not be read in {n} of {recorded} snapshots, so only "
+                f"{self.judged} could be judged: {what}")
+
     def by_kind(self, kind: str) -> list[Finding]:
         return [f for f in self.findings if f.kind == kind]
 
@@ -806,6 +858,16 @@ def replay(source: XrrReader | str | os.PathLike[str],
 
 def _replay_reader(reader: XrrReader, options: ReplayOptions | None) -> ReplayResult:
     r = Replayer(reader.header, options)
+    unread: Counter[str] = Counter()
+    total = 0
     for snap in reader.snapshots():
+        total += 1
+        if snap.missing:
+            unread.update(snap.missing)
+            if not snap.has_shared_info or f"vcpu_info.{snap.vcpu}" in snap.missing:
+                continue  # a verdict only on data that was read
         r.feed(snap)
-    return r.finish(reader.trailer, reader.problems)
+    result = r.finish(reader.trailer, reader.problems)
+    result.stats["recorded"] = total
+    result.stats["unreadable"] = dict(unread)
+    return result

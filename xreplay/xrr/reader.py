@@ -42,6 +42,7 @@ class Record:
     regions: list[bytes | None]
     offset: int  # byte offset of the frame in the file
     changed: list[bool]  # which regions differ from the previous record
+    unread: int = 0  # bit i: region i could not be read at this hit (its bytes are older)
 
     @property
     def keyframe(self) -> bool:
@@ -186,6 +187,7 @@ class XrrReader:
         except ConstructError as e:
             self._corrupt(pos, f"undecodable snapshot: {e}")
         changed = [False] * len(cur)
+        unread = 0
         for reg in c.regions:
             i, enc, data = reg.region, reg.encoding, reg.data
             if i >= len(cur):
@@ -199,7 +201,11 @@ class XrrReader:
                 if buf is None:
                     self._corrupt(pos, f"delta for region {i} before any keyframe")
                 self._apply(pos, buf, data)
-            elif enc in (fmt.ENC_SAME, fmt.ENC_ABSENT):
+            elif enc == fmt.ENC_SAME:
+                continue
+            elif enc == fmt.ENC_ABSENT:
+                if i < len(cur):
+                    unread |= 1 << i
                 continue
             else:
                 self._corrupt(pos, f"unknown region encoding {enc}")
@@ -210,7 +216,7 @@ class XrrReader:
             seq=c.seq, t_ns=c.t_ns, probe=c.probe, vcpu=c.vcpu, flags=flags, pc=c.pc,
             sp=c.sp if flags & fmt.FLAG_HAVE_SP else None,
             regflags=c.regflags if flags & fmt.FLAG_HAVE_FLAGS else None,
-            regions=list(snap_bytes), offset=pos, changed=changed)
+            regions=list(snap_bytes), offset=pos, changed=changed, unread=unread)
 
     def _apply(self, pos: int, buf: bytearray, data: bytes) -> None:
         try:
@@ -251,8 +257,10 @@ class XrrReader:
         shared = None
         vcpu_raw: dict[int, tuple[bytes, str]] = {}
         watch: dict[str, bytes] = {}
-        for spec, data in zip(h.regions, rec.regions, strict=True):
-            if data is None:
+        missing: list[str] = []
+        for i, (spec, data) in enumerate(zip(h.regions, rec.regions, strict=True)):
+            if data is None or rec.unread >> i & 1:
+                missing.append(spec.name)
                 continue
             if spec.kind == "shared_info":
                 shared = data
@@ -266,6 +274,8 @@ class XrrReader:
         vcpus: dict[int, VcpuState] = {}
         for v in h.vcpus:
             raw, source = vcpu_raw.get(v, (None, "shared_info"))
+            if raw is None and f"vcpu_info.{v}" in missing:
+                continue  # its registered copy was not read: the legacy slot is stale
             if raw is None and shared is not None:
                 raw = dec.embedded_vcpu_info(shared, v)
             if raw is None:
@@ -284,7 +294,7 @@ class XrrReader:
         return Snapshot(arch=h.arch, index=rec.seq, t_ns=rec.t_ns, probe=probe, vcpu=rec.vcpu,
                         pc=rec.pc, flags=rec.regflags, evtchn_pending=pending,
                         evtchn_mask=mask, vcpus=vcpus, hang=rec.hang, watch=watch,
-                        labels=h.labels, notify=h.notify)
+                        labels=h.labels, notify=h.notify, missing=tuple(missing))
 
     def snapshots(self, start: int = 0) -> Iterator[Snapshot]:
         cache: dict = {}

@@ -7,6 +7,7 @@ the recorder afterwards, the snapshots already written stay readable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -92,12 +93,13 @@ class XrrWriter:
         for i, data in enumerate(regions):
             prev = self._prev[i]
             if data is None:
-                # An unreadable region keeps its previous contents; a keyframe must still be
-                # self-contained, so it repeats them (or stays absent if never read).
-                if keyframe and prev is not None:
-                    encoded.append({"region": i, "encoding": fmt.ENC_FULL, "data": prev})
-                else:
-                    encoded.append({"region": i, "encoding": fmt.ENC_ABSENT, "data": b""})
+                # Not read at this hit: ENC_ABSENT says so (readers keep the previous
+                # contents for continuity and mark the region unread). After an absent
+                # keyframe entry the next read is stored whole, so a reader starting at that
+                # keyframe never meets a delta without its base.
+                encoded.append({"region": i, "encoding": fmt.ENC_ABSENT, "data": b""})
+                if keyframe:
+                    self._prev[i] = None
                 continue
             data = bytes(data)
             if len(data) != self._sizes[i]:
@@ -142,6 +144,16 @@ class XrrWriter:
         if self._own:
             self._f.close()
         self.closed = True
+
+    def abandon(self) -> None:
+        """Close without the trailer (after a failed write): the file ends at its last
+        complete frame and reads back as not closed cleanly."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._own:
+            with contextlib.suppress(OSError):
+                self._f.close()
 
     def __enter__(self) -> XrrWriter:
         return self

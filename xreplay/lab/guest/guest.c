@@ -34,8 +34,23 @@
 #define LAB_HANDLER_COST 20 /* one handler run ... */
 #define LAB_ITEM_COST 2     /* ... plus this per ring item it consumes */
 
-/* The shared_info page itself (not a pointer), as Solo5's HYPERVISOR_SHARED_INFO. */
+#if defined(LAB_STYLE_SOLO5)
+/* Solo5 bindings/xen: a page-sized byte array; mirage-xen reaches it by its alias. */
+LAB_DATA uint8_t HYPERVISOR_SHARED_INFO[4096] __attribute__((aligned(4096)));
+extern uint8_t solo5__xen_HYPERVISOR_SHARED_INFO[4096]
+	__attribute__((alias("HYPERVISOR_SHARED_INFO")));
+#elif defined(LAB_STYLE_MINIOS)
+/* Mini-OS: a pointer to the page, set when the guest maps it at boot. */
+LAB_DATA lab_shared_info_t lab_shared_page __attribute__((aligned(4096)));
+#if defined(LAB_SHINFO_STATIC)
+LAB_DATA lab_shared_info_t *HYPERVISOR_shared_info = &lab_shared_page;
+#else
+LAB_DATA lab_shared_info_t *HYPERVISOR_shared_info;
+#endif
+#else
+/* The shared_info page itself (not a pointer). */
 LAB_DATA lab_shared_info_t HYPERVISOR_shared_info __attribute__((aligned(4096)));
+#endif
 /* The "OCaml side" shadow of pending ports, as in mirage-xen. */
 LAB_DATA uint8_t evtchn_callback_ml[LAB_NR_PORTS];
 /* Handler runs per port. */
@@ -193,7 +208,7 @@ LAB_PROBE void evtchn_upcall_handler(void)
 /* Mark, mask, clear one port: the body of the thread's inner loop. */
 static void demux_port(unsigned l1i, unsigned l2i)
 {
-	lab_shared_info_t *s = &HYPERVISOR_shared_info;
+	lab_shared_info_t *s = LAB_SHINFO;
 	uint32_t port = l1i * LAB_BPW + l2i;
 
 	evtchn_callback_ml[port] = 1;
@@ -216,7 +231,7 @@ static void demux_port(unsigned l1i, unsigned l2i)
  */
 static void demux_word_ffs_bug(unsigned l1i)
 {
-	lab_shared_info_t *s = &HYPERVISOR_shared_info;
+	lab_shared_info_t *s = LAB_SHINFO;
 	lab_ulong_t pending_l2 = s->evtchn_pending[l1i] & ~s->evtchn_mask[l1i];
 	unsigned l2i = pending_l2 ? lab_ctz(pending_l2) : 0;
 
@@ -236,7 +251,7 @@ static void demux_word_ffs_bug(unsigned l1i)
  */
 LAB_PROBE bool evtchn_demux_pending(void)
 {
-	lab_shared_info_t *s = &HYPERVISOR_shared_info;
+	lab_shared_info_t *s = LAB_SHINFO;
 	lab_vcpu_info_t *vi = lab_vcpu0();
 	bool some_pending = false;
 	lab_ulong_t pending_l1, pending_l2;
@@ -276,7 +291,7 @@ static bool evtchn_test_and_clear(uint32_t port)
 	evtchn_callback_ml[port] = 0;
 	if (lab_variant == LAB_UNMASK_NO_RERAISE) {
 		/* BUG: clears the mask bit but never re-raises a port that went pending. */
-		sync_clear_bit(port % LAB_BPW, &HYPERVISOR_shared_info.evtchn_mask[port / LAB_BPW]);
+		sync_clear_bit(port % LAB_BPW, &LAB_SHINFO->evtchn_mask[port / LAB_BPW]);
 	} else {
 		evtchn_unmask(port); /* EVTCHNOP_unmask */
 	}
@@ -421,7 +436,10 @@ static void parse_cmdline(const char *c)
 
 void lab_main(const char *cmdline)
 {
-	lab_shared_info_t *s = &HYPERVISOR_shared_info;
+#if defined(LAB_STYLE_MINIOS)
+	HYPERVISOR_shared_info = &lab_shared_page; /* "map" the page at boot */
+#endif
+	lab_shared_info_t *s = LAB_SHINFO;
 	lab_vcpu_info_t *vi = lab_vcpu0();
 
 	lab_variant = LAB_CORRECT;

@@ -110,7 +110,7 @@ static void vcpu_mark_events_pending(void)
 /* evtchn_2l_set_pending() for vCPU 0. */
 static void hv_set_pending(uint32_t port)
 {
-	lab_shared_info_t *s = &HYPERVISOR_shared_info;
+	lab_shared_info_t *s = LAB_SHPAGE;
 	unsigned w = port / LAB_BPW, bit = port % LAB_BPW;
 
 	if (port < LAB_TRACKED_PORTS)
@@ -130,7 +130,7 @@ static void hv_set_pending(uint32_t port)
  */
 LAB_PROBE void evtchn_unmask(uint32_t port)
 {
-	lab_shared_info_t *s = &HYPERVISOR_shared_info;
+	lab_shared_info_t *s = LAB_SHPAGE;
 	unsigned w = port / LAB_BPW, bit = port % LAB_BPW;
 
 	if (port >= LAB_NR_PORTS)
@@ -233,7 +233,7 @@ void hv_window(void)
 /* 'e' debug key, format of domain_dump_evtchn_info() (xen/common/event_channel.c). */
 static void hv_dump_evtchn(void)
 {
-	lab_shared_info_t *s = &HYPERVISOR_shared_info;
+	lab_shared_info_t *s = LAB_SHPAGE;
 	lab_vcpu_info_t *vi = lab_vcpu0();
 
 	lab_printf("(XEN) 'e' pressed -> dumping event-channel info\n");

@@ -67,8 +67,32 @@ enum lab_variant {
 #define WRITE_ONCE(x, v) (*(volatile __typeof__(x) *)&(x) = (v))
 #define barrier() __asm__ __volatile__("" ::: "memory")
 
-/* ---- the shared page and the guest's data (guest.c) ---- */
+/*
+ * ---- the shared page and the guest's data (guest.c) ----
+ * Declared the way each kind of guest declares it (LAB_STYLE_*, chosen by the build, which
+ * also renames the probe functions with -D so assembly sees the same names):
+ *   default  the struct itself, HYPERVISOR_shared_info (xreplay's lab)
+ *   SOLO5    uint8_t HYPERVISOR_SHARED_INFO[4096] and Mirage's alias
+ *            solo5__xen_HYPERVISOR_SHARED_INFO (Solo5 bindings/xen, mirage-xen)
+ *   MINIOS   shared_info_t *HYPERVISOR_shared_info, NULL until boot sets it (Mini-OS);
+ *            with LAB_SHINFO_STATIC statically initialised (in a PIE it holds its link-time
+ *            value until the dynamic loader relocates it)
+ * LAB_SHPAGE is the page itself (the hypervisor side); LAB_SHINFO the guest's way to it.
+ */
+#if defined(LAB_STYLE_SOLO5)
+extern uint8_t HYPERVISOR_SHARED_INFO[4096];
+#define LAB_SHPAGE ((lab_shared_info_t *)HYPERVISOR_SHARED_INFO)
+#define LAB_SHINFO LAB_SHPAGE
+#elif defined(LAB_STYLE_MINIOS)
+extern lab_shared_info_t lab_shared_page;
+extern lab_shared_info_t *HYPERVISOR_shared_info;
+#define LAB_SHPAGE (&lab_shared_page)
+#define LAB_SHINFO HYPERVISOR_shared_info
+#else
 extern lab_shared_info_t HYPERVISOR_shared_info;
+#define LAB_SHPAGE (&HYPERVISOR_shared_info)
+#define LAB_SHINFO LAB_SHPAGE
+#endif
 extern uint8_t evtchn_callback_ml[LAB_NR_PORTS];
 extern uint32_t lab_dispatch_count[LAB_NR_PORTS];
 extern uint32_t lab_guest_cons[LAB_TRACKED_PORTS];
@@ -151,7 +175,7 @@ static inline unsigned lab_ffs1(lab_ulong_t x)
 
 static inline lab_vcpu_info_t *lab_vcpu0(void)
 {
-	return &HYPERVISOR_shared_info.vcpu_info[0];
+	return &LAB_SHPAGE->vcpu_info[0];
 }
 
 #endif /* XREPLAY_LAB_H */
