@@ -26,14 +26,17 @@ from xreplay.errors import XReplayError
 from xreplay.lab import pvh
 from xreplay.lab.xen.lab import Lab
 from xreplay.lab.xen.stage import Progress, quiet
-from xreplay.record import Recorder, RecordOptions, RecordResult, WatchSpec
+from xreplay.record import Recorder, RecordOptions, RecordResult
+from xreplay.record.build import RecordChoices, build_options
 from xreplay.replay.diff import DebugkeysCheck, check_debugkeys
 from xreplay.snapshot import Snapshot
-from xreplay.xrr import ProbeSpec, XrrReader
+from xreplay.xrr import XrrReader
 
-SHARED_INFO_EXPR = f"(struct shared_info *){pvh.SHARED_INFO_SYMBOL}"
-"""The page through its struct type, which the ELF's debug info has (``main.c`` casts it):
-the recorder's size check then compares ``struct shared_info`` with the x86_64 layout."""
+PROFILE = "mirage"
+"""The unikernel is recorded with ``xreplay record``'s mirage-xen preset (its names:
+``solo5__xen_evtchn_vector_handler``, ``mirage_xen_evtchn_demux_pending``,
+``mirage_xen_evtchn_block_domain``, ``solo5__xen_HYPERVISOR_SHARED_INFO``, the shadow
+``evtchn_callback_ml``), as a MirageOS unikernel would be."""
 DEFAULT_HANG_AFTER = 5.0
 """gdbsx costs ~0.1 s per hit and the timer ticks every 10 ms of guest time: 5 s without a
 hit is far beyond any gap of a running guest."""
@@ -42,23 +45,22 @@ hit is far beyond any gap of a running guest."""
 def record_options(uk: pvh.Unikernel, target: str, output: Path, *,
                    hang_after: float | None = DEFAULT_HANG_AFTER,
                    duration: float | None = None, count: int | None = None) -> RecordOptions:
-    """RecordOptions for the unikernel behind ``target`` (a gdbsx address)."""
+    """RecordOptions for the unikernel behind ``target`` (a gdbsx address): the
+    :data:`PROFILE` preset, then what gdbsx needs."""
     from xreplay.gdb.gdbsx import adapt_options
 
     delivery = ({"mechanism": "callback-vector", "vector": pvh.UPCALL_VECTOR}
                 if uk.variant == "callback-irq" else
                 {"mechanism": "upcall-vector", "vector": pvh.UPCALL_VECTOR})
-    opts = RecordOptions(
-        output=Path(output), arch=pvh.ARCH, target=target, elf=uk.elf,
-        probes=[ProbeSpec(role, sym, role) for role, sym in pvh.PROBES.items()],
-        shared_info=SHARED_INFO_EXPR,
-        watch=[WatchSpec(pvh.SHADOW_SYMBOL, f"&{pvh.SHADOW_SYMBOL}", pvh.SHADOW_PORTS)],
-        labels={1: "xenstore", 2: "console", 3: "VIRQ_TIMER", 64: "flood"},
-        notify={}, vcpus=[0], count=count, duration=duration, hang_after=hang_after,
-        kill_target=False,
-        description=(f"xreplay lab unikernel (PVH, x86_64) variant={uk.variant} on the lab's "
-                     f"Xen 4.17, domain {uk.name} (domid {uk.domid}), via gdbsx in dom0"),
-        delivery=delivery)
+    opts = build_options(RecordChoices(
+        output=Path(output), target=target, elf=uk.elf, arch=pvh.ARCH, profile=PROFILE,
+        labels={uk.ports.get(k, d): k if k != "timer" else "VIRQ_TIMER" for k, d in
+                (("xenstore", 1), ("console", 2), ("timer", 3), ("flood", 64))},
+        count=count, duration=duration, hang_after=hang_after, kill_target=False))
+    opts.description = (f"xreplay lab unikernel (PVH, x86_64) variant={uk.variant} on the "
+                        f"lab's Xen 4.17, domain {uk.name} (domid {uk.domid}), via gdbsx in "
+                        f"dom0, --profile {PROFILE}")
+    opts.delivery = delivery
     adapt_options(opts)
     return opts
 
