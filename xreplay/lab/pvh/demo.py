@@ -91,13 +91,18 @@ def render(res: DemoResult) -> str:
            f"gdbsx: {rec.result.snapshots} snapshots in {rec.result.elapsed:.1f} s, "
            f"ended by {rec.result.reason}", "", *rows, ""]
     agree = sum(1 for p in res.check.ports if p["agree"])
-    verdict = ("AGREE" if res.check.agree else "DISAGREE") + (
-        f" on {agree} of {len(res.check.ports)} ports")
-    out.append(f"cross-check (Xen's 'e' vs {what} #{snap.index}): {verdict}")
-    for p in res.check.ports:
-        if not p["agree"]:
-            out.append(f"  port {p['port']}: Xen {p['xen'] or '-'} xreplay {p['guest']} "
-                       f"({', '.join(p['fields']) or 'only in the ' + str(p['only_in'])})")
+    n = len(res.check.ports)
+    if rec.hung:
+        verdict = "AGREE on all" if res.check.agree else f"DISAGREE: agree on {agree} of"
+        out.append(f"cross-check (Xen's 'e' vs {what} #{snap.index}): {verdict} {n} ports")
+        for p in res.check.ports:
+            if not p["agree"]:
+                out.append(f"  port {p['port']}: Xen {p['xen'] or '-'} xreplay {p['guest']} "
+                           f"({', '.join(p['fields']) or 'only in the ' + str(p['only_in'])})")
+    else:
+        out.append(f"cross-check: not a witness here (agree on {agree} of {n} ports): the "
+                   "guest did not hang and ran on after the recording, so Xen's dump shows "
+                   "a later moment than the last snapshot")
     serious = [f for f in res.replay.findings if f.severity != "info"]
     if not serious:
         out.append("replay: no lost event delivery found")

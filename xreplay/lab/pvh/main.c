@@ -71,6 +71,7 @@ volatile uint32_t lab_upcall_count;     /* top halves */
 uint32_t lab_demux_count;               /* bottom halves */
 uint32_t lab_block_count;               /* evtchn_block_domain() calls */
 uint32_t lab_dispatch_count[NR_PORTS];  /* handler runs per port */
+uint32_t lab_stray_debug_traps;          /* #DB left by a debugger's single step */
 /* Ports, exported for the host (also printed in LAB-READY). */
 uint32_t lab_port_xenstore, lab_port_console, lab_port_timer, lab_port_flood;
 enum variant lab_variant;
@@ -83,6 +84,7 @@ uint64_t lab_period_ns = 10000000;      /* period_ms=10: VIRQ_TIMER re-armed thi
 #define WRITE_ONCE(x, v) (*(volatile __typeof__(x) *)&(x) = (v))
 
 extern void upcall_entry(void);
+extern void debug_trap_entry(void);
 extern void pvh_safe_halt(void);
 extern const uint64_t exc_table[32];
 
@@ -488,6 +490,7 @@ static void upcalls_init(void)
 {
 	for (int i = 0; i < 32; i++)
 		set_gate(i, exc_table[i]);
+	set_gate(1, (uint64_t)(uintptr_t)debug_trap_entry);
 	set_gate(UPCALL_VECTOR, (uint64_t)(uintptr_t)upcall_entry);
 	idtr.limit = sizeof(idt) - 1;
 	idtr.base = (uint64_t)(uintptr_t)idt;
@@ -602,10 +605,11 @@ static void report(const char *tag)
 	unsigned p, m, s;
 
 	kprintf("%s variant=%s upcalls=%u bottom_halves=%u blocks=%u timer=%u flood=%u "
-		"xenstore=%u now_ms=%U\n",
+		"xenstore=%u stray_debug_traps=%u now_ms=%U\n",
 		tag, variant_names[lab_variant], lab_upcall_count, lab_demux_count, lab_block_count,
 		lab_dispatch_count[lab_port_timer], lab_dispatch_count[lab_port_flood],
-		lab_dispatch_count[lab_port_xenstore], xen_now_ns() / 1000000);
+		lab_dispatch_count[lab_port_xenstore], lab_stray_debug_traps,
+		xen_now_ns() / 1000000);
 	/* A port pending, unmasked and without selector bit for a whole second is deaf. */
 	port_state(lab_port_flood, &p, &m, &s);
 	if (p && !m && !s && !READ_ONCE(VCPU0_INFO()->evtchn_upcall_pending) &&
