@@ -123,3 +123,28 @@ def test_callback_irq_races_but_does_not_hang(lab: Lab) -> None:
     # the race happens (upcalls taken with no bottom half in between) and is survived
     assert int(last["upcalls"]) > int(last["bottom_halves"]), last
     assert int(last["timer"]) > 50 and int(last["flood"]) > 50, last
+
+
+# ---------------------------------------------------------------- the bundled recordings
+REC = __import__("pathlib").Path(__file__).parent.parent / "recordings"
+
+
+def test_bundled_real_xen_recordings_keep_their_verdicts() -> None:
+    from xreplay.debugkeys import parse_file
+    from xreplay.replay.detectors import replay
+    from xreplay.replay.diff import check_debugkeys, diff_recordings, pick_domain
+    from xreplay.xrr import XrrReader
+
+    hung = REC / "xenlab-pvh-unikernel-lost-upcall.xrr"
+    good = REC / "xenlab-pvh-unikernel-correct.xrr"
+    missed = replay(hung).by_kind("missed-clear")
+    assert len(missed) == 1 and missed[0].ports == [3, 64]
+    with XrrReader(hung) as r:
+        assert r.header.target.get("kind") == "gdbsx"
+        last = list(r.snapshots())[-1]
+    assert last.hang
+    dump = pick_domain(parse_file(hung.with_name(hung.name + ".e.txt")), None)
+    assert {p.port for p in dump.ports if p.pms == "[1/0/1]"} == {3, 64}
+    assert check_debugkeys(last, dump).agree
+    assert not replay(good).failed
+    assert "hang" in diff_recordings(good, hung).divergence.message
