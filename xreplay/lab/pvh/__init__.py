@@ -344,11 +344,18 @@ class Outcome:
     last_alive: dict[str, str]
     stranded: list[str]
     """``LAB-STRANDED`` lines (unmask-no-reraise: the flood port went deaf)."""
+    errors: list[str] = field(default_factory=list)
+    """``LAB-ERROR`` lines (a failed hypercall, an exception)."""
+    tail: list[str] = field(default_factory=list)
+    """The console's last lines, for a report."""
 
 
-def watch(uk: Unikernel, seconds: float = 10.0, quiet_after: float = 3.0) -> Outcome:
-    """Watch the console for ``seconds``; hung when no LAB-ALIVE came for ``quiet_after``
-    seconds at the end and Xen shows the vCPU blocked."""
+def watch(uk: Unikernel, seconds: float = 10.0, quiet_after: float = 3.0,
+          confirm: float = 15.0) -> Outcome:
+    """Watch the console for ``seconds``. It looks hung when no LAB-ALIVE came for
+    ``quiet_after`` seconds at the end and Xen shows the vCPU blocked; then it is hung only
+    if no LAB-ALIVE comes for ``confirm`` seconds more (on a loaded host a vCPU of the
+    emulated machine can starve for seconds and come back; a lost upcall never does)."""
     start = time.monotonic()
     last_count, last_change = -1, start
     while time.monotonic() - start < seconds:
@@ -360,7 +367,18 @@ def watch(uk: Unikernel, seconds: float = 10.0, quiet_after: float = 3.0) -> Out
     if len(alive) != last_count:
         last_change = time.monotonic()
     state = uk.xl_state()
-    quiet = time.monotonic() - last_change >= quiet_after
-    stranded = [ln for ln in uk.console() if "LAB-STRANDED" in ln]
-    return Outcome(hung=quiet and "b" in state, xl_state=state, alive_reports=len(alive),
-                   last_alive=alive[-1] if alive else {}, stranded=stranded)
+    hung = time.monotonic() - last_change >= quiet_after and "b" in state
+    if hung:
+        deadline = time.monotonic() + confirm
+        while hung and time.monotonic() < deadline:
+            time.sleep(1.0)
+            hung = len(uk.alive_lines()) == len(alive)
+        alive = uk.alive_lines()
+        state = uk.xl_state()
+        hung = hung and "b" in state
+    lines = uk.console()
+    stranded = [ln for ln in lines if "LAB-STRANDED" in ln]
+    errors = [ln for ln in lines if "LAB-ERROR" in ln]
+    return Outcome(hung=hung and not errors, xl_state=state, alive_reports=len(alive),
+                   last_alive=alive[-1] if alive else {}, stranded=stranded, errors=errors,
+                   tail=lines[-6:])
