@@ -348,6 +348,24 @@ def test_record_cli_with_symbols(lab: Lab, tmp_path: Path) -> None:
 
 
 @pytest.mark.xenlab
+def test_hits_of_two_domains_are_refused_not_mixed(lab: Lab, tmp_path: Path) -> None:
+    """No --domain on QEMU's whole-machine stub: dom0's and the domU's hits would mix
+    into one recording (and a false abi-violation); the recorder stops and says so."""
+    from xreplay.cli import main
+
+    out = tmp_path / "mixed.xrr"
+    res = CliRunner().invoke(main, ["record", "--target", lab.gdb_address, "--symbols",
+                                    str(lab.symbol_map), "--no-guest-check", "--duration",
+                                    "60", "-o", str(out)])
+    assert res.exit_code == 6, res.output
+    assert "hits of more than one domain" in res.output and "--domain" in res.output
+    with XrrReader(out) as reader:
+        n = len(list(reader.records()))
+        assert reader.trailer is not None and reader.trailer["reason"] == "mixed-domains"
+    assert n >= 2
+
+
+@pytest.mark.xenlab
 def test_a_fifo_guest_is_refused(lab: Lab) -> None:
     """A second domU without xen.fifo_events=0 (Linux's default ABI is FIFO)."""
     domid = lab.domid

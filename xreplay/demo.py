@@ -8,6 +8,7 @@ what the tests and ``recordings/`` use to record lab guests.
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 from xreplay.abi import layout
 from xreplay.lab.guests import LAB_PROBES, PORT_LABELS, UPCALL_VECTOR, LabGuest, start_guest
 from xreplay.record import Recorder, RecordOptions, RecordResult, WatchSpec
+from xreplay.record.build import command_line
 from xreplay.xrr import ProbeSpec
 
 SHADOW = "evtchn_callback_ml"
@@ -54,10 +56,15 @@ class DemoRun:
 
 def record_lab_guest(kind: str, variant: str, output: Path, *, seed: int = 1,
                      events: int = 2000, hang_after: float = 2.0,
-                     progress: Callable | None = None, **overrides) -> RecordResult:
-    """Start a lab guest, record it until it hangs or exits, stop it by PID."""
+                     progress: Callable | None = None,
+                     say: Callable[[str], None] | None = None, **overrides) -> RecordResult:
+    """Start a lab guest, record it until it hangs or exits, stop it by PID; ``say`` gets
+    the target's command and the equivalent ``xreplay record`` command first."""
     with start_guest(kind, variant, seed=seed, events=events) as guest:  # type: ignore[arg-type]
         opts = lab_record_options(guest, output, hang_after=hang_after, **overrides)
+        if say is not None:
+            say(f"$ {shlex.join(guest.argv)} &")
+            say(f"$ {command_line(opts)}")
         return Recorder(opts, on_progress=progress).run()
 
 
@@ -74,6 +81,6 @@ def run_demo(out_dir: Path, kinds: list[str] | None = None, variant: str = "lost
         target = "gdbserver" if kind == "process" else "QEMU (TCG, bare-metal 32-bit guest)"
         out = out_dir / f"{variant}-{kind}.xrr"
         say(f"== recording the {variant} lab guest under {target} until it hangs -> {out}")
-        result = record_lab_guest(kind, variant, out, seed=seed, events=events)
+        result = record_lab_guest(kind, variant, out, seed=seed, events=events, say=say)
         runs.append(DemoRun(kind, out, result))
     return runs

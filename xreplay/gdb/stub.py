@@ -6,10 +6,14 @@ Stubs differ in what a recorder must do (GDB manual, "Remote Protocol"; QEMU
 * **QEMU** (``-s``/``-gdb``) is a whole-machine stub: x86 always reports the 64-bit
   register set, so gdb needs ``set architecture i386:x86-64`` even for a 32-bit guest
   (otherwise the connection fails with "'g' packet reply is too long"); it can report one
-  hit twice, so hits are de-duplicated.  It answers ``qemu.Supported``.
+  hit twice, so hits are de-duplicated.  It answers ``qqemu.Supported`` (QEMU's own
+  query prefix).
 * **gdbserver** debugs one process; it answers ``qXfer:exec-file:read`` with the
   program's path.
-* **gdbsx** (Xen's, in dom0) debugs one domain, one thread per vCPU.
+* **gdbsx** (Xen's, in dom0) debugs one domain, one thread per vCPU; it answers
+  ``qSupported`` with nothing (the project's own build with ``PacketSize`` and
+  ``xreplay-gdbsx+``) and ``?`` with ``T05thread:N;``. What it needs is in
+  :mod:`xreplay.gdb.gdbsx`.
 
 Identification sends only query packets every stub must tolerate (an unknown query gets
 the empty reply), through gdb's ``maint packet`` on gdb's own connection: a second
@@ -55,7 +59,8 @@ class StubInfo:
 
     @property
     def dedupe(self) -> bool:
-        return self.kind is StubKind.QEMU
+        """QEMU can report one hit twice; so can gdb through gdbsx (same pc, sp, flags)."""
+        return self.kind in (StubKind.QEMU, StubKind.GDBSX)
 
     def to_json(self) -> dict[str, object]:
         return {"kind": str(self.kind), "answers": self.answers}
@@ -76,9 +81,9 @@ def query(gdb: GdbSession, packet: str) -> str | None:
 def identify(gdb: GdbSession) -> StubInfo:
     """Ask the connected stub who it is."""
     answers: dict[str, str] = {}
-    qemu = query(gdb, "qemu.Supported")
+    qemu = query(gdb, "qqemu.Supported")
     if qemu is not None:
-        answers["qemu.Supported"] = qemu
+        answers["qqemu.Supported"] = qemu
     if qemu:
         return StubInfo(StubKind.QEMU, answers)
     exe = query(gdb, "qXfer:exec-file:read::0,400")
@@ -86,4 +91,15 @@ def identify(gdb: GdbSession) -> StubInfo:
         answers["qXfer:exec-file:read"] = exe
     if exe and exe[0] in "lm":
         return StubInfo(StubKind.GDBSERVER, answers)
+    from xreplay.gdb.gdbsx import looks_like_gdbsx
+
+    sup = query(gdb, "qSupported")
+    if sup is not None:
+        answers["qSupported"] = sup
+        if looks_like_gdbsx(sup):
+            stop = query(gdb, "?")
+            if stop is not None:
+                answers["?"] = stop
+                if looks_like_gdbsx(sup, stop):
+                    return StubInfo(StubKind.GDBSX, answers)
     return StubInfo(StubKind.UNKNOWN, answers)

@@ -25,6 +25,7 @@ FIFO guest is refused with an :class:`~xreplay.errors.XReplayError`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -301,7 +302,8 @@ def apply(options: Any, symbols: str | Path | LinuxSymbols, vcpus: Iterable[int]
 
 def apply_cli(options: Any, symbols: str | Path, *, domain: str | None = None,
               check: bool = True, shared_info_given: bool = False,
-              dedupe: bool | None = None, timeout: float = 30.0) -> GuestFacts | None:
+              dedupe: bool | None = None, timeout: float = 30.0,
+              session: Any = None) -> GuestFacts | None:
     """What ``xreplay record --symbols MAP [--domain dom0|domu] [--no-guest-check]`` does.
 
     Call it on the RecordOptions the CLI built from its other options. The profile gives
@@ -314,6 +316,7 @@ def apply_cli(options: Any, symbols: str | Path, *, domain: str | None = None,
     Unless ``check`` is False (or ``--launch`` starts the target, so it is not running
     yet), the guest is stopped once first (:func:`inspect_guest`): a FIFO guest is
     refused, and the xenstore/console labels and the delivery mechanism are filled in.
+    ``session`` runs that check through an attached gdb (see :func:`check_on_attach`).
     """
     user_probes = list(options.probes)
     user_vinfo = dict(options.vcpu_info)
@@ -322,7 +325,7 @@ def apply_cli(options: Any, symbols: str | Path, *, domain: str | None = None,
     facts = None
     if check and options.target and not options.launch:
         facts = inspect_guest(options.target, syms, domain, options.vcpus, timeout=timeout,
-                              gdb=options.gdb, machine_addresses=False)
+                              gdb=options.gdb, machine_addresses=False, session=session)
     apply(options, syms, options.vcpus, domain, facts=facts)
     roles = {p.role for p in user_probes if p.role != "other"}
     options.probes = [p for p in options.probes if p.role not in roles] + user_probes
@@ -333,6 +336,28 @@ def apply_cli(options: Any, symbols: str | Path, *, domain: str | None = None,
     if dedupe is not None:
         options.dedupe = dedupe
     return facts
+
+
+def check_on_attach(options: Any, symbols: str | Path, **kw: Any) -> None:
+    """``apply_cli`` with its guest check deferred into the recorder's own gdb session.
+
+    Why: gdbsx (and ``gdbserver --once``) serve exactly one gdb connection and exit when
+    it ends, so a check over a connection of its own would leave nothing to record. The
+    profile is applied now without the check (so the recorder has its probes), and again
+    with it from ``options.on_attach``, on a copy of the options as the user left them,
+    whose result replaces them before the probes are set.
+    """
+    given = copy.deepcopy(options)
+    apply_cli(options, symbols, check=False, **kw)
+
+    def on_attach(session: Any) -> None:
+        fresh = copy.deepcopy(given)
+        apply_cli(fresh, symbols, check=True, session=session, **kw)
+        for f in dataclasses.fields(options):
+            if f.name != "on_attach":
+                setattr(options, f.name, getattr(fresh, f.name))
+
+    options.on_attach = on_attach
 
 
 # ----------------------------------------------------------------------------- live check
@@ -385,18 +410,21 @@ class GuestFacts:
 
 def inspect_guest(target: str, symbols: str | Path | LinuxSymbols, domain: str | None = None,
                   vcpus: Iterable[int] = (0,), *, timeout: float = 30.0, gdb: str = "gdb",
-                  machine_addresses: bool = True, require_2level: bool = True) -> GuestFacts:
+                  machine_addresses: bool = True, require_2level: bool = True,
+                  session: Any = None) -> GuestFacts:
     """Stop once at the guest's upcall, read what the map cannot tell, detach.
 
     Raises :class:`XReplayError` when the guest uses the FIFO ABI (``require_2level``) or
     does not take an upcall within ``timeout`` seconds. ``machine_addresses`` also
     translates the vcpu_info addresses through the guest's page tables (QEMU only).
+    ``session`` borrows an attached gdb (the recorder's) instead of connecting: a stub that
+    serves one connection (gdbsx, ``gdbserver --once``) is then not used up by the check.
     """
     from xreplay.profiles.peek import StubPeek
 
     s = _symbols(symbols)
     cond = s.domain_filter(domain) if domain else None
-    with StubPeek(target, gdb=gdb) as peek:
+    with StubPeek(target, gdb=gdb, session=session) as peek:
         if not peek.run_to(f"*{s.upcall:#x}", cond, timeout):
             where = f" in {domain}" if domain else ""
             raise XReplayError(f"no upcall ({s.upcall_name}){where} within {timeout:.0f} s at "

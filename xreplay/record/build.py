@@ -75,8 +75,9 @@ def _vcpu_list(text: str | None) -> list[int]:
 
 
 def build_options(c: RecordChoices) -> RecordOptions:
-    """RecordOptions for ``c``; the Linux profile's live guest check runs here (it stops
-    the guest once) unless ``c.guest_check`` is False."""
+    """RecordOptions for ``c``; the Linux profile's live guest check (it stops the guest
+    once) runs in the recorder's gdb session, once attached, unless ``c.guest_check`` is
+    False."""
     if c.launch and not c.target:
         raise XReplayError("--launch needs --target HOST:PORT (where the launched stub listens)")
     if c.domain and not c.symbols:
@@ -107,11 +108,16 @@ def build_options(c: RecordChoices) -> RecordOptions:
         target_kind="qemu" if c.qemu else None,
         description=f"{g.name} guest ({g.summary})" if g else "")
     if profile == "linux":
-        from xreplay.profiles.linux import apply_cli
+        from xreplay.profiles.linux import apply_cli, check_on_attach
 
         assert c.symbols is not None
-        apply_cli(options, c.symbols, domain=c.domain, check=c.guest_check,
-                  shared_info_given=c.shared_info is not None, dedupe=c.dedupe)
+        kw = {"domain": c.domain, "shared_info_given": c.shared_info is not None,
+              "dedupe": c.dedupe}
+        if c.guest_check and c.target and not c.launch:
+            # the check runs in the recorder's own gdb session: gdbsx serves only one
+            check_on_attach(options, c.symbols, **kw)
+        else:
+            apply_cli(options, c.symbols, check=False, **kw)
         if c.arch:
             options.arch = c.arch
         if c.filter:
@@ -119,3 +125,41 @@ def build_options(c: RecordChoices) -> RecordOptions:
         if c.vcpu_expr:
             options.vcpu_expr = c.vcpu_expr
     return options
+
+
+def command_line(o: RecordOptions) -> str:
+    """An ``xreplay record`` command that asks for what ``o`` does (to print, paste and
+    adapt: the demo shows the one it ran)."""
+    q = shlex.quote
+    args = ["xreplay", "record"]
+    if o.launch:
+        args += ["--launch", q(shlex.join(o.launch))]
+    if o.target:
+        args += ["--target", o.target]
+    if o.elf:
+        args += ["--elf", q(str(o.elf))]
+    if o.arch:
+        args += ["--arch", o.arch]
+    for p in o.probes:
+        if p.role in ("upcall", "bottom-half", "block"):
+            args += [f"--{p.role}", q(p.location)]
+        else:
+            args += ["--probe", q(f"{p.name}={p.location}")]
+    args += ["--shared-info", q(o.shared_info)]
+    for vcpu, expr in sorted(o.vcpu_info.items()):
+        args += ["--vcpu-info", q(f"{vcpu}={expr}")]
+    for w in o.watch:
+        args += ["--watch", q(f"{w.name}={w.expr}" + (f":{w.size}" if w.size else ""))]
+    args += [a for port, name in sorted(o.labels.items()) for a in ("--label", q(f"{port}={name}"))]
+    args += [a for port, v in sorted(o.notify.items()) for a in ("--bind", f"{port}={v}")]
+    if o.vcpus != [0]:
+        args += ["--vcpus", ",".join(map(str, o.vcpus))]
+    for flag, value in (("--count", o.count), ("--duration", o.duration),
+                        ("--hang-after", o.hang_after), ("--filter", o.filter),
+                        ("--vcpu-expr", o.vcpu_expr)):
+        if value is not None:
+            args += [flag, q(str(value))]
+    if o.kill_target is not None:
+        args.append("--kill" if o.kill_target else "--detach")
+    args += ["-o", q(str(o.output))]
+    return " ".join(args)

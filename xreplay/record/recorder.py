@@ -111,6 +111,8 @@ class Recorder:
             self.elf = read_elf(o.elf)
         self.arch = resolve_arch(o.arch, self.elf)
         check_output(o.output)
+        if self.arch is not None:
+            self._check_ports_and_vcpus()
         with tempfile.TemporaryDirectory(prefix="xreplay-") as tmp:
             self.channel = AgentChannel(tmp)
             started = False
@@ -145,6 +147,12 @@ class Recorder:
         if o.target_kind is not None:
             with contextlib.suppress(ValueError):
                 self.stub.kind = StubKind(o.target_kind)
+        if o.on_attach is not None:  # e.g. the Linux profile's guest check, in this session
+            o.on_attach(g)
+        if self.stub.kind is StubKind.GDBSX:
+            from xreplay.gdb.gdbsx import prepare_session
+
+            prepare_session(g, o, self.stub.answers)
         if self.arch is None:
             self.arch = self._arch_from_stub()
 
@@ -338,6 +346,10 @@ class Recorder:
                 "address")
 
     def _explain_agent_error(self, msg: str) -> str:
+        msg = re.sub(r"^(gdb\.)?GdbError: ", "", msg.strip())
+        if "not found" in msg and msg.startswith("probe "):
+            return (f"{msg} in {self.o.elf or 'the target'}: check the name (nm the image), "
+                    "give --elf with symbols, or pass an address as *0xADDR")
         if "No symbol" in msg or "not defined" in msg:
             hint = ("check the name, give --elf with symbols, or pass the location/address "
                     "explicitly (--shared-info ADDR, --probe NAME=*ADDR)")

@@ -46,9 +46,12 @@ class RecordingSink:
                                ) from None
         self.header = header
 
-    def _fail(self, e: OSError) -> None:
+    def _fail(self, e: Exception) -> None:
         if self.error is None:
-            what = "disk full" if e.errno == 28 else (e.strerror or str(e))
+            cause = e if isinstance(e, OSError) else e.__cause__
+            errno_ = getattr(cause, "errno", None)
+            what = ("disk full" if errno_ == 28 else
+                    getattr(cause, "strerror", None) or str(e))
             self.error = f"{what} writing {self.path} after {self.count} snapshots"
         self._failed.set()
 
@@ -61,7 +64,7 @@ class RecordingSink:
                 return None
             try:
                 seq = self.writer.append(**snapshot)
-            except OSError as e:
+            except (OSError, XReplayError) as e:
                 self._fail(e)
                 return None
         for spec, data in zip(self.header.regions, regions, strict=False):
@@ -81,7 +84,7 @@ class RecordingSink:
                 return
             try:
                 self.writer.note(event, **data)
-            except OSError as e:
+            except (OSError, XReplayError) as e:
                 self._fail(e)
 
     def close(self, **stats: Any) -> None:
@@ -94,7 +97,7 @@ class RecordingSink:
                 try:
                     self.writer.close(**stats)
                     return
-                except OSError as e:
+                except (OSError, XReplayError) as e:
                     self._fail(e)
             self.writer.abandon()
 

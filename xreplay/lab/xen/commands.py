@@ -77,6 +77,13 @@ def setup_cmd(cache_dir: Path | None, refresh: bool, no_install: bool, stub: str
         xen = ensure(stage, progress=_say, install_tools=not no_install, refresh=refresh)
         click.echo(f"gdbsx hypervisor {xen.image} (Xen source {xen.source_version}, "
                    f"build {xen.digest})")
+        from xreplay.lab.xen.gdbsx_build import ensure as ensure_gdbsx
+
+        try:
+            tool = ensure_gdbsx(stage, progress=_say)
+            click.echo(f"the project's gdbsx {tool.binary}")
+        except XReplayError as exc:  # Debian's gdbsx is the fallback: say so, go on
+            click.echo(f"the project's gdbsx was not built ({exc}); Debian's will be used")
 
 
 @lab.command("up")

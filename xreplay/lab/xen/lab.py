@@ -172,6 +172,7 @@ class LabState:
     stub: str = "qemu"  # "gdbsx": Xen built with gdbsx, gdbsx reachable on gdbsx_port
     gdbsx_port: int | None = None
     xen_image: str | None = None
+    gdbsx_binary: str | None = None  # host path of the project's gdbsx, put into dom0
 
     def save(self) -> None:
         path = Path(self.run_dir) / STATE_FILE
@@ -230,6 +231,7 @@ class Lab:
         self.progress = progress
         self.stub = stub
         self._gdbsx_port: int | None = None
+        self._gdbsx_binary: Path | None = None
         self.state: LabState | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._symbols: dict[str, int] | None = None
@@ -348,6 +350,7 @@ class Lab:
             from xreplay.lab.xen.hypervisor import ensure
 
             xen_image = ensure(stage, progress=self.progress).image
+            self._gdbsx_binary = self._own_gdbsx(stage)
         for name, target in (("xen", xen_image), ("vmlinuz", stage.vmlinuz),
                              ("dom0.cpio.gz", dom0_img)):
             link = self.run_dir / name
@@ -362,6 +365,18 @@ class Lab:
             self.stop()
             raise
         return self
+
+    def _own_gdbsx(self, stage: Stage) -> Path | None:
+        """The project's faster gdbsx (:mod:`.gdbsx_build`); None (Debian's gdbsx is used)
+        when it cannot be built, which is said, not fatal."""
+        from xreplay.lab.xen.gdbsx_build import ensure as ensure_gdbsx
+
+        try:
+            return ensure_gdbsx(stage, progress=self.progress).binary
+        except XReplayError as exc:
+            self.progress(f"the project's gdbsx could not be built ({exc}): "
+                          "Debian's gdbsx will be used")
+            return None
 
     def _check_not_running(self) -> None:
         try:
@@ -432,6 +447,7 @@ class Lab:
             monitor_socket=str((self.run_dir / "monitor.sock").resolve()),
             qemu_log=str(qemu_log.resolve()), started_at=started,
             stub=self.stub, gdbsx_port=self._gdbsx_port,
+            gdbsx_binary=str(self._gdbsx_binary) if self._gdbsx_binary else None,
             xen_image=str((self.run_dir / "xen").resolve()),
         )
         self.state.save()

@@ -181,23 +181,25 @@ def _gdbsx_record_options(lab: Lab, output: Path, domain: str, vcpus: list[int],
                           hang_after: float | None) -> tuple[RecordOptions, GuestFacts]:
     """The gdbsx variant: per-domain stub, guest virtual addresses, vCPU = thread id."""
     from xreplay.gdb.gdbsx import adapt_options
-    from xreplay.lab.xen.gdbsx import start_gdbsx
+    from xreplay.lab.xen.gdbsx import install_own_gdbsx, start_gdbsx
 
     if domain != "domu":
         raise XReplayError("gdbsx attaches to the domU only; record dom0 through QEMU's "
                            "stub (--stub qemu)")
     facts = inspect_guest(start_gdbsx(lab), syms, None, vcpus, machine_addresses=False)
+    own = install_own_gdbsx(lab)
     target = start_gdbsx(lab)  # the check's gdbsx exited when its gdb detached
     options = RecordOptions(output=Path(output), target=target, count=count,
                             duration=duration, hang_after=hang_after)
     apply(options, syms, vcpus, None, block=block, extra=extra, facts=facts)
-    adapt_options(options)
+    adapt_options(options, own_build=own)
     options.labels = port_labels(bindings, facts)
     options.notify = {p: b.vcpu for p, b in bindings.items()}
     kind = "PVH" if facts.domain_type == "hvm" else (facts.domain_type or "?").upper()
+    which = "the project's" if own else "Debian's"
     options.description = (f"xreplay Xen 4.17 lab, domu (domid {lab.domid}, {kind} Linux "
                            f"{lab.state.kver if lab.state else ''}, vCPUs "
-                           f"{', '.join(map(str, vcpus))}) via gdbsx in dom0")
+                           f"{', '.join(map(str, vcpus))}) via {which} gdbsx in dom0")
     return options, facts
 
 
@@ -371,28 +373,45 @@ def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
     debug_ports = {p for p, b in bindings.items() if b.virq == VIRQ_DEBUG}
     timer_ports = {p for p, b in bindings.items() if b.virq == VIRQ_TIMER}
     decoder = SnapshotDecoder(ARCH)
+    if via_gdbsx:
+        # a PV vCPU paused in user mode runs on its user page table, where gdbsx (which
+        # walks vCPU 0's current one) finds no kernel mapping: pause again
+        attempts = max(attempts, 6)
     for attempt in range(1, attempts + 1):
         lab.dom0(f"xl pause {domid}", timeout=30)
         progress(f"domain {domid} paused")
+        unreadable: XReplayError | None = None
         try:
             before = _settle(lab, domid, timer_ports, settle)
             if via_gdbsx:
-                with StubPeek(start_gdbsx(lab)) as peek:
-                    shared = peek.read(facts.shared_info_va, decoder.shared_info_size)
-                    live = {c: peek.read(facts.vcpu_info_va[c], decoder.vcpu_info_size)
-                            for c in cpus}
+                try:
+                    with StubPeek(start_gdbsx(lab)) as peek:
+                        shared = peek.read(facts.shared_info_va, decoder.shared_info_size)
+                        live = {c: peek.read(facts.vcpu_info_va[c], decoder.vcpu_info_size)
+                                for c in cpus}
+                except XReplayError as exc:
+                    if attempt == attempts:
+                        raise
+                    unreadable = exc
             else:
                 with StubPeek(lab.gdb_address) as peek, peek.physical():
                     shared = peek.read(facts.shared_info_ma, decoder.shared_info_size)
                     live = {c: peek.read(facts.vcpu_info_ma[c], decoder.vcpu_info_size)
                             for c in cpus}
-            after = _e_dump(lab, domid)
-            # 'q' prints upcall_pend/upcall_mask, then raises VIRQ_DEBUG in every guest; the
-            # 'e' dump after it must differ from `after` in the VIRQ_DEBUG port only.
-            q_text = lab.dom0("xl debug-keys q && xl debug-keys e && xl dmesg", timeout=60)
+            if unreadable is None:
+                after = _e_dump(lab, domid)
+                # 'q' prints upcall_pend/upcall_mask, then raises VIRQ_DEBUG in every guest;
+                # the 'e' dump after it must differ from `after` in the VIRQ_DEBUG port only.
+                q_text = lab.dom0("xl debug-keys q && xl debug-keys e && xl dmesg",
+                                  timeout=60)
         finally:
             lab.dom0(f"xl unpause {domid}", timeout=30)
             progress(f"domain {domid} unpaused")
+        if unreadable is not None:
+            progress(f"domain {domid} not readable through gdbsx while paused ({unreadable}):"
+                     " paused in user mode? trying again")
+            time.sleep(0.5)
+            continue
         post_q = latest(parse(q_text, "xl dmesg")).get(domid)
         moved = _moved(before, after)
         moved_q = _moved(after, post_q, ignore=debug_ports, pending_only=True)
