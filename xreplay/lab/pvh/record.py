@@ -44,7 +44,8 @@ hit is far beyond any gap of a running guest."""
 
 def record_options(uk: pvh.Unikernel, target: str, output: Path, *,
                    hang_after: float | None = DEFAULT_HANG_AFTER,
-                   duration: float | None = None, count: int | None = None) -> RecordOptions:
+                   duration: float | None = None, count: int | None = None,
+                   own_gdbsx: bool = False) -> RecordOptions:
     """RecordOptions for the unikernel behind ``target`` (a gdbsx address): the
     :data:`PROFILE` preset, then what gdbsx needs."""
     from xreplay.gdb.gdbsx import adapt_options
@@ -58,10 +59,11 @@ def record_options(uk: pvh.Unikernel, target: str, output: Path, *,
                 (("xenstore", 1), ("console", 2), ("timer", 3), ("flood", 64))},
         count=count, duration=duration, hang_after=hang_after, kill_target=False))
     opts.description = (f"xreplay lab unikernel (PVH, x86_64) variant={uk.variant} on the "
-                        f"lab's Xen 4.17, domain {uk.name} (domid {uk.domid}), via gdbsx in "
-                        f"dom0, --profile {PROFILE}")
+                        f"lab's Xen 4.17, domain {uk.name} (domid {uk.domid}), via "
+                        f"{'the project' if own_gdbsx else 'Debian'}'s gdbsx in dom0, "
+                        f"--profile {PROFILE}")
     opts.delivery = delivery
-    adapt_options(opts)
+    adapt_options(opts, own_build=own_gdbsx)
     return opts
 
 
@@ -91,18 +93,19 @@ def record(lab: Lab, variant: str, output: Path, *,
     and ``xl list``. ``count`` ends at a probe hit, where the guest is stopped anyway; a
     ``duration`` end on a busy guest needs gdbsx to stop a running domain, which is
     unreliable (see :func:`record`'s ``on_interrupt``): prefer ``count`` there."""
-    from xreplay.lab.xen.gdbsx import start_gdbsx, stop_gdbsx
+    from xreplay.lab.xen.gdbsx import install_own_gdbsx, start_gdbsx, stop_gdbsx
 
     uk = pvh.boot(lab, variant, window_us=window_us, period_ms=period_ms, paused=True)
     progress(f"{uk.name}: domid {uk.domid}, created paused")
     try:
+        own = install_own_gdbsx(lab)  # the project's gdbsx when the lab built one
         target = start_gdbsx(lab, uk.domid)
         # gdbsx holds its own pause: dropping xl's now lets the recorder's first
         # "continue" start the guest (with xl's still held, gdbsx reports a stop at once)
         lab.dom0(f"xl unpause {uk.domid}", timeout=60)
         progress(f"gdbsx for domid {uk.domid} listens; recording to {output}")
         opts = record_options(uk, target, output, hang_after=hang_after, duration=duration,
-                              count=count)
+                              count=count, own_gdbsx=own)
         running = threading.Event()
         problems: list[BaseException] = []
 
