@@ -120,9 +120,10 @@ upcall_entry:
 
 /* The block instruction pair: "sti; hlt" (the sti shadow covers the hlt, so an interrupt
  * already pending in the LAPIC wakes the hlt instead of running before it). */
-        .globl pvh_safe_halt
+        .globl pvh_safe_halt, pvh_safe_halt_hlt
 pvh_safe_halt:
         sti
+pvh_safe_halt_hlt:
         hlt
         ret
 
