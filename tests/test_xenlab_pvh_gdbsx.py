@@ -103,6 +103,7 @@ def test_correct_replays_clean_and_diff_names_the_divergence(lab: Lab,
         pytest.skip("needs the lost-upcall recording of the first test")
     d = diff_recordings(out, hung)
     assert d.diverged and d.divergence is not None
-    # B (lost-upcall) blocks and then only the hang snapshot follows: never seen in A
-    first = d.divergence
-    assert first.side == "b" and "hang" in first.message, first.message
+    # among the divergences (the first may be boot timing): after a block the hung run has
+    # only its hang snapshot, never seen in the correct one
+    assert any(x.side == "b" and "hang" in x.message for x in d.divergences), \
+        [x.message for x in d.divergences]
