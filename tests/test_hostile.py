@@ -46,7 +46,7 @@ def _good(n: int = 6, close: bool = True, **kw) -> bytes:
         "x86_64", LAB_PROBES, vcpus=[0, 1], vcpu_info_exprs={1: "&vi"},
         watch=[RegionSpec("shadow", "watch", 64, "&ml")], keyframe_interval=4, **kw)
     buf = io.BytesIO()
-    w = XrrWriter(buf, header)
+    w = XrrWriter(buf, header, version=(1, 0))  # the frames fuzz.split/assemble speak
     page = bytearray(SIZE)
     for i in range(n):
         page[2048 + i] = 1

@@ -234,19 +234,30 @@ def _finding_head(f: Finding, t: float | None = None) -> str:
 def _explain(reader: Any, text: str) -> list[dict[str, Any]]:
     """Explained transitions for FROM..TO, walking from the start to know what was quiet."""
     from xreplay.inspect import parse_range
+    from xreplay.replay.detectors import HANG
     from xreplay.replay.model import explain
+    from xreplay.snapshot import interrupts_enabled
     from xreplay.transitions import bit_changes
 
     lo, hi = parse_range(text)
-    w = Walk(reader.header, ReplayOptions())
-    prev = None
+    h = reader.header
+    w = Walk(h, ReplayOptions())
+    names = [p.name for p in h.probes]
+    prev: Snapshot | None = None
+    last = None
     rows = []
-    for snap in reader.snapshots():
-        if hi is not None and snap.index > hi:
+    for hit in reader.deltas():  # only the range's snapshots are decoded whole
+        if hi is not None and hit.seq > hi:
             break
-        quiet = prev is not None and w.quiet()
-        w.update_track(snap, w.role_of(snap))
-        if prev is not None and snap.index > lo:
+        quiet = last is not None and w.quiet()
+        role = HANG if hit.hang else w.roles.get(names[hit.probe], "other")
+        w.update_track(hit.vcpu, hit.seq, hit.t_ns, role,
+                       interrupts_enabled(h.arch, hit.regflags))
+        last = hit.seq
+        if hit.seq < lo:
+            continue
+        snap = reader.snapshot_of_hit(hit)
+        if prev is not None:
             ch = bit_changes(prev, snap)
             ex = explain(prev, snap, w.geometry, w.routing, quiet=quiet, changes=ch)
             rows.append({"from": prev.index, "to": snap.index, "probe": snap.probe,
