@@ -127,3 +127,29 @@ class ControlBlock:
 
     def is_ready(self, queue: int) -> bool:
         return bool(self.ready >> queue & 1)
+
+
+def print_state(raw: int | None) -> str:
+    """The 6-character column Xen's 'e' key prints for a FIFO port
+    (``evtchn_fifo_print_state``): ``?     `` (no event word), ``B 12  `` (BUSY, LINKED to
+    12), ``  -   `` (not LINKED)."""
+    if raw is None:
+        return "?     "
+    w = EventWord(raw)
+    busy = "B" if w.busy else " "
+    return f"{busy} {w.link:<4}" if w.linked else f"{busy} -   "
+
+
+def parse_state(text: str) -> tuple[bool, bool, int | None]:
+    """Inverse of :func:`print_state` on its (stripped or padded) text:
+    (has a word, BUSY, LINK or None when not LINKED).  Raises ValueError."""
+    text = text.strip()
+    if text == "?":
+        return False, False, None
+    busy = text.startswith("B")
+    rest = text[1:].strip() if busy else text
+    if rest == "-":
+        return True, busy, None
+    if rest.isdigit() and int(rest) <= EVTCHN_FIFO_LINK_MASK:
+        return True, busy, int(rest)
+    raise ValueError(f"bad FIFO state column {text!r}")

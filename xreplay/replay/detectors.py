@@ -857,6 +857,9 @@ def replay(source: XrrReader | str | os.PathLike[str],
 
 
 def _replay_reader(reader: XrrReader, options: ReplayOptions | None) -> ReplayResult:
+    if reader.header.abi == "fifo":  # the FIFO rules live in their own modules
+        from xreplay.replay.fifo_detectors import replay_fifo
+        return replay_fifo(reader, options)
     r = Replayer(reader.header, options)
     unread: Counter[str] = Counter()
     total = 0

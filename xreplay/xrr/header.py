@@ -13,10 +13,15 @@ from typing import Any
 
 from xreplay import __version__
 from xreplay.abi import canonical_arch, layout
+from xreplay.abi.fifo import CONTROL_BLOCK_SIZE, MAX_EVENT_ARRAY_PAGES, PAGE_SIZE
 from xreplay.errors import XReplayError
 
 PROBE_ROLES = ("upcall", "bottom-half", "block", "other")
-REGION_KINDS = ("shared_info", "vcpu_info", "watch")
+# fifo_* (FIFO ABI guests, format 1.0 and 2.0 alike: a region kind is header JSON only):
+# one fifo_control_block per vCPU (``vcpu`` set) and one fifo_event_page per event-array
+# page in use (``page`` set).  Readers that predate them refuse the file by kind.
+REGION_KINDS = ("shared_info", "vcpu_info", "watch", "fifo_control_block", "fifo_event_page")
+FIFO_KINDS = ("fifo_control_block", "fifo_event_page")
 
 
 @dataclass(frozen=True)
@@ -33,10 +38,21 @@ class RegionSpec:
     """A guest memory region stored with every snapshot."""
 
     name: str
-    kind: str  # shared_info | vcpu_info | watch
+    kind: str  # one of REGION_KINDS
     size: int
     expr: str = ""  # where the recorder read it from (address or gdb expression)
-    vcpu: int | None = None  # for vcpu_info regions
+    vcpu: int | None = None  # for vcpu_info and fifo_control_block regions
+    page: int | None = None  # for fifo_event_page regions: the event-array page index
+
+
+def fifo_regions(vcpus: list[int], pages: int, exprs: dict[str, str]) -> list[RegionSpec]:
+    """A FIFO guest's regions: each vCPU's control block, then the event-array pages in
+    use (``exprs`` maps region names to where the recorder reads them)."""
+    out = [RegionSpec(f"control_block.{v}", "fifo_control_block", CONTROL_BLOCK_SIZE,
+                      exprs.get(f"control_block.{v}", ""), v) for v in sorted(vcpus)]
+    out += [RegionSpec(f"event_array.{i}", "fifo_event_page", PAGE_SIZE,
+                       exprs.get(f"event_array.{i}", ""), None, i) for i in range(pages)]
+    return out
 
 
 @dataclass
@@ -69,8 +85,17 @@ class RecordingHeader:
         for vcpu, expr in sorted((vcpu_info_exprs or {}).items()):
             regions.append(RegionSpec(f"vcpu_info.{vcpu}", "vcpu_info",
                                       structs.vcpu_info.sizeof(), expr, vcpu))
+        fifo_pages = kw.pop("fifo_pages", 0)
+        if fifo_pages:
+            regions.extend(fifo_regions(vcpus or [0], fifo_pages,
+                                        kw.pop("fifo_exprs", None) or {}))
         regions.extend(watch or [])
         return cls(arch=arch, probes=probes, regions=regions, vcpus=vcpus or [0], **kw)
+
+    @property
+    def abi(self) -> str:
+        """``"fifo"`` when the recording holds FIFO control blocks, else ``"2l"``."""
+        return "fifo" if any(r.kind in FIFO_KINDS for r in self.regions) else "2l"
 
     def probe_index(self, name: str) -> int:
         for i, p in enumerate(self.probes):
@@ -88,6 +113,9 @@ class RecordingHeader:
         d = asdict(self)
         d["labels"] = {str(k): v for k, v in self.labels.items()}
         d["notify"] = {str(k): v for k, v in self.notify.items()}
+        for r in d["regions"]:
+            if r.get("page") is None:
+                r.pop("page", None)  # 2-level headers stay byte-identical
         return d
 
     @classmethod
@@ -108,7 +136,8 @@ class RecordingHeader:
                       for p in d.get("probes", [])]
             regions = [RegionSpec(str(r["name"]), str(r["kind"]), int(r["size"]),
                                   str(r.get("expr", "")),
-                                  None if r.get("vcpu") is None else int(r["vcpu"]))
+                                  None if r.get("vcpu") is None else int(r["vcpu"]),
+                                  None if r.get("page") is None else int(r["page"]))
                        for r in d.get("regions", [])]
             labels = {int(k): str(v) for k, v in dict(d.get("labels", {})).items()}
             notify = {int(k): int(v) for k, v in dict(d.get("notify", {})).items()}
@@ -121,6 +150,12 @@ class RecordingHeader:
         for r in regions:
             if r.kind not in REGION_KINDS or not 0 < r.size <= (16 << 20):
                 raise bad(f"region {r.name!r} has a bad kind or size")
+            bad_block = r.kind == "fifo_control_block" and (
+                r.vcpu is None or r.size < CONTROL_BLOCK_SIZE)
+            bad_page = r.kind == "fifo_event_page" and (
+                r.page is None or not 0 <= r.page < MAX_EVENT_ARRAY_PAGES or r.size != PAGE_SIZE)
+            if bad_block or bad_page:
+                raise bad(f"FIFO region {r.name!r} lacks its vcpu/page or has a bad size")
         if not any(r.kind == "shared_info" for r in regions):
             raise bad("declares no shared_info region")
         return cls(arch=arch, probes=probes, regions=regions, vcpus=vcpus,

@@ -19,7 +19,7 @@ from typing import Any
 from construct import ConstructError, Struct, VarInt
 
 from xreplay.errors import XReplayError
-from xreplay.snapshot import Snapshot, SnapshotDecoder, VcpuState
+from xreplay.snapshot import FifoState, Snapshot, SnapshotDecoder, VcpuState
 from xreplay.xrr import format as fmt
 from xreplay.xrr.header import RecordingHeader
 
@@ -258,6 +258,8 @@ class XrrReader:
         vcpu_raw: dict[int, tuple[bytes, str]] = {}
         watch: dict[str, bytes] = {}
         missing: list[str] = []
+        fifo_pages: dict[int, bytes] = {}
+        fifo_blocks: dict[int, bytes] = {}
         for i, (spec, data) in enumerate(zip(h.regions, rec.regions, strict=True)):
             if data is None or rec.unread >> i & 1:
                 missing.append(spec.name)
@@ -266,10 +268,18 @@ class XrrReader:
                 shared = data
             elif spec.kind == "vcpu_info" and spec.vcpu is not None:
                 vcpu_raw[spec.vcpu] = (data, "registered")
+            elif spec.kind == "fifo_event_page" and spec.page is not None:
+                fifo_pages[spec.page] = data
+            elif spec.kind == "fifo_control_block" and spec.vcpu is not None:
+                fifo_blocks[spec.vcpu] = data
             else:
                 watch[spec.name] = data
         pending = mask = 0
-        if shared is not None:
+        fifo = None
+        if h.abi == "fifo":  # PENDING/MASKED live in the event words, not shared_info
+            fifo = FifoState.from_regions(fifo_pages, fifo_blocks)
+            pending, mask = fifo.bitmaps()
+        elif shared is not None:
             pending, mask = dec.bitmaps(shared)
         vcpus: dict[int, VcpuState] = {}
         for v in h.vcpus:
@@ -294,7 +304,7 @@ class XrrReader:
         return Snapshot(arch=h.arch, index=rec.seq, t_ns=rec.t_ns, probe=probe, vcpu=rec.vcpu,
                         pc=rec.pc, flags=rec.regflags, evtchn_pending=pending,
                         evtchn_mask=mask, vcpus=vcpus, hang=rec.hang, watch=watch,
-                        labels=h.labels, notify=h.notify, missing=tuple(missing))
+                        labels=h.labels, notify=h.notify, missing=tuple(missing), fifo=fifo)
 
     def snapshots(self, start: int = 0) -> Iterator[Snapshot]:
         cache: dict = {}
