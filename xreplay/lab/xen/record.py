@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xreplay.abi import fifo as fifo_abi
 from xreplay.debugkeys import DomainEvtchnDump, PortDiff, compare, latest, parse
 from xreplay.errors import XReplayError
 from xreplay.lab.xen.lab import Lab
@@ -32,7 +33,7 @@ from xreplay.lab.xen.stage import Progress, quiet
 from xreplay.profiles.linux import GuestFacts, LinuxSymbols, apply, inspect_guest
 from xreplay.profiles.peek import StubPeek
 from xreplay.record import Recorder, RecordOptions, RecordResult
-from xreplay.snapshot import PortState, Snapshot, SnapshotDecoder, VcpuState
+from xreplay.snapshot import FifoState, PortState, Snapshot, SnapshotDecoder, VcpuState
 from xreplay.xrr import ProbeSpec, RecordingHeader, XrrWriter
 
 #: VIRQ numbers (xen/include/public/xen.h) as labels.
@@ -135,7 +136,8 @@ def lab_record_options(lab: Lab, output: Path, *, domain: str = "domu",
                        count: int | None = None, duration: float | None = None,
                        hang_after: float | None = None,
                        ) -> tuple[RecordOptions, GuestFacts]:
-    """RecordOptions for one of the lab's Linux guests, checked live (2-level ABI).
+    """RecordOptions for one of the lab's Linux guests, checked live (2-level or FIFO: the
+    guest's ``evtchn_ops`` picks the regions and the bottom half).
 
     Reads the port bindings from dom0 first (the machine must run for that), then stops
     once in the guest (:func:`inspect_guest`). ``vcpus`` defaults to all of the guest's
@@ -148,7 +150,7 @@ def lab_record_options(lab: Lab, output: Path, *, domain: str = "domu",
     vcpus = sorted(set(lab_vcpus(lab, domain) if vcpus is None else vcpus))
     syms = LinuxSymbols.load(lab.symbol_map)
     bindings = parse_lsevtchn(lab.dom0(f"lsevtchn {domid}", timeout=30))
-    facts = inspect_guest(lab.gdb_address, syms, domain, vcpus)
+    facts = inspect_guest(lab.gdb_address, syms, domain, vcpus, require_2level=False)
     options = RecordOptions(
         output=Path(output), target=lab.gdb_address, count=count, duration=duration,
         hang_after=hang_after, target_kind="qemu")
@@ -225,6 +227,11 @@ class CrossCheck:
                 lines.append(f"          shared_info->vcpu_info[{v}] (stale copy): "
                              f"upcall_pending={stale.evtchn_upcall_pending} "
                              f"pending_sel={stale.evtchn_pending_sel:#x}")
+        if self.snapshot.fifo is not None:
+            for v, cb in sorted(self.snapshot.fifo.control_blocks.items()):
+                heads = " ".join(f"head[{q}]={h}" for q, h in enumerate(cb.head) if h)
+                lines.append(f"  vcpu {v}: ours control_block ready={cb.ready:#x} "
+                             f"{heads or 'heads=0'}")
         lines += [f"  DIFF {d.describe()}" for d in self.diffs]
         lines += [f"  DIFF {p}" for p in self.vcpu_problems + self.binding_problems]
         return "\n".join(lines)
@@ -308,10 +315,16 @@ def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
     cpus = sorted(set(lab_vcpus(lab) if vcpus is None else vcpus))
     syms = LinuxSymbols.load(lab.symbol_map)
     if facts is None:
-        facts = inspect_guest(lab.gdb_address, syms, "domu", cpus)
+        facts = inspect_guest(lab.gdb_address, syms, "domu", cpus, require_2level=False)
     if facts.shared_info_ma is None or any(c not in facts.vcpu_info_ma for c in cpus):
         raise XReplayError("no machine addresses for the domU's shared_info / vcpu_info: "
                            "inspect_guest(..., machine_addresses=True) is needed")
+    fifo = facts.abi == "fifo"
+    if fifo and (not facts.event_page_ma or any(c not in facts.control_block_ma
+                                                 for c in cpus)):
+        raise XReplayError("the domU uses FIFO event channels but its event-array pages or "
+                           "control blocks were not located (inspect_guest with "
+                           "machine_addresses=True on a kernel with events_fifo.c)")
     bindings = parse_lsevtchn(lab.dom0(f"lsevtchn {domid}", timeout=30))
     debug_ports = {p for p, b in bindings.items() if b.virq == VIRQ_DEBUG}
     timer_ports = {p for p, b in bindings.items() if b.virq == VIRQ_TIMER}
@@ -325,6 +338,13 @@ def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
                 shared = peek.read(facts.shared_info_ma, decoder.shared_info_size)
                 live = {c: peek.read(facts.vcpu_info_ma[c], decoder.vcpu_info_size)
                         for c in cpus}
+                fifo_raw = None
+                if fifo:
+                    fifo_raw = (
+                        {i: peek.read(ma, fifo_abi.PAGE_SIZE)
+                         for i, ma in enumerate(facts.event_page_ma)},
+                        {c: peek.read(facts.control_block_ma[c], fifo_abi.CONTROL_BLOCK_SIZE)
+                         for c in cpus})
             after = _e_dump(lab, domid)
             # 'q' prints upcall_pend/upcall_mask, then raises VIRQ_DEBUG in every guest; the
             # 'e' dump after it must differ from `after` in the VIRQ_DEBUG port only.
@@ -339,7 +359,7 @@ def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
             break
         progress(f"domain {domid} moved while paused ({', '.join(moved + moved_q)}): "
                  "trying again")
-    check = _compare(domid, before, after, shared, live, decoder, bindings, facts)
+    check = _compare(domid, before, after, shared, live, decoder, bindings, facts, fifo_raw)
     check.attempts = attempt
     check.xen_vcpus = parse_q_vcpus(q_text, domid)
     if moved_q:
@@ -354,14 +374,16 @@ def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
                 f"ours={st.evtchn_upcall_pending}/{st.evtchn_upcall_mask}")
     check.seconds = time.monotonic() - t0
     if output is not None:
-        _write_paused(Path(output), check, shared, live, lab)
+        _write_paused(Path(output), check, shared, live, lab, fifo_raw)
     return check
 
 
 def _compare(domid: int, before: DomainEvtchnDump, after: DomainEvtchnDump, shared: bytes,
              live: dict[int, bytes], decoder: SnapshotDecoder, bindings: dict[int, Binding],
-             facts: GuestFacts) -> CrossCheck:
-    pending, mask = decoder.bitmaps(shared)
+             facts: GuestFacts, fifo_raw: tuple[dict[int, bytes], dict[int, bytes]] | None = None,
+             ) -> CrossCheck:
+    fifo = None if fifo_raw is None else FifoState.from_regions(*fifo_raw)
+    pending, mask = decoder.bitmaps(shared) if fifo is None else fifo.bitmaps()
     vcpus = {c: decoder.vcpu_state(c, raw, "registered") for c, raw in live.items()}
     stale = {}
     for c in live:
@@ -371,7 +393,7 @@ def _compare(domid: int, before: DomainEvtchnDump, after: DomainEvtchnDump, shar
     notify = {p: b.vcpu for p, b in bindings.items()}
     snap = Snapshot(arch=ARCH, index=0, t_ns=0, probe="paused", vcpu=0, pc=0, flags=None,
                     evtchn_pending=pending, evtchn_mask=mask, vcpus=vcpus,
-                    labels=port_labels(bindings, facts), notify=notify)
+                    labels=port_labels(bindings, facts), notify=notify, fifo=fifo)
     listed = {p.port for p in before.ports}
     ports = sorted(listed | {p for p in range(1, snap.nr_ports) if snap.is_pending(p)})
     ours = [snap.port_state(p) for p in ports]
@@ -390,7 +412,8 @@ def _compare(domid: int, before: DomainEvtchnDump, after: DomainEvtchnDump, shar
 
 
 def _write_paused(path: Path, check: CrossCheck, shared: bytes, live: dict[int, bytes],
-                  lab: Lab) -> None:
+                  lab: Lab, fifo_raw: tuple[dict[int, bytes], dict[int, bytes]] | None = None,
+                  ) -> None:
     """The paused state as a one-snapshot recording (``xreplay show`` renders it)."""
     facts = check.facts
     assert facts is not None and facts.shared_info_ma is not None
@@ -398,10 +421,21 @@ def _write_paused(path: Path, check: CrossCheck, shared: bytes, live: dict[int, 
         ARCH, [ProbeSpec("paused", f"xl pause {check.domid} (read by machine address)")],
         vcpus=sorted(live), shared_info_expr=f"machine address {facts.shared_info_ma:#x}",
         vcpu_info_exprs={c: f"machine address {facts.vcpu_info_ma[c]:#x}" for c in live},
+        fifo_pages=len(fifo_raw[0]) if fifo_raw else 0,
+        fifo_exprs={**{f"control_block.{c}": f"machine address {ma:#x}"
+                       for c, ma in facts.control_block_ma.items()},
+                    **{f"event_array.{i}": f"machine address {ma:#x}"
+                       for i, ma in enumerate(facts.event_page_ma)}},
         labels=check.snapshot.labels, notify=check.snapshot.notify,
         target={"kind": "xen-lab", "address": lab.gdb_address,
                 "description": f"xreplay Xen 4.17 lab, domU {check.domid} paused"})
     with XrrWriter(path, header) as w:
-        w.append(probe=0, vcpu=0, pc=0, regions=[shared, *(live[c] for c in sorted(live))])
+        fifo_regions: list[bytes] = []
+        if fifo_raw:
+            pages, blocks = fifo_raw
+            fifo_regions = [*(blocks[c] for c in sorted(live)),
+                            *(pages[i] for i in sorted(pages))]
+        w.append(probe=0, vcpu=0, pc=0,
+                 regions=[shared, *(live[c] for c in sorted(live)), *fifo_regions])
         w.note("xen-e-dump", domid=check.domid, text=check.dump.render(),
                agrees=check.agrees, diffs=[d.describe() for d in check.diffs])
