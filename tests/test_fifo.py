@@ -274,3 +274,39 @@ def test_masked_pending_is_info_and_cli_runs(tmp_path: Path) -> None:
     shown = CliRunner().invoke(main, ["show", str(path), "--at", "-1"])
     assert shown.exit_code == 0, shown.output
     assert "control_block ready=0x0" in shown.output and "[1/1/  -   ]" in shown.output
+
+
+def test_diff_and_show_changes_speak_fifo(tmp_path: Path) -> None:
+    from xreplay.cli import main
+    from xreplay.replay import diff_recordings
+    from xreplay.replay.diff import diff_snapshots
+
+    ok = FifoGuest()
+    ok.hit("block")
+    for _ in range(4):
+        ok.episode(3)
+    bad = FifoGuest()
+    bad.hit("block")
+    bad.episode(3)
+    bad.m.guest_mask(2)
+    bad.m.evtchn_fifo_set_pending(2)
+    bad.episode(3)
+    bad.m.guest_unmask_unsafe(2)
+    bad.episode(3)
+    bad.episode(3)
+    a, b = ok.write(tmp_path / "ok.xrr"), bad.write(tmp_path / "bad.xrr")
+    d = diff_recordings(a, b)
+    assert d.stats["a"]["findings"] == {}  # judged on the FIFO rules, not the 2-level ones
+    assert d.stats["b"]["findings"] == {"fifo-stranded": 1}
+    end = d.aligned[-1]
+    assert end.ports == [{"port": 2, "label": "console", "a": "[0/0/-]", "b": "[1/0/-]"}]
+    # within one recording: the timer's word and the ready bit, not 2-level selectors
+    sd = diff_snapshots(a, 0, 1)
+    assert sd.text == ["event_array.PENDING port 3 (timer) 0->1",
+                               "event_array.LINKED port 3 (timer) 0->1",
+                               "control_block.ready vcpu 0 queue 7 0->1",
+                               "evtchn_upcall_pending vcpu 0 0->1"]
+    assert {"vcpu": 0, "field": "control_block.ready", "a": 0, "b": 128} in sd.state.vcpus
+    assert not any(v["field"] == "evtchn_pending_sel" for v in sd.state.vcpus)
+    out = CliRunner().invoke(main, ["replay", str(a), "--explain", "0..2"])
+    assert out.exit_code == 2 and "FIFO recording" in out.output

@@ -292,9 +292,25 @@ def compare_states(a: Snapshot, b: Snapshot, label: str,
         pa, pb = a.port_state(p), b.port_state(p)
         if pa.pms != pb.pms:
             out.ports.append({"port": p, "label": labels.get(p), "a": pa.pms, "b": pb.pms})
+    fifo = a.fifo is not None and b.fifo is not None
+    names = ("evtchn_upcall_pending", "evtchn_upcall_mask") + (
+        () if fifo else ("evtchn_pending_sel",))  # FIFO guests do not use the selector
+    if fifo:
+        assert a.fifo is not None and b.fifo is not None
+        for v in sorted(set(a.fifo.control_blocks) | set(b.fifo.control_blocks)):
+            ca, cb = a.fifo.control_blocks.get(v), b.fifo.control_blocks.get(v)
+            for q in range(16):
+                x = None if ca is None else ca.head[q]
+                y = None if cb is None else cb.head[q]
+                if x != y:
+                    out.vcpus.append({"vcpu": v, "field": f"control_block.head[{q}]",
+                                      "a": x, "b": y})
+            x, y = (None if ca is None else ca.ready), (None if cb is None else cb.ready)
+            if x != y:
+                out.vcpus.append({"vcpu": v, "field": "control_block.ready", "a": x, "b": y})
     for v in sorted(set(a.vcpus) | set(b.vcpus)):
         va, vb = a.vcpus.get(v), b.vcpus.get(v)
-        for name in ("evtchn_upcall_pending", "evtchn_upcall_mask", "evtchn_pending_sel"):
+        for name in names:
             x = None if va is None else getattr(va, name)
             y = None if vb is None else getattr(vb, name)
             if x != y:
@@ -376,12 +392,19 @@ def _open(source: XrrReader | str | os.PathLike[str], stack: ExitStack) -> XrrRe
 
 
 def _pass(reader: XrrReader, options: ReplayOptions | None) -> tuple[PatternSummary, Any, Any]:
-    rep = Replayer(reader.header, options)
+    rep: Any
+    if reader.header.abi == "fifo":  # judged on the FIFO rules
+        from xreplay.replay.fifo_detectors import FifoReplayer
+        rep = FifoReplayer(reader.header, options)
+        role_of = rep.role_of
+    else:
+        rep = Replayer(reader.header, options)
+        role_of = rep.walk.role_of
     pat = PatternSummary()
     last = None
     for snap in reader.snapshots():
         rep.feed(snap)
-        pat.feed(snap, rep.walk.role_of(snap))
+        pat.feed(snap, role_of(snap))
         last = snap
     pat.finish(last)
     return pat, rep.finish(reader.trailer, reader.problems), last

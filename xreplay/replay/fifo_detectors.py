@@ -55,6 +55,7 @@ class FifoReplayer:
         # vCPU -> index of its last block hit with upcall pending and ready queues, cleared
         # by any upcall / bottom-half hit of that vCPU
         self.armed: dict[int, int] = {}
+        self.unread: Counter[str] = Counter()
 
     def role_of(self, snap: Snapshot) -> str:
         return HANG if snap.hang else self.roles.get(snap.probe, "other")
@@ -72,8 +73,10 @@ class FifoReplayer:
             self.findings.append(f)
 
     def feed(self, snap: Snapshot) -> None:
+        """Judge one snapshot; one with a region not read (or not FIFO) is counted only."""
         fs = snap.fifo
-        if fs is None:
+        if fs is None or snap.missing:
+            self.unread.update(snap.missing)
             return
         if self.t0 is None:
             self.t0 = snap.t_ns
@@ -218,15 +221,11 @@ def fifo_abi_queues(ready: int) -> str:
 def replay_fifo(reader: XrrReader, options: ReplayOptions | None = None) -> ReplayResult:
     """Replay a FIFO recording; snapshots with any region unread are counted, not judged."""
     r = FifoReplayer(reader.header, options)
-    unread: Counter[str] = Counter()
     total = 0
     for snap in reader.snapshots():
         total += 1
-        if snap.missing:
-            unread.update(snap.missing)
-            continue  # a verdict only on data that was read
-        r.feed(snap)
+        r.feed(snap)  # a verdict only on data that was read
     result = r.finish(reader.trailer, reader.problems)
     result.stats["recorded"] = total
-    result.stats["unreadable"] = dict(unread)
+    result.stats["unreadable"] = dict(r.unread)
     return result
