@@ -30,8 +30,9 @@ class FifoGuest:
         self.vcpus = tuple(vcpus)
         self.m = EvtchnFifo(self.vcpus, pages)
         self.notify = dict(notify or {})
-        for p in LABELS:
-            self.m.bind(p, self.notify.get(p, 0))
+        for p in LABELS:  # as Linux: VIRQ_TIMER at the highest priority, the rest at 7
+            self.m.bind(p, self.notify.get(p, 0), fa.EVTCHN_FIFO_PRIORITY_MAX if p == 3
+                        else fa.EVTCHN_FIFO_PRIORITY_DEFAULT)
             self.m.guest_unmask(p)
         self.steps: list = []
 
@@ -95,12 +96,13 @@ def test_header_declares_fifo_regions_and_round_trips(tmp_path: Path) -> None:
 def test_decoding_a_linux_fifo_guest(tmp_path: Path) -> None:
     g = FifoGuest()
     g.hit("block")
-    g.m.evtchn_fifo_set_pending(3)  # timer
-    g.m.evtchn_fifo_set_pending(1)  # xenstore, behind it on queue 7
+    g.m.evtchn_fifo_set_pending(1)  # xenstore, on queue 7
+    g.m.evtchn_fifo_set_pending(2)  # console, behind it
+    g.m.evtchn_fifo_set_pending(3)  # timer, alone on queue 0
     u = g.hit("upcall")
     g.m.upcall(0)
     b = g.hit("bottom-half")
-    g.m.handle_events(0)
+    assert g.m.handle_events(0) == [3, 1, 2]  # queue 0 first
     k = g.hit("block")
     with XrrReader(g.write(tmp_path / "fifo.xrr")) as r:
         assert r.header.abi == "fifo"
@@ -108,29 +110,29 @@ def test_decoding_a_linux_fifo_guest(tmp_path: Path) -> None:
     s = snaps[u]
     assert s.abi == "fifo" and s.nr_ports == 1024
     cb = s.fifo.control_blocks[0]
-    assert cb.ready == 1 << fa.EVTCHN_FIFO_PRIORITY_DEFAULT and cb.head[7] == 3
+    assert cb.ready == 1 << 0 | 1 << 7 and cb.head[7] == 1 and cb.head[0] == 3
     assert s.vcpus[0].evtchn_upcall_pending == 1
-    t, x = s.port_state(3), s.port_state(1)
-    assert (t.pending, t.masked, t.linked, t.link, t.fifo, t.priority, t.queue_head) == (
-        True, False, True, 1, "1", 7, 3)
-    assert (x.pending, x.linked, x.link, x.fifo, x.priority, x.queue_head) == (
-        True, True, 0, "0", 7, 3)
-    assert s.port_state(2) == s.port_state(2).__class__(
-        port=2, pending=False, masked=False, fifo="-", busy=False, linked=False,
-        label="console")
+    x, c, t = s.port_state(1), s.port_state(2), s.port_state(3)
+    assert (x.pending, x.masked, x.linked, x.link, x.fifo, x.priority, x.queue_head) == (
+        True, False, True, 2, "2", 7, 1)
+    assert (c.pending, c.linked, c.link, c.fifo, c.priority, c.queue_head) == (
+        True, True, 0, "0", 7, 1)
+    assert (t.linked, t.link, t.priority, t.queue_head) == (True, 0, 0, 3)
     assert s.port_state(5).masked and not s.port_state(5).pending
+    assert s.port_state(5) == s.port_state(5).__class__(
+        port=5, pending=False, masked=True, fifo="-", busy=False, linked=False)
     assert s.port_state(2000).fifo == "?" and s.port_state(2000).masked
     assert s.interesting_ports() == [1, 2, 3]
     text = s.render()
-    assert "control_block ready=0x80 head[7]=3" in text
-    assert "       3 [1/0/  1   ]  (timer)  [queue 7, head 3]" in text
-    assert "       1 [1/0/  0   ]  (xenstore)" in text
-    # after the bottom half: consumed, acked, head left stale as Xen leaves it
+    assert "control_block ready=0x81 head[0]=3 head[7]=1" in text
+    assert "       1 [1/0/  2   ]  (xenstore)  [queue 7, head 1]" in text
+    assert "       3 [1/0/  0   ]  (timer)  [queue 0, head 3]" in text
+    # after the bottom half: consumed, acked, heads left stale as Xen leaves them
     done = snaps[k]
-    assert done.fifo.control_blocks[0].ready == 0 and done.fifo.control_blocks[0].head[7] == 3
+    assert done.fifo.control_blocks[0].ready == 0 and done.fifo.control_blocks[0].head[7] == 1
     assert [done.port_state(p).fifo for p in (1, 2, 3)] == ["-", "-", "-"]
     assert not done.evtchn_pending
-    assert snaps[b].fifo.control_blocks[0].ready == 0x80  # taken by xchg inside the bh
+    assert snaps[b].fifo.control_blocks[0].ready == 0x81  # taken by xchg inside the bh
     assert replay(tmp_path / "fifo.xrr").findings == []
 
 
@@ -204,14 +206,20 @@ def test_unmask_in_place_while_pending_is_stranded(tmp_path: Path) -> None:
 def test_dropped_link_strands_the_rest_of_the_queue(tmp_path: Path) -> None:
     g = FifoGuest()
     g.hit("block")
-    _, _, k = g.episode(3, 1, drop_link=3)  # the guest loses timer's LINK to xenstore
-    g.m.evtchn_fifo_set_pending(2)  # appended behind xenstore: no ready, no upcall
+    _, _, k = g.episode(1, 2, drop_link=1)  # the guest loses xenstore's LINK to console
+    g.m.evtchn_fifo_set_pending(1)  # appended behind console: no ready, no upcall
     k2 = g.hit("block")
     res = replay(g.write(tmp_path / "drop.xrr"))
     stranded = res.by_kind("fifo-stranded")
-    assert [(f.snapshot, f.ports) for f in stranded] == [(k, [1]), (k2, [2])]
-    assert "LINK" in stranded[0].message and "on no queue" in stranded[0].message
-    assert g.m.upcall_pending[0] == 0  # indeed no upcall was raised for port 2
+    assert [(f.snapshot, f.ports) for f in stranded] == [(k, [2])]
+    assert "LINK" in stranded[0].message and "whose ready bit is set" in stranded[0].message
+    # xenstore again: Xen linked it behind console, so the stale head[7]=1 is LINKED with
+    # ready clear, which fifo-ready-head names (once, not also as stranded)
+    rh = res.by_kind("fifo-ready-head")
+    assert [(f.snapshot, f.ports) for f in rh] == [(k2, [1])]
+    assert "dropped a LINK" in rh[0].message
+    assert kinds(res) == ["fifo-stranded", "fifo-ready-head"]
+    assert g.m.upcall_pending[0] == 0  # indeed no upcall was raised for port 1
 
 
 def test_ready_head_and_unlinked_head(tmp_path: Path) -> None:
@@ -226,8 +234,9 @@ def test_ready_head_and_unlinked_head(tmp_path: Path) -> None:
     res = replay(g.write(tmp_path / "rh.xrr"))
     rh = res.by_kind("fifo-ready-head")
     assert [(f.snapshot, f.vcpu) for f in rh] == [(a, 0), (b, 0)]
-    assert "head[5]=0" in rh[0].message and "still LINKED" in rh[1].message
+    assert "head[5]=0" in rh[0].message and "is LINKED but ready bit 0" in rh[1].message
     assert rh[1].ports == [3] and "control_block[0].ready" in rh[1].fields
+    assert "queue 0" in rh[1].message
     g2 = FifoGuest()
     g2.m.evtchn_fifo_set_pending(3)
     g2.m.guest_clear_linked(3)  # unlinked behind Xen's back, ready still set
@@ -235,7 +244,7 @@ def test_ready_head_and_unlinked_head(tmp_path: Path) -> None:
     res2 = replay(g2.write(tmp_path / "hu.xrr"))
     hu = res2.by_kind("fifo-head-unlinked")
     assert [(f.snapshot, f.ports) for f in hu] == [(c, [3])]
-    assert "queue 7" in hu[0].message
+    assert "queue 0" in hu[0].message
 
 
 def test_blocked_with_upcall_pending_and_ready_queues(tmp_path: Path) -> None:
@@ -247,7 +256,7 @@ def test_blocked_with_upcall_pending_and_ready_queues(tmp_path: Path) -> None:
     res = replay(g.write(tmp_path / "mc.xrr"))
     mc = res.by_kind("fifo-missed-clear")
     assert [(f.snapshot, f.block_snapshot, f.vcpu) for f in mc] == [(b, a, 0)]
-    assert "evtchn_upcall_pending=1" in mc[0].message and "{7}" in mc[0].message
+    assert "evtchn_upcall_pending=1" in mc[0].message and "{0}" in mc[0].message
     g2 = FifoGuest()
     g2.hit("block")
     g2.m.evtchn_fifo_set_pending(3)
@@ -273,7 +282,8 @@ def test_masked_pending_is_info_and_cli_runs(tmp_path: Path) -> None:
     assert "fifo-masked-pending" in out.output
     shown = CliRunner().invoke(main, ["show", str(path), "--at", "-1"])
     assert shown.exit_code == 0, shown.output
-    assert "control_block ready=0x0" in shown.output and "[1/1/  -   ]" in shown.output
+    assert "control_block ready=0x0 head[0]=3" in shown.output
+    assert "[1/1/  -   ]" in shown.output
 
 
 def test_diff_and_show_changes_speak_fifo(tmp_path: Path) -> None:
@@ -304,9 +314,9 @@ def test_diff_and_show_changes_speak_fifo(tmp_path: Path) -> None:
     sd = diff_snapshots(a, 0, 1)
     assert sd.text == ["event_array.PENDING port 3 (timer) 0->1",
                                "event_array.LINKED port 3 (timer) 0->1",
-                               "control_block.ready vcpu 0 queue 7 0->1",
+                               "control_block.ready vcpu 0 queue 0 0->1",
                                "evtchn_upcall_pending vcpu 0 0->1"]
-    assert {"vcpu": 0, "field": "control_block.ready", "a": 0, "b": 128} in sd.state.vcpus
+    assert {"vcpu": 0, "field": "control_block.ready", "a": 0, "b": 1} in sd.state.vcpus
     assert not any(v["field"] == "evtchn_pending_sel" for v in sd.state.vcpus)
     out = CliRunner().invoke(main, ["replay", str(a), "--explain", "0..2"])
     assert out.exit_code == 2 and "FIFO recording" in out.output

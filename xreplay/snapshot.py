@@ -145,14 +145,18 @@ class FifoState:
     def word(self, port: int) -> int | None:
         return self.words[port] if 0 <= port < len(self.words) else None
 
-    def queues(self) -> dict[int, tuple[int, int, int]]:
+    def queues(self, ready_only: bool = False) -> dict[int, tuple[int, int, int]]:
         """port -> (vCPU, queue, head) for every event reachable from a queue's ``head``
         through LINKED words (a head whose event is no longer LINKED starts no walk: the
-        guest consumed it and ``head`` is stale, as Xen leaves it)."""
+        guest consumed it and ``head`` is stale, as Xen leaves it).  ``ready_only`` walks
+        only queues whose ``ready`` bit is set: the only heads the guest will read again
+        (a clear bit's head may be stale yet LINKED again, behind another event)."""
         out: dict[int, tuple[int, int, int]] = {}
         n = len(self.words)
         for v, cb in self.control_blocks.items():
             for q, head in enumerate(cb.head):
+                if ready_only and not cb.ready >> q & 1:
+                    continue
                 port, steps = head, 0
                 while 0 < port < n and steps < n and port not in out:
                     w = self.words[port]

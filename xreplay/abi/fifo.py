@@ -11,7 +11,8 @@ FIFO structs are the same on every arch: 32-bit event words and a ``uint32_t`` c
   one page at a time (``EVTCHNOP_expand_array``), so only the pages in use exist.
 * ``struct evtchn_fifo_control_block``: one per vCPU (``EVTCHNOP_init_control``), ``ready``
   (bit *q* set: queue *q* became non-empty) and ``head[EVTCHN_FIFO_MAX_QUEUES]``.  Queue *q*
-  is priority *q*: 0 is the highest, Linux binds everything at the default 7.
+  is priority *q*: 0 is the highest.  Linux binds at the default 7 and raises VIRQ_TIMER
+  to 0 (``xen_setup_timer``: ``xen_set_irq_priority(irq, XEN_IRQ_PRIORITY_MAX)``).
 """
 
 from __future__ import annotations

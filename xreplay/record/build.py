@@ -156,4 +156,7 @@ def command_line(o: RecordOptions) -> str:
     if o.kill_target is not None:
         args.append("--kill" if o.kill_target else "--detach")
     args += ["-o", q(str(o.output))]
+    if o.fifo_control_block or o.fifo_event_pages:
+        # no option names FIFO regions: only the Linux profile (--symbols MAP) derives them
+        args += ["--symbols", "MAP", " # FIFO regions: from the Linux profile, not options"]
     return " ".join(args)

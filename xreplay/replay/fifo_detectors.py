@@ -3,7 +3,8 @@
 FIFO loses events in its own ways (``xen/common/event_fifo.c``; the guest's side in Linux's
 ``events_fifo.c``):
 
-* ``fifo-stranded``: a port PENDING and not MASKED but on no queue a ``head`` leads to.
+* ``fifo-stranded``: a port PENDING and not MASKED but on no ready queue (one whose
+  ``ready`` bit is set, walked from its ``head``).
   Not LINKED: Xen LINKs an event only when it becomes pending while unmasked, or at
   EVTCHNOP_unmask, so a guest that clears MASKED in place while PENDING leaves it here.
   LINKED but unreachable: the guest dropped a LINK (a lost link); Xen's tail is behind it,
@@ -84,21 +85,24 @@ class FifoReplayer:
         role = self.role_of(snap)
         self.hits[role] += 1
         quiet = role in ("block", HANG)
-        queues = fs.queues()
         self._queues(snap, fs, quiet)
         if quiet:
-            self._stranded(snap, fs, queues)
+            self._stranded(snap, fs)
         self._missed_clear(snap, fs, role)
         self.last = snap
 
     # -- the checks ---------------------------------------------------------------------
 
-    def _stranded(self, snap: Snapshot, fs: FifoState, queues: dict) -> None:
+    def _stranded(self, snap: Snapshot, fs: FifoState) -> None:
+        ready = fs.queues(ready_only=True)
+        # reachable from a LINKED head whose ready bit is clear: fifo-ready-head says so
+        queued = {p for p, (v, q, _h) in fs.queues().items()
+                  if not fs.control_blocks[v].is_ready(q)}
         for port, raw in enumerate(fs.words):
             if port == 0 or not raw >> fifo_abi.EVTCHN_FIFO_PENDING & 1:
                 continue
             w = fifo_abi.EventWord(raw)
-            if w.masked or port in queues:
+            if w.masked or port in ready or port in queued:
                 continue
             v = snap.notify.get(port, 0)
             why = ("it is LINKED, but on no queue a head leads to: the guest dropped the "
@@ -112,7 +116,8 @@ class FifoReplayer:
                 fields=[f"event_array[{port}].PENDING", f"event_array[{port}].MASKED",
                         f"event_array[{port}].LINKED"],
                 message=(f"port {self.name(port)} is PENDING and unmasked but on no queue of "
-                         f"vCPU {v} at {snap.probe} #{snap.index}, so no upcall will come: "
+                         f"vCPU {v} whose ready bit is set at {snap.probe} #{snap.index}, so "
+                         "no upcall will come: "
                          + why)))
 
     def _queues(self, snap: Snapshot, fs: FifoState, quiet: bool) -> None:
@@ -152,11 +157,13 @@ class FifoReplayer:
                     self.add(("fifo-ready-head", v, q, "queued"), Finding(
                         "fifo-ready-head", snap.index, vcpu=v, ports=[head],
                         fields=[f"control_block[{v}].ready", f"control_block[{v}].head[{q}]"],
-                        message=(f"{where}: head[{q}]={self.name(head)} is still LINKED but "
+                        message=(f"{where}: head[{q}]={self.name(head)} is LINKED but "
                                  f"ready bit {q} is clear at {snap.probe} #{snap.index}: "
-                                 "the guest took ready without walking the queue; Xen "
+                                 "events are queued that the guest will not look for (it "
+                                 "took ready without walking the whole queue, or dropped a "
+                                 "LINK and Xen linked this event behind the lost ones); Xen "
                                  "appends to a non-empty queue without setting ready or "
-                                 "raising an upcall, so these events are lost")))
+                                 "raising an upcall, so they are lost")))
 
     def _missed_clear(self, snap: Snapshot, fs: FifoState, role: str) -> None:
         v = snap.vcpu
