@@ -7,6 +7,7 @@ scripts rely on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -78,6 +79,9 @@ class RecordOptions:
     interrupt_hang_after: float = 1.0
     #: whole-machine stub without a filter: stop when hits of two domains show up
     single_domain: bool = True
+    #: called with the attached GdbSession before the probes are set: a check that must
+    #: use the recorder's own connection (gdbsx and ``gdbserver --once`` serve only one)
+    on_attach: Callable[[Any], None] | None = field(default=None, repr=False)
 
 
 class EndReason(StrEnum):

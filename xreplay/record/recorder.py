@@ -144,6 +144,12 @@ class Recorder:
         if o.target_kind is not None:
             with contextlib.suppress(ValueError):
                 self.stub.kind = StubKind(o.target_kind)
+        if o.on_attach is not None:  # e.g. the Linux profile's guest check, in this session
+            o.on_attach(g)
+        if self.stub.kind is StubKind.GDBSX:
+            from xreplay.gdb.gdbsx import prepare_session
+
+            prepare_session(g, o, self.stub.answers)
         if self.arch is None:
             self.arch = self._arch_from_stub()
 
