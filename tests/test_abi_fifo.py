@@ -79,3 +79,29 @@ def test_event_array_pages_and_control_block() -> None:
     raw = cb.build()
     assert len(raw) == 72 and raw[8 + 7 * 4] == 5
     assert fifo.ControlBlock.parse(raw) == cb and cb.is_ready(7) and not cb.is_ready(0)
+
+
+@pytest.mark.skipif(not HEADER.exists() or shutil.which("gcc") is None,
+                    reason="needs gcc and Debian's libxen-dev (make deps installs them)")
+def test_lab_guest_fifo_structs_match_the_abi(tmp_path: Path) -> None:
+    """The lab guest declares the FIFO structs itself (lab.h): same layout and bits."""
+    guest = Path(__file__).parent.parent / "xreplay" / "lab" / "guest"
+    src = tmp_path / "probe_lab.c"
+    src.write_text(
+        '#include <stddef.h>\n#include <stdio.h>\n#include "lab.h"\nint main(void) {\n'
+        'printf("%zu %zu %zu %zu %u %u %u %u %u %u %u\\n", '
+        "sizeof(struct lab_fifo_control_block), "
+        "offsetof(struct lab_fifo_control_block, head), sizeof(lab_event_array), "
+        "sizeof(lab_event_array[0]), LAB_FIFO_PENDING, LAB_FIFO_MASKED, LAB_FIFO_LINKED, "
+        "LAB_FIFO_BUSY, LAB_FIFO_LINK_MASK, LAB_FIFO_MAX_QUEUES, LAB_FIFO_PRIO_TIMER);\n"
+        "return 0;\n}\nuint32_t lab_event_array[LAB_FIFO_WORDS];\n")
+    exe = tmp_path / "probe_lab"
+    subprocess.run(["gcc", "-I", str(guest), "-o", str(exe), str(src)], check=True,
+                   capture_output=True, text=True)
+    got = [int(v) for v in subprocess.run([str(exe)], check=True, capture_output=True,
+                                          text=True).stdout.split()]
+    assert got == [fifo.CONTROL_BLOCK_SIZE, fifo.CONTROL_BLOCK_FIELDS["head"][0],
+                   fifo.PAGE_SIZE, fifo.EVENT_WORD_SIZE, 1 << fifo.EVTCHN_FIFO_PENDING,
+                   1 << fifo.EVTCHN_FIFO_MASKED, 1 << fifo.EVTCHN_FIFO_LINKED,
+                   1 << fifo.EVTCHN_FIFO_BUSY, fifo.EVTCHN_FIFO_LINK_MASK,
+                   fifo.EVTCHN_FIFO_MAX_QUEUES, fifo.EVTCHN_FIFO_PRIORITY_MAX]

@@ -19,6 +19,9 @@ FIFO loses events in its own ways (``xen/common/event_fifo.c``; the guest's side
   at a hang, or at two block hits in a row with no upcall between (the FIFO form of the
   2-level missed clear).
 * ``fifo-masked-pending`` (info): ports PENDING and MASKED at the end.
+* ``fifo-no-quiescent-point`` (info): no block or hang snapshot at all, so the checks that
+  need one (stranded, queued-but-not-ready, unlinked head, missed clear) never ran: a clean
+  replay then says nothing about them.
 
 "Quiescent" is a block-probe hit or a hang snapshot: inside the upcall and the bottom half
 the guest legitimately holds states (LINKED cleared before the ack, ``ready`` taken with
@@ -36,7 +39,7 @@ from xreplay.snapshot import FifoState, Snapshot
 from xreplay.xrr import RecordingHeader, XrrReader
 
 FIFO_KINDS = ("fifo-stranded", "fifo-ready-head", "fifo-head-unlinked", "fifo-missed-clear",
-              "fifo-masked-pending")
+              "fifo-masked-pending", "fifo-no-quiescent-point")
 HANG = "hang"
 
 
@@ -205,6 +208,15 @@ class FifoReplayer:
                              "MASKED: Xen links them only at EVTCHNOP_unmask (fine for a "
                              "port ignored on purpose, a hang if the guest waits for it)"),
                     severity="info"))
+        quiet = self.hits["block"] + self.hits[HANG]
+        if self.count and not quiet:
+            self.findings.append(Finding(
+                "fifo-no-quiescent-point", last.index if last else 0,
+                message=(f"none of the {self.count} snapshots was taken at a block probe or "
+                         "a hang, where the guest is not in the middle of consuming its "
+                         "queues: the stranded, queued-but-not-ready, unlinked-head and "
+                         "missed-clear checks never ran (record with a block probe, or "
+                         "until the guest idles or hangs)"), severity="info"))
         order = {k: i for i, k in enumerate(FIFO_KINDS)}
         findings = sorted(self.findings, key=lambda f: (f.snapshot, order.get(f.kind, 99)))
         stats = {
@@ -212,6 +224,7 @@ class FifoReplayer:
             "duration_s": 0.0 if last is None else (last.t_ns - (self.t0 or 0)) / 1e9,
             "start_t_ns": self.t0, "last_snapshot": None if last is None else last.index,
             "hits": dict(self.hits), "vcpus": sorted(self.header.vcpus), "shadow": None,
+            "quiescent_snapshots": quiet,
             "end_reason": None if trailer is None else trailer.get("reason"),
             "closed_cleanly": trailer is not None,
             "findings": dict(Counter(f.kind for f in findings)), "dropped": {},
