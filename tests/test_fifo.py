@@ -320,3 +320,13 @@ def test_diff_and_show_changes_speak_fifo(tmp_path: Path) -> None:
     assert not any(v["field"] == "evtchn_pending_sel" for v in sd.state.vcpus)
     out = CliRunner().invoke(main, ["replay", str(a), "--explain", "0..2"])
     assert out.exit_code == 2 and "FIFO recording" in out.output
+
+
+def test_head_outside_the_recorded_array_is_a_warning(tmp_path: Path) -> None:
+    g = FifoGuest()
+    g.m.head[0][7] = 5000  # beyond the one page recorded
+    k = g.hit("block")
+    res = replay(g.write(tmp_path / "far.xrr"))
+    (f,) = res.by_kind("fifo-head-unlinked")
+    assert (f.snapshot, f.severity, f.ports) == (k, "warning", [5000])
+    assert "re-record" in f.message

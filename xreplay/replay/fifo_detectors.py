@@ -141,8 +141,10 @@ class FifoReplayer:
                     self.add(("fifo-head-unlinked", v, q, "range"), Finding(
                         "fifo-head-unlinked", snap.index, vcpu=v, ports=[head],
                         fields=[f"control_block[{v}].head[{q}]"],
-                        message=(f"{where}: head[{q}]={head} lies outside the event array "
-                                 f"({fs.nr_ports} ports in use) at #{snap.index}")))
+                        message=(f"{where}: head[{q}]={head} lies outside the recorded "
+                                 f"event array ({fs.nr_ports} ports) at #{snap.index}: the "
+                                 "guest grew the array after the recording started "
+                                 "(re-record), or head is corrupt"), severity="warning"))
                     continue
                 if not quiet or not head:
                     continue
