@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 MODULES = ("benchmarks.record_bench", "benchmarks.replay_bench", "benchmarks.gdbsx_bench",
-           "benchmarks.fuzz")
+           "benchmarks.fuzz", "benchmarks.rr_bench")
 
 
 @dataclass

@@ -4,12 +4,19 @@ A synthetic lab-like recording (block -> upcall -> bottom half episodes on a few
 x86_64, with a shadow watch region) is written once per size, outside the timed span.  Each
 method then runs in a fresh Python process, so its peak RSS is its own:
 
-* ``read``   — frames, checksums and region deltas (``XrrReader.records``);
+* ``read``   — frames, checksums and region deltas, each snapshot's regions rebuilt as
+  bytes (``XrrReader.records``);
 * ``decode`` — the above plus decoding every snapshot (``XrrReader.snapshots``);
-* ``replay`` — the above plus the 2-level model and every detector (``xreplay.replay``).
+* ``replay`` — the deltas straight into the 2-level model and every detector
+  (``xreplay.replay``: fields decoded only where a delta wrote).
 
-Ratios are against ``decode`` measured in the same run; the peak RSS of ``replay`` at the
-full size and at a tenth of it shows whether memory stays constant.
+Rates are per CPU second of each child (``time.process_time``: on a shared machine wall
+time mostly measures the neighbours; wall seconds are shown too).  Ratios are against
+``read`` measured in the same run (issue 13: replay >= 0.5x read); the
+peak RSS of ``replay`` at the full size and at a tenth of it shows whether memory stays
+constant.  Then bytes per snapshot: the synthetic recording in the current format and in
+1.0, and every recording in ``recordings/`` as stored (1.0) and rewritten in the current
+format (the lab workload; issue 13's goal is <= 32).
 """
 
 from __future__ import annotations
@@ -25,13 +32,14 @@ from benchmarks import BenchArgs, Measurement, Method, register, run_interleaved
 
 DEFAULT_SNAPSHOTS = 200_000
 _CACHE = Path(tempfile.gettempdir()) / "xreplay-bench"
+_RECORDINGS = Path(__file__).parent.parent / "recordings"
 
 _CHILD = r"""
 import json, resource, sys, time
 from xreplay.xrr import XrrReader
 from xreplay.replay import replay
 path, method = sys.argv[1], sys.argv[2]
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 if method == "read":
     with XrrReader(path) as r:
         n = sum(1 for _ in r.records())
@@ -45,18 +53,20 @@ else:
     if bad:
         print(json.dumps({"error": "unexpected findings: " + ",".join(sorted(set(bad)))}))
         sys.exit(1)
-dt = time.perf_counter() - t
-print(json.dumps({"n": n, "seconds": dt,
+dt, dc = time.perf_counter() - t, time.process_time() - c
+print(json.dumps({"n": n, "seconds": dt, "cpu_seconds": dc,
                   "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
 
-def make_recording(n: int) -> Path:
+def make_recording(n: int, version: tuple[int, int] | None = None) -> Path:
     """A recording of ``n`` snapshots of a guest that handles every event correctly."""
     from xreplay.abi import layout
     from xreplay.xrr import ProbeSpec, RecordingHeader, RegionSpec, XrrWriter
+    from xreplay.xrr import format as fmt
 
-    path = _CACHE / f"synthetic-{n}.xrr"
+    version = version or (fmt.VERSION_MAJOR, fmt.VERSION_MINOR)
+    path = _CACHE / f"synthetic-v{version[0]}.{version[1]}-{n}.xrr"
     if path.exists():
         return path
     _CACHE.mkdir(parents=True, exist_ok=True)
@@ -75,7 +85,7 @@ def make_recording(n: int) -> Path:
     page[mask] = 0xFF & ~0b11010  # ports 1, 3, 4 unmasked; every other port masked
     shadow = bytearray(64)
     tmp = path.with_suffix(".tmp")
-    with XrrWriter(tmp, header) as w:
+    with XrrWriter(tmp, header, version=version) as w:
         i = 0
         t_ns = 0
         while w.count < n:
@@ -112,7 +122,9 @@ def _child(path: Path, method: str) -> Measurement:
         return Measurement(0, 0.0, False, wall, note=proc.stderr.strip()[-200:])
     if "error" in out:
         return Measurement(0, 0.0, False, wall, note=out["error"])
-    m = Measurement(out["n"], out["seconds"], True, wall)
+    # The rate is per CPU second of the child: on a shared machine its wall time mostly
+    # measures the neighbours (wall seconds are still shown).
+    m = Measurement(out["n"], out["cpu_seconds"], True, wall)
     m.note = ""
     m.maxrss_kb = out["maxrss_kb"]  # type: ignore[attr-defined]
     return m
@@ -130,10 +142,57 @@ def run(args: BenchArgs) -> bool:
                           lambda _h: _child(small, "replay")))
     run_interleaved(methods, args.runs)
     print()
-    print(table(methods, "decode", f"replay, {big.stat().st_size / 1e6:.1f} MB recording "
-                                   "(snapshots/s; ratios against decode in the same run):"))
+    print(table(methods, "read", f"replay, {big.stat().st_size / 1e6:.1f} MB recording "
+                                 "(snapshots per CPU second of the child process; ratios "
+                                 "against read in the same run):"))
     for m in methods:
         rss = [getattr(x, "maxrss_kb", 0) for x in m.results if x.verified]
         if rss:
             print(f"  peak RSS {m.name:<20} {max(rss) / 1024:7.1f} MiB")
+    print()
+    print_sizes(n, big)
     return all(x.verified for m in methods for x in m.results)
+
+
+def _data_bytes(path: Path) -> int:
+    """Bytes after the file header (frames only: what a snapshot costs)."""
+    from xreplay.xrr import XrrReader
+
+    with XrrReader(path) as r:
+        return path.stat().st_size - r._data_start
+
+
+def rewrite(src: Path, dst: Path, version: tuple[int, int] | None = None) -> int:
+    """``src`` written again, snapshot for snapshot, in ``version`` (default: current)."""
+    from xreplay.xrr import XrrReader, XrrWriter
+    from xreplay.xrr import format as fmt
+
+    n = 0
+    with XrrReader(src) as r, XrrWriter(dst, r.header, version=version or (
+            fmt.VERSION_MAJOR, fmt.VERSION_MINOR)) as w:
+        for rec in r.records():
+            regions = [None if rec.unread >> i & 1 else data
+                       for i, data in enumerate(rec.regions)]
+            w.append(probe=rec.probe, vcpu=rec.vcpu, pc=rec.pc, sp=rec.sp,
+                     regflags=rec.regflags, t_ns=rec.t_ns, hang=rec.hang, regions=regions)
+            n += 1
+    return n
+
+
+def print_sizes(n: int, big: Path) -> None:
+    from xreplay.xrr import format as fmt
+
+    cur = f"{fmt.VERSION_MAJOR}.{fmt.VERSION_MINOR}"
+    small = max(1, n // 10)
+    old = make_recording(small, (1, 0))
+    print(f"bytes per snapshot (frames only), format 1.0 vs {cur}:")
+    print(f"  {'recording':<34} {'snapshots':>9} {'1.0':>7} {cur:>7}")
+    print(f"  {'synthetic (benchmark)':<34} {n:>9} {'':>7} {_data_bytes(big) / n:7.1f}")
+    print(f"  {'synthetic (benchmark, 1/10)':<34} {small:>9} {_data_bytes(old) / small:7.1f} "
+          f"{_data_bytes(make_recording(small)) / small:7.1f}")
+    tmp = _CACHE / "rewritten.xrr"
+    for path in sorted(_RECORDINGS.glob("*.xrr")):
+        k = rewrite(path, tmp)
+        print(f"  {path.name:<34} {k:>9} {_data_bytes(path) / k:7.1f} "
+              f"{_data_bytes(tmp) / k:7.1f}")
+    tmp.unlink(missing_ok=True)

@@ -9,6 +9,29 @@ import pytest
 from xreplay.abi import layout
 from xreplay.xrr import ProbeSpec, RecordingHeader, XrrWriter
 
+
+@pytest.fixture(autouse=True)
+def _pinned_findings(request: pytest.FixtureRequest):
+    """After each scripted test, its recordings must replay to the pinned findings."""
+    import pins
+
+    node = request.node
+    module = Path(str(node.fspath)).name
+    if module not in pins.PINNED_MODULES or "tmp_path" not in request.fixturenames:
+        yield
+        return
+    tmp = request.getfixturevalue("tmp_path")
+    yield
+    for path in sorted(tmp.rglob("*.xrr")):
+        pins.check(f"{module}::{node.name}/{path.relative_to(tmp)}", path)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import pins
+
+    pins.save()
+
+
 LAB_PROBES = [ProbeSpec("upcall", "evtchn_upcall_handler", "upcall"),
               ProbeSpec("bottom-half", "evtchn_demux_pending", "bottom-half"),
               ProbeSpec("block", "evtchn_block_domain", "block")]

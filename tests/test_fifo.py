@@ -320,6 +320,9 @@ def test_diff_and_show_changes_speak_fifo(tmp_path: Path) -> None:
     assert not any(v["field"] == "evtchn_pending_sel" for v in sd.state.vcpus)
     out = CliRunner().invoke(main, ["replay", str(a), "--explain", "0..2"])
     assert out.exit_code == 2 and "FIFO recording" in out.output
+    vcd = tmp_path / "a.vcd"
+    out = CliRunner().invoke(main, ["export", str(a), "-o", str(vcd)])
+    assert out.exit_code == 2 and "FIFO recording" in out.output and not vcd.exists()
 
 
 def test_head_outside_the_recorded_array_is_a_warning(tmp_path: Path) -> None:

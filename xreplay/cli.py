@@ -95,10 +95,16 @@ def show(file: Path, at: int | None, changes_range: str | None, as_json: bool) -
         stopped = None
         if at is not None:
             snap = inspect.snapshot_at(reader, at)
+            # taken on a replay (record --from-rr): the guest position too
+            icount = reader.guest_times().get(at) if reader.header.replay else None
             if as_json:
-                emit_json(snap.to_json())
+                emit_json({**snap.to_json(), **({"icount": icount} if icount is not None
+                                                 else {})})
             else:
                 click.echo(snap.render())
+                if icount is not None:
+                    click.echo(f"  guest position: icount {icount} (replay of "
+                               f"{reader.header.replay.get('run')})")
         elif changes_range is not None:
             lo, hi = inspect.parse_range(changes_range)
             rows: list[dict[str, Any]] = []
@@ -250,6 +256,9 @@ def _record_epilog() -> str:
 @click.option("--no-guest-check", "no_guest_check", is_flag=True, help="With --symbols: do "
               "not stop once in the guest first (ABI and domain-type check, port labels).")
 @click.option("--gdb", default="gdb", show_default=True, help="gdb executable.")
+@click.option("--from-rr", "from_rr", type=click.Path(file_okay=False, path_type=Path),
+              help="Take the snapshots on a replay of this 'xreplay rr record' run instead "
+              "of a live target (its QEMU gdbstub; --elf defaults to its -kernel ELF).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True,
                                                 path_type=Path),
               required=True, help="Recording file to write (created once set-up succeeded).")
@@ -262,7 +271,7 @@ def record(target: str | None, launch: str | None, elf: Path | None, arch: str |
            duration: float | None, hang_after: float | None, kill_target: bool | None,
            dedupe: bool | None, is_qemu: bool, filter_expr: str | None, vcpu_expr: str | None,
            symbols: Path | None, domain: str | None, no_guest_check: bool, gdb: str,
-           output: Path) -> None:
+           from_rr: Path | None, output: Path) -> None:
     """Record a live guest's event-channel state at its upcall, bottom half and block."""
     from xreplay.paths import check_output
     from xreplay.record.build import RecordChoices, build_options
@@ -279,7 +288,12 @@ def record(target: str | None, launch: str | None, elf: Path | None, arch: str |
         hang_after=hang_after, kill_target=kill_target, dedupe=dedupe, qemu=is_qemu,
         filter=filter_expr, vcpu_expr=vcpu_expr, symbols=symbols, domain=domain,
         guest_check=not no_guest_check, gdb=gdb)
-    result = run_recorder(build_options(choices))
+    if from_rr is not None:
+        from xreplay.rr.launcher import record_from_rr
+
+        result = record_from_rr(from_rr, build_options(choices), run_recorder)
+    else:
+        result = run_recorder(build_options(choices))
     _print_record_result(result)
     click.get_current_context().exit(result.exit_code)
 
@@ -381,7 +395,11 @@ def export(file: Path, fmt: str, output: str) -> None:
     from xreplay.export import FORMATS
     from xreplay.xrr import XrrReader
 
-    XrrReader(file).close()  # validate before creating the output
+    with XrrReader(file) as reader:  # validate before creating the output
+        if reader.header.abi == "fifo":
+            raise XReplayError(f"{file}: export knows the 2-level fields only and this is a "
+                               "FIFO recording (its PENDING/MASKED live in the event words): "
+                               "use xreplay show --changes or show --json")
     if output != "-":
         from xreplay.paths import check_output
 
@@ -464,7 +482,9 @@ def _register_subsystems() -> None:
     """Command groups that live beside their library (lab, replay) join the main CLI."""
     from xreplay.lab.xen.commands import lab
     from xreplay.replay.commands import diff_command, replay_command
+    from xreplay.rr.commands import rr
 
+    main.add_command(rr)
     main.add_command(lab)
     main.add_command(replay_command)
     main.add_command(diff_command)

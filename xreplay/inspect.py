@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+from xreplay.abi import iter_bits
 from xreplay.errors import RecordingFormatError, UsageError, XReplayError
 from xreplay.snapshot import Snapshot
 from xreplay.transitions import bit_changes, watch_changes
@@ -30,24 +31,34 @@ def summary(reader: XrrReader) -> dict[str, Any]:
     last: Snapshot | None = None
     count = 0
     hangs = 0
+    stopped: RecordingFormatError | None = None
+    per_probe: Counter[int] = Counter()
     unread: dict[str, list[int]] = {}
     unread_count: Counter[str] = Counter()
-    stopped: RecordingFormatError | None = None
-    try:
-        for snap in reader.snapshots():
+    names = [spec.name for spec in h.regions]
+    last_seq = None
+    try:  # the delta path: no snapshot is decoded but the two the summary prints
+        for hit in reader.deltas():
             if first is None:
-                first = snap
-            last = snap
-            hits[snap.probe] += 1
+                first = reader.snapshot_of_hit(hit)
+            last_seq = hit.seq
+            per_probe[hit.probe] += 1
             count += 1
-            hangs += snap.hang
-            for name in snap.missing:
-                unread_count[name] += 1
-                seen = unread.setdefault(name, [])
-                if len(seen) < UNREAD_LISTED:
-                    seen.append(snap.index)
+            hangs += hit.hang
+            if hit.missing:
+                for i in iter_bits(hit.missing):
+                    unread_count[names[i]] += 1
+                    seen = unread.setdefault(names[i], [])
+                    if len(seen) < UNREAD_LISTED:
+                        seen.append(hit.seq)
+        if last_seq is not None:
+            last = reader.snapshot_of_hit(hit)
     except RecordingFormatError as e:
         stopped = e
+        if last_seq is not None:  # the damaged frame may have half-patched the buffers
+            last = next(reader.snapshots(last_seq), None)
+    for probe, n in per_probe.items():
+        hits[reader.header.probes[probe].name] += n
     return {
         "file": reader.name,
         "arch": h.arch,

@@ -24,6 +24,15 @@ X86_EFLAGS_IF = 1 << 9  # interrupts enabled when set
 ARM_PSTATE_I = 1 << 7  # IRQs masked when set (CPSR / PSTATE.DAIF)
 
 
+def interrupts_enabled(arch: str, flags: int | None) -> bool | None:
+    """x86 ``IF`` set, or arm's ``PSTATE.I`` clear, in a flags register (None: not read)."""
+    if flags is None:
+        return None
+    if arch.startswith("x86"):
+        return bool(flags & X86_EFLAGS_IF)
+    return not flags & ARM_PSTATE_I
+
+
 @dataclass(frozen=True, slots=True)
 class PortState:
     """One event-channel port: the ``[p/m/s]`` bits plus what Xen's 'e' key adds.
@@ -238,11 +247,7 @@ class Snapshot:
     @property
     def interrupts_enabled(self) -> bool | None:
         """Whether the probed vCPU takes interrupts: x86 IF, or arm's PSTATE.I clear."""
-        if self.flags is None:
-            return None
-        if self.arch.startswith("x86"):
-            return bool(self.flags & X86_EFLAGS_IF)
-        return not self.flags & ARM_PSTATE_I
+        return interrupts_enabled(self.arch, self.flags)
 
     def is_pending(self, port: int) -> bool:
         return bool(self.evtchn_pending >> port & 1)

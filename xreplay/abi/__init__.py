@@ -5,6 +5,7 @@ from xreplay.abi.ports import (
     EVTCHN_FIFO_LINK_MASK,
     EVTCHN_FIFO_NR_CHANNELS,
     MAX_VIRT_CPUS,
+    Geometry,
     iter_bits,
     nr_ports,
     port_to_word_bit,
@@ -15,6 +16,6 @@ from xreplay.abi.ports import (
 
 __all__ = [
     "ARCHES", "EVTCHN_FIFO_LINK_MASK", "EVTCHN_FIFO_NR_CHANNELS", "MAX_VIRT_CPUS",
-    "XenStructs", "canonical_arch", "layout", "iter_bits", "nr_ports",
+    "Geometry", "XenStructs", "canonical_arch", "layout", "iter_bits", "nr_ports",
     "port_to_word_bit", "selector_mask", "selector_word", "word_bit_to_port",
 ]

@@ -67,3 +67,45 @@ def selector_mask(ports_bitmap: int, bits_per_word: int) -> int:
         ports_bitmap >>= bits_per_word
         word += 1
     return sel
+
+
+class Geometry:
+    """The port/selector arithmetic above for one ABI, with the selector expansion cached.
+
+    ``expand_sel(sel)`` is the bitmap of every port whose selector word is set in ``sel``:
+    the ports a bottom half that ``xchg``\\ s ``evtchn_pending_sel`` will look at.
+    """
+
+    __slots__ = ("bits_per_word", "nr_ports", "all_ports", "word_mask", "_expand")
+
+    def __init__(self, bits_per_word: int) -> None:
+        self.bits_per_word = bits_per_word
+        self.nr_ports = nr_ports(bits_per_word)
+        self.all_ports = (1 << self.nr_ports) - 1
+        self.word_mask = (1 << bits_per_word) - 1
+        self._expand: dict[int, int] = {}
+
+    @classmethod
+    def for_arch(cls, arch: str) -> Geometry:
+        from xreplay.abi.layouts import layout
+
+        return cls(layout(arch).bits_per_word)
+
+    def word(self, port: int) -> int:
+        """The port's selector word (``port / BPW``; no range check, unlike
+        :func:`selector_word`: ports past the 2-level range stay meaningful as bits)."""
+        return port // self.bits_per_word
+
+    def word_ports(self, word: int) -> int:
+        return self.word_mask << (word * self.bits_per_word)
+
+    def expand_sel(self, sel: int) -> int:
+        out = self._expand.get(sel)
+        if out is None:
+            out = 0
+            for w in iter_bits(sel):
+                out |= self.word_ports(w)
+            if len(self._expand) > 4096:
+                self._expand.clear()
+            self._expand[sel] = out
+        return out

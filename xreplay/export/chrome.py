@@ -13,6 +13,8 @@ import os
 from typing import BinaryIO, TextIO
 
 from xreplay.abi import iter_bits
+from xreplay.replay.observe import states
+from xreplay.snapshot import interrupts_enabled
 from xreplay.xrr import XrrReader
 
 
@@ -24,25 +26,27 @@ def export_chrome(path: str | os.PathLike | BinaryIO, out: TextIO) -> int:
         meta = {"name": "process_name", "ph": "M", "pid": 1,
                 "args": {"name": f"xreplay {r.name} ({r.header.arch})"}}
         out.write(json.dumps(meta))
-        for snap in r.snapshots():
-            us = snap.t_ns / 1000.0
-            v = snap.vcpus.get(snap.vcpu)
-            live = [p for p in iter_bits(snap.pending_unmasked())][:64]
-            args = {"snapshot": snap.index, "pc": hex(snap.pc),
-                    "interrupts_enabled": snap.interrupts_enabled,
-                    "pending_unmasked": [f"{p}" + (f" ({snap.labels[p]})" if p in snap.labels
+        h = r.header
+        names, labels = [p.name for p in h.probes], h.labels
+        for hit, m in states(r):  # the delta path: fields decoded only where they changed
+            us = hit.t_ns / 1000.0
+            v = m.vcpu_info.get(hit.vcpu)
+            live = [p for p in iter_bits(m.evtchn_pending & m.unmasked())][:64]
+            args = {"snapshot": hit.seq, "pc": hex(hit.pc),
+                    "interrupts_enabled": interrupts_enabled(h.arch, hit.regflags),
+                    "pending_unmasked": [f"{p}" + (f" ({labels[p]})" if p in labels
                                                    else "") for p in live]}
             if v is not None:
                 args.update(evtchn_upcall_pending=v.evtchn_upcall_pending,
                             evtchn_upcall_mask=v.evtchn_upcall_mask,
                             evtchn_pending_sel=hex(v.evtchn_pending_sel))
-            events = [{"name": snap.probe + (" (HANG)" if snap.hang else ""), "ph": "i",
-                       "s": "t", "ts": us, "pid": 1, "tid": snap.vcpu, "args": args},
+            events = [{"name": names[hit.probe] + (" (HANG)" if hit.hang else ""), "ph": "i",
+                       "s": "t", "ts": us, "pid": 1, "tid": hit.vcpu, "args": args},
                       {"name": "pending ports", "ph": "C", "ts": us, "pid": 1,
-                       "args": {"pending": snap.evtchn_pending.bit_count(),
+                       "args": {"pending": m.evtchn_pending.bit_count(),
                                 "pending_unmasked": len(live)}}]
             if v is not None:
-                events.append({"name": f"vcpu{snap.vcpu} evtchn_upcall_pending", "ph": "C",
+                events.append({"name": f"vcpu{hit.vcpu} evtchn_upcall_pending", "ph": "C",
                                "ts": us, "pid": 1,
                                "args": {"value": v.evtchn_upcall_pending}})
             for e in events:

@@ -15,7 +15,7 @@ import os
 from typing import BinaryIO, TextIO
 
 from xreplay.abi import iter_bits, layout
-from xreplay.snapshot import Snapshot
+from xreplay.replay.observe import states
 from xreplay.xrr import XrrReader
 
 
@@ -35,14 +35,14 @@ Source = str | os.PathLike | BinaryIO  # a recording's path, or a seekable binar
 def _changing_ports(r: XrrReader) -> list[int]:
     """Ports whose pending or mask bit changes, or that are pending at any snapshot (pass 1)."""
     seen = 0
-    first: Snapshot | None = None
-    for snap in r.snapshots():
+    first: tuple[int, int] | None = None  # (evtchn_pending, evtchn_mask) at the first
+    for _, m in states(r):
         if first is None:
-            first = snap
-            seen |= snap.evtchn_pending
+            first = (m.evtchn_pending, m.evtchn_mask)
+            seen |= m.evtchn_pending
         else:
-            seen |= (snap.evtchn_pending ^ first.evtchn_pending)
-            seen |= (snap.evtchn_mask ^ first.evtchn_mask) | snap.evtchn_pending
+            seen |= (m.evtchn_pending ^ first[0])
+            seen |= (m.evtchn_mask ^ first[1]) | m.evtchn_pending
     ports = set(iter_bits(seen)) | set(r.header.labels)
     return sorted(p for p in ports if p > 0)
 
@@ -90,16 +90,17 @@ def export_vcd(path: Source, out: TextIO) -> int:
         last: dict[str, int] = {}
         t_prev = -1
         count = 0
-        for snap in r.snapshots():
-            values = {"snapshot": snap.index, "probe": probe_ids.get(snap.probe, 255)}
-            for v, st in snap.vcpus.items():
+        names = [p.name for p in h.probes]
+        for hit, m in states(r):  # the delta path: fields decoded only where they changed
+            values = {"snapshot": hit.seq, "probe": probe_ids.get(names[hit.probe], 255)}
+            for v, st in m.vcpu_info.items():
                 values[f"v{v}.evtchn_upcall_pending"] = st.evtchn_upcall_pending & 1
                 values[f"v{v}.evtchn_upcall_mask"] = (st.evtchn_upcall_mask or 0) & 1
                 values[f"v{v}.evtchn_pending_sel"] = st.evtchn_pending_sel
             for p in ports:
-                values[f"p{p}.pending"] = snap.evtchn_pending >> p & 1
-                values[f"p{p}.mask"] = snap.evtchn_mask >> p & 1
-            t = max(snap.t_ns, t_prev + 1)
+                values[f"p{p}.pending"] = m.evtchn_pending >> p & 1
+                values[f"p{p}.mask"] = m.evtchn_mask >> p & 1
+            t = max(hit.t_ns, t_prev + 1)
             t_prev = t
             changes = []
             for name, value in values.items():

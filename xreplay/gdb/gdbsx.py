@@ -55,13 +55,18 @@ def looks_like_gdbsx(qsupported: str, stop_reply: str | None = None) -> bool:
     return stop_reply is None or stop_reply.strip().startswith("T05thread:")
 
 
-def gdb_commands(own_build: bool = False) -> list[str]:
-    """gdb commands to run before connecting to gdbsx (Debian's unless ``own_build``)."""
+def gdb_commands(own_build: bool = False, settings: bool = True) -> list[str]:
+    """gdb commands to run before connecting to gdbsx (Debian's unless ``own_build``);
+    ``settings=False``: only the helper, gdb's defaults otherwise (the configuration that
+    recorded a 2-vCPU PVH domU; with the settings and the project's gdbsx such a run
+    has stopped taking hits, twice, with dom0 unresponsive: not understood)."""
+    if not settings:
+        return [f"source {GDB_HELPERS}"]
     return [f"source {GDB_HELPERS}", *GDB_SETTINGS,
             *(() if own_build else GDB_SETTINGS_DEBIAN)]
 
 
-def adapt_options(options: Any, own_build: bool = False) -> Any:
+def adapt_options(options: Any, own_build: bool = False, settings: bool = True) -> Any:
     """Fit :class:`~xreplay.record.RecordOptions` to gdbsx (returns them).
 
     Per-domain stub: no domain filter; the vCPU from the thread id; x86-64 registers
@@ -73,7 +78,7 @@ def adapt_options(options: Any, own_build: bool = False) -> Any:
     options.vcpu_expr = VCPU_EXPR
     options.gdb_arch = options.gdb_arch or GDB_ARCH
     options.extra_gdb_commands = [*options.extra_gdb_commands,
-                                  *(c for c in gdb_commands(own_build)
+                                  *(c for c in gdb_commands(own_build, settings)
                                     if c not in options.extra_gdb_commands)]
     options.target_kind = KIND
     return options

@@ -87,6 +87,7 @@ class Recorder:
         self._domains: dict[bytes, int] = {}  # arch_shared_info identity -> first snapshot
         self._mixed: str | None = None
         self._identity: slice | None = None
+        self._last_icount: int | None = None
 
     # -- public ----------------------------------------------------------------------
 
@@ -140,6 +141,8 @@ class Recorder:
         for cmd in o.extra_gdb_commands:
             g.console_command(cmd)
         self._attach()
+        for cmd in o.attach_commands:
+            g.console_command(cmd)
         self.stub = identify(g)
         if o.target_kind is not None:
             with contextlib.suppress(ValueError):
@@ -272,6 +275,7 @@ class Recorder:
             "dedupe": dedupe,
             "filter": o.filter,
             "vcpu_expr": o.vcpu_expr,
+            "guest_time": bool(o.replay),
         }
         cfg = os.path.join(tmp, "agent.json")
         with open(cfg, "w") as f:
@@ -289,6 +293,7 @@ class Recorder:
         self._hang_pid = len(self.probes) - 1
         self._probe_names = [p.name for p in self.probes]
         ch.on_json = self._on_region_moved
+        ch.on_time = self._on_guest_time
         if not ch.start(self._on_snapshot):
             raise XReplayError("the in-gdb agent did not connect back (gdb's Python broken?)")
         hello = ch.wait_json("hello", 10)
@@ -301,7 +306,7 @@ class Recorder:
         self._check_regions(infos)
         header = RecordingHeader(
             arch=self.arch, probes=self.probes, regions=self.regions, vcpus=o.vcpus,
-            labels=o.labels, notify=o.notify, delivery=o.delivery,
+            labels=o.labels, notify=o.notify, delivery=o.delivery, replay=o.replay,
             target={"kind": str(self.stub.kind), "address": o.target,
                     "description": o.description or f"{self.stub.kind} at {o.target}",
                     "elf": str(o.elf) if o.elf else None,
@@ -396,6 +401,10 @@ class Recorder:
                         "list differ); on a whole-machine stub give --domain (with --symbols) "
                         "or --filter EXPR to record one domain")
 
+    def _on_guest_time(self, _hit: int, icount: int) -> None:
+        self.sink.guest_time(icount)
+        self._last_icount = icount
+
     def _on_region_moved(self, event: dict[str, Any]) -> None:
         addr = event.get("address")
         self.sink.note("region-moved", region=event.get("region"), address=addr,
@@ -443,6 +452,10 @@ class Recorder:
                 self.on_progress(Progress(self.sink.count, now - t0, self._last_probe))
                 next_progress = now + 0.25
         idle = time.monotonic() - self._last_hit
+        if reason is EndReason.REPLAY_END and o.end_is_hang is not None and \
+                o.end_is_hang(self._last_icount):
+            reason = EndReason.HANG  # the log ends in a hang: its snapshot is taken there
+            self._hang_snapshot()
         if running and reason is not EndReason.TARGET_LOST:
             running = not self._interrupt()
             quiet_interrupt = (reason is EndReason.INTERRUPTED
@@ -491,7 +504,7 @@ class Recorder:
             if sig in _CRASH_SIGNALS:
                 return EndReason.TARGET_CRASHED, sig
             if sig in ("SIGINT", "SIGTRAP", "0"):
-                return self._stop_reason or EndReason.INTERRUPTED, None
+                return self._stop_reason or EndReason(self.o.spontaneous_stop), None
             return None, None
         if why in ("breakpoint-hit", "") and self.o.count:
             return EndReason.COUNT, None  # only the agent's count-limit stop is visible

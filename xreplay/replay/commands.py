@@ -79,9 +79,15 @@ def stdin_file(path: Path, suffix: str) -> Iterator[Path]:
 @click.option("--tables", type=click.IntRange(0), default=5, show_default=True,
               help="Print the [p/m/s] table for the first N findings.")
 @click.option("--no-info", is_flag=True, help="Leave out informational findings.")
+@click.option("--no-last-writer", is_flag=True, help="On a recording taken on a replay "
+              "(record --from-rr): do not replay the run again to name the last writer of "
+              "each field the first error findings name.")
+@click.option("--rr", "rr_run", type=click.Path(file_okay=False, path_type=Path),
+              help="The run the recording was taken on, if it moved.")
 def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | None,
                    shadow: str | None, no_shadow: bool, stall: float,
-                   explain_range: str | None, tables: int, no_info: bool) -> None:
+                   explain_range: str | None, tables: int, no_info: bool,
+                   no_last_writer: bool, rr_run: Path | None) -> None:
     """Replay a recording through Xen's rules (2-level or FIFO, as recorded) and report lost
     event deliveries."""
     from xreplay.replay.detectors import replay
@@ -110,6 +116,11 @@ def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | N
             section = pick_domain(dumps, domain, str(dump))
             check = check_debugkeys(snaps[last_index], section)
         explained = _explain(reader, explain_range) if explain_range else None
+        writers = None
+        if reader.header.replay and not no_last_writer and result.failed:
+            from xreplay.rr.writers import finding_writers
+
+            writers = finding_writers(Path(file), result.findings, run=rr_run)
     incomplete = result.incomplete()
     if as_json:
         data: dict[str, Any] = {"file": str(file), **result.to_json(), "incomplete": incomplete}
@@ -117,9 +128,15 @@ def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | N
             data["debugkeys"] = check.to_json()
         if explained is not None:
             data["explain"] = explained
+        if writers is not None:
+            data["last_writers"] = [w.to_json() for w in writers]
         emit_json(data)
     else:
         _print_replay(str(file), result, snaps, tables, check, explained)
+        if writers:
+            click.echo("\nlast writers (on a replay of the run):")
+            for w in writers:
+                click.echo(f"  {w.kind} at #{w.snapshot}: {w.render()}")
         for problem in result.stats["problems"]:
             click.echo(f"xreplay: warning: {problem}", err=True)
     if result.failed or (check is not None and not check.agree):
@@ -218,22 +235,33 @@ def _finding_head(f: Finding, t: float | None = None) -> str:
 def _explain(reader: Any, text: str) -> list[dict[str, Any]]:
     """Explained transitions for FROM..TO, walking from the start to know what was quiet."""
     from xreplay.inspect import parse_range
+    from xreplay.replay.detectors import HANG
     from xreplay.replay.model import explain
+    from xreplay.snapshot import interrupts_enabled
     from xreplay.transitions import bit_changes
 
     lo, hi = parse_range(text)
     if reader.header.abi == "fifo":
         raise XReplayError(f"{reader.name}: --explain knows the 2-level rules only; this is a "
                            "FIFO recording: use xreplay show --changes, or diff --at N M")
-    w = Walk(reader.header, ReplayOptions())
-    prev = None
+    h = reader.header
+    w = Walk(h, ReplayOptions())
+    names = [p.name for p in h.probes]
+    prev: Snapshot | None = None
+    last = None
     rows = []
-    for snap in reader.snapshots():
-        if hi is not None and snap.index > hi:
+    for hit in reader.deltas():  # only the range's snapshots are decoded whole
+        if hi is not None and hit.seq > hi:
             break
-        quiet = prev is not None and w.quiet()
-        w.update_track(snap, w.role_of(snap))
-        if prev is not None and snap.index > lo:
+        quiet = last is not None and w.quiet()
+        role = HANG if hit.hang else w.roles.get(names[hit.probe], "other")
+        w.update_track(hit.vcpu, hit.seq, hit.t_ns, role,
+                       interrupts_enabled(h.arch, hit.regflags))
+        last = hit.seq
+        if hit.seq < lo:
+            continue
+        snap = reader.snapshot_of_hit(hit)
+        if prev is not None:
             ch = bit_changes(prev, snap)
             ex = explain(prev, snap, w.geometry, w.routing, quiet=quiet, changes=ch)
             rows.append({"from": prev.index, "to": snap.index, "probe": snap.probe,

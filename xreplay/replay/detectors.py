@@ -1,8 +1,12 @@
 """Walk a recording through the 2-level model and find what loses an event.
 
-:class:`Replayer` streams snapshots (it keeps the previous one, per-vCPU probe history and
-per-port bookkeeping: O(ports) state, whatever the length of the recording) and feeds each
-step to the detectors.  Each detector reports :class:`Finding`\\ s under stable kind names:
+:class:`Replayer` streams a recording's deltas into the 2-level model
+(:class:`~xreplay.replay.model.Evtchn2L`, through :mod:`xreplay.replay.observe`): it keeps
+the state at the previous and the current probe hit, per-vCPU probe history and per-port
+bookkeeping (O(ports) state, whatever the length of the recording) and feeds each step to
+the detectors, which ask the model the 2-level questions (``deliverable``, ``stranded``,
+``selector_bit``).  Full :class:`~xreplay.snapshot.Snapshot`\\ s are decoded only for what a
+command prints.  Each detector reports :class:`Finding`\\ s under stable kind names:
 
 ``missed-clear`` (error)
     A vCPU blocked for good with ``evtchn_upcall_pending=1`` and ports ``[1/0/1]``: an
@@ -34,11 +38,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from xreplay.abi import iter_bits
+from xreplay.abi import Geometry, iter_bits
 from xreplay.errors import XReplayError
-from xreplay.replay.model import Geometry, Routing, explain
-from xreplay.snapshot import Snapshot
+from xreplay.replay.model import Evtchn2L, Routing, explain, may_break_abi_quietly
+from xreplay.replay.observe import Observer, observe_snapshot
+from xreplay.snapshot import Snapshot, interrupts_enabled
 from xreplay.xrr import RecordingHeader, XrrReader
+from xreplay.xrr.deltas import Hit
 
 KINDS = ("missed-clear", "stranded-port", "lost-pending", "upcall-masked-at-block",
          "abi-violation", "blocked-at-end", "masked-pending", "spurious-upcall")
@@ -104,17 +110,35 @@ class VcpuTrack:
 
 @dataclass(slots=True)
 class Step:
-    """One snapshot and the one before it; ``quiet``: every vCPU was blocked at ``prev``."""
+    """One probe hit: where and when, the model's state there (``cur``) and at the hit
+    before (``prev``, None at the first); ``quiet``: every vCPU was blocked at ``prev``;
+    ``changed``: some event-channel field differs from ``prev``; ``shadow``/
+    ``prev_shadow``: the guest's shadow of pending ports (a watch region), if recorded."""
 
-    prev: Snapshot | None
-    cur: Snapshot
-    role: str
-    quiet: bool
+    index: int = 0
+    t_ns: int = 0
+    probe: str = ""
+    vcpu: int = 0
+    role: str = ""
+    hang: bool = False
+    interrupts_enabled: bool | None = None
+    quiet: bool = False
+    changed: bool = True
+    cur: Evtchn2L | None = None
+    prev: Evtchn2L | None = None
+    prev_index: int = 0
+    prev_probe: str = ""
+    shadow: bytes | None = None
+    prev_shadow: bytes | None = None
 
 
 @dataclass(slots=True)
 class End:
-    last: Snapshot | None
+    """The last hit's number (None: no snapshot) and state, and the recorder's trailer."""
+
+    last: int | None
+    hang: bool
+    state: Evtchn2L
     trailer: dict[str, Any] | None
 
     @property
@@ -134,6 +158,7 @@ class Walk:
         self.has_role = set(self.roles.values())
         self.labels = header.labels
         self.tracks = {v: VcpuTrack(v) for v in self.routing.vcpus}
+        self._quiet_tracks = [self.tracks[v] for v in dict.fromkeys(header.vcpus)]
         self.findings: list[Finding] = []
         self.per_kind: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
@@ -157,69 +182,53 @@ class Walk:
         label = self.labels.get(port)
         return f"{port} ({label})" if label else str(port)
 
-    def ports_text(self, ports: Iterable[int], snap: Snapshot | None = None,
+    def ports_text(self, ports: Iterable[int], state: Evtchn2L | None = None,
                    limit: int = 16) -> str:
         ports = list(ports)
-        parts = [self.port_name(p) + (f" {snap.port_state(p).pms}" if snap else "")
+        parts = [self.port_name(p) + (f" {state.pms(p)}" if state is not None else "")
                  for p in ports[:limit]]
         if len(ports) > limit:
             parts.append(f"and {len(ports) - limit} more")
         return ", ".join(parts)
 
-    def when(self, snap: Snapshot) -> str:
-        return f"#{snap.index} (t={(snap.t_ns - (self.t0 or 0)) / 1e9:.6f} s)"
+    def when(self, index: int, t_ns: int) -> str:
+        return f"#{index} (t={(t_ns - (self.t0 or 0)) / 1e9:.6f} s)"
 
     # -- state queries -------------------------------------------------------------------
 
     def role_of(self, snap: Snapshot) -> str:
         return HANG if snap.hang else self.roles.get(snap.probe, "other")
 
-    def upcall_pending(self, snap: Snapshot, vcpu: int) -> int:
-        v = snap.vcpus.get(vcpu)
-        return 0 if v is None else v.evtchn_upcall_pending
-
-    def deliverable(self, snap: Snapshot, vcpu: int) -> int:
-        """Pending, unmasked ports of ``vcpu`` whose selector bit is set: ``[1/0/1]``."""
-        v = snap.vcpus.get(vcpu)
-        if v is None:
-            return 0
-        return (snap.evtchn_pending & ~snap.evtchn_mask & self.routing.ports_of(vcpu)
-                & self.geometry.expand_sel(v.evtchn_pending_sel))
-
-    def stranded(self, snap: Snapshot) -> int:
-        """Pending, unmasked ports with no selector bit whose vCPU has no upcall pending."""
-        g = self.geometry
-        live = snap.evtchn_pending & ~snap.evtchn_mask & g.all_ports
-        if not live:
-            return 0
-        out = 0
-        for vcpu, v in snap.vcpus.items():
-            if v.evtchn_upcall_pending:
-                continue
-            out |= live & self.routing.ports_of(vcpu) & ~g.expand_sel(v.evtchn_pending_sel)
-        return out
+    def model(self) -> Evtchn2L:
+        """An empty model of this recording's ABI and routing (no vcpu_info read yet)."""
+        return Evtchn2L(self.geometry, self.routing, vcpu_info={})
 
     def quiet(self) -> bool:
-        return all(self.tracks[v].quiet for v in self.header.vcpus if v in self.tracks)
+        """Every vCPU of the recording sits in its block function: only Xen writes."""
+        for tr in self._quiet_tracks:  # noqa: SIM110 - no generator in the inner loop
+            if not tr.quiet:
+                return False
+        return True
 
-    def update_track(self, snap: Snapshot, role: str) -> None:
+    def update_track(self, vcpu: int, index: int, t_ns: int, role: str,
+                     interrupts_enabled: bool | None) -> None:
         if role == HANG:
             return
-        tr = self.tracks.get(snap.vcpu)
+        tr = self.tracks.get(vcpu)
         if tr is None:
-            tr = self.tracks[snap.vcpu] = VcpuTrack(snap.vcpu)
-        tr.last_hit, tr.last_hit_t, tr.last_role = snap.index, snap.t_ns, role
+            tr = self.tracks[vcpu] = VcpuTrack(vcpu)
+        tr.last_hit, tr.last_hit_t, tr.last_role = index, t_ns, role
         if role == "block":
-            tr.last_block, tr.block_if = snap.index, snap.interrupts_enabled
+            tr.last_block, tr.block_if = index, interrupts_enabled
             tr.blocked = tr.quiet = True
             return
         tr.quiet = False
         if role == "upcall":
             if tr.first_upcall_since_bh is None:
-                tr.first_upcall_since_bh = snap.index
+                tr.first_upcall_since_bh = index
             tr.upcalls_since_bh += 1
         elif role == "bottom-half":
-            tr.last_bottom_half = snap.index
+            tr.last_bottom_half = index
             tr.first_upcall_since_bh = None
             tr.upcalls_since_bh = 0
             tr.blocked = False
@@ -229,6 +238,7 @@ class Detector:
     """A rule over the stream of steps; reports through :meth:`Walk.add`."""
 
     kinds: tuple[str, ...] = ()
+    roles: tuple[str, ...] | None = None  # the roles of the hits it looks at (None: all)
 
     def step(self, w: Walk, s: Step) -> None:
         pass
@@ -266,95 +276,101 @@ class MissedClear(Detector):
             return tr is not None
         return tr is not None and tr.blocked
 
-    def _signature(self, w: Walk, snap: Snapshot, vcpu: int) -> int:
-        if not w.upcall_pending(snap, vcpu):
+    @staticmethod
+    def _signature(state: Evtchn2L, vcpu: int) -> int:
+        """The ``[1/0/1]`` ports of a vCPU that has ``evtchn_upcall_pending`` set."""
+        if not state.upcall_pending(vcpu):
             return 0
-        return w.deliverable(snap, vcpu)
+        return state.deliverable(vcpu)
 
     def step(self, w: Walk, s: Step) -> None:
         cur = s.cur
+        assert cur is not None
         if s.role == "bottom-half":
-            self.reported.discard(cur.vcpu)
+            self.reported.discard(s.vcpu)
+        if len(w.tracks) == 1 and s.vcpu in w.tracks and s.role != HANG:
+            return  # one vCPU, and it is the one running: nothing can stall behind it
         if s.role == HANG:
             for v in w.tracks:
                 if v not in self.reported and self._blocked(w, v):
-                    ports = self._signature(w, cur, v)
+                    ports = self._signature(cur, v)
                     if ports:
-                        self._report(w, cur, v, ports, "the hang snapshot")
-            for v in cur.vcpus:
+                        self._report(w, s.index, cur, v, ports, "the hang snapshot")
+            for v in list(cur.vcpu_info):
                 if v not in self.reported:
-                    self._hang_alone(w, cur, v)
+                    self._hang_alone(w, s, cur, v)
             return
         for v, tr in w.tracks.items():
-            if (v == cur.vcpu or v in self.reported or not tr.blocked or tr.last_hit is None
-                    or cur.t_ns - tr.last_hit_t < w.options.stall_ns):
+            if (v == s.vcpu or v in self.reported or not tr.blocked or tr.last_hit is None
+                    or s.t_ns - tr.last_hit_t < w.options.stall_ns):
                 continue
-            ports = self._signature(w, cur, v)
+            ports = self._signature(cur, v)
             if ports:
-                secs = (cur.t_ns - tr.last_hit_t) / 1e9
-                self._report(w, cur, v, ports, f"#{cur.index}, {secs:.3f} s after its last "
-                             f"probe hit while vCPU {cur.vcpu} kept running")
+                secs = (s.t_ns - tr.last_hit_t) / 1e9
+                self._report(w, s.index, cur, v, ports, f"#{s.index}, {secs:.3f} s after its "
+                             f"last probe hit while vCPU {s.vcpu} kept running")
 
     def finish(self, w: Walk, end: End) -> None:
-        last = end.last
-        if last is None or last.hang:
+        last, state = end.last, end.state
+        if last is None or end.hang:
             return
         for v in w.tracks:
             if v in self.reported or not self._blocked(w, v) or w.tracks[v].last_hit is None:
                 continue
-            ports = self._signature(w, last, v)
+            ports = self._signature(state, v)
             if not ports:
                 continue
             tr = w.tracks[v]
             if end.reason == "hang":
-                self._report(w, last, v, ports, "the end of the recording (stopped by the "
-                             "recorder's hang detection)")
-            elif tr.last_hit != last.index or end.reason not in _ORDINARY_ENDS:
+                self._report(w, last, state, v, ports, "the end of the recording (stopped by "
+                             "the recorder's hang detection)")
+            elif tr.last_hit != last or end.reason not in _ORDINARY_ENDS:
                 # A vCPU whose own hit ends a recording stopped by --count/--duration/exit is
                 # just on its usual wake-up path; anything else is worth a note.
                 why = end.reason or ("no reason recorded" if end.trailer is not None
                                      else "not closed cleanly")
                 w.add(Finding(
-                    "blocked-at-end", last.index, tr.first_upcall_since_bh, tr.last_block, v,
+                    "blocked-at-end", last, tr.first_upcall_since_bh, tr.last_block, v,
                     list(iter_bits(ports)), ["evtchn_upcall_pending", "evtchn_pending_sel"],
-                    f"the recording ends (#{last.index}, {why}) "
+                    f"the recording ends (#{last}, {why}) "
                     f"with vCPU {v} in its block function, evtchn_upcall_pending=1 and ports "
-                    f"{w.ports_text(iter_bits(ports), last)}: a missed clear if it stayed "
+                    f"{w.ports_text(iter_bits(ports), state)}: a missed clear if it stayed "
                     "there, but the recording stopped before showing whether it re-checked "
                     "upcall_pending; re-record with --hang-after to take a hang snapshot",
                     "info"))
 
-    def _hang_alone(self, w: Walk, snap: Snapshot, vcpu: int) -> None:
+    def _hang_alone(self, w: Walk, s: Step, cur: Evtchn2L, vcpu: int) -> None:
         """The hang snapshot judged on its own (attached after the guest hung, or no probe
         saw the vCPU block): the signature there means Xen already raised the upcall and
         will not raise it again, whatever came before."""
-        ports = self._signature(w, snap, vcpu)
-        state = snap.vcpus[vcpu]
+        ports = self._signature(cur, vcpu)
+        state = cur.vcpu_info[vcpu]
         if not ports or state.evtchn_upcall_mask:
             return
-        if vcpu == snap.vcpu and snap.interrupts_enabled is False:
+        if vcpu == s.vcpu and s.interrupts_enabled is False:
             return  # interrupts off: the upcall may still be waiting in the LAPIC
         self.reported.add(vcpu)
         tr = w.tracks.get(vcpu)
         seen = ("it never hit a probe in this recording" if tr is None or tr.last_hit is None
                 else f"its last probe hit was #{tr.last_hit}")
-        text = (f"At the hang snapshot (#{snap.index}, taken when no probe had been hit for "
+        text = (f"At the hang snapshot (#{s.index}, taken when no probe had been hit for "
                 f"a while) vCPU {vcpu} has evtchn_upcall_pending=1, evtchn_upcall_mask=0, "
                 f"evtchn_pending_sel={state.evtchn_pending_sel:#x} and port(s) "
-                f"{w.ports_text(iter_bits(ports), snap)} pending and unmasked with their "
+                f"{w.ports_text(iter_bits(ports), cur)} pending and unmasked with their "
                 f"selector bit set ({seen}). Xen notifies only on the 0->1 edge of "
                 "evtchn_upcall_pending, so this upcall was raised already and no other will "
                 f"come until the guest clears it: vCPU {vcpu} waits for ever. The missed "
                 "clear is the bottom half that never ran after the last upcall; record "
                 "from earlier (or with --upcall/--bottom-half/--block probes) to see which.")
-        w.add(Finding("missed-clear", snap.index, None, None, vcpu, list(iter_bits(ports)),
+        w.add(Finding("missed-clear", s.index, None, None, vcpu, list(iter_bits(ports)),
                       ["evtchn_upcall_pending", "evtchn_pending_sel"], text, "error"))
 
-    def _report(self, w: Walk, snap: Snapshot, vcpu: int, ports: int, proof: str) -> None:
+    def _report(self, w: Walk, index: int, state: Evtchn2L, vcpu: int, ports: int,
+                proof: str) -> None:
         self.reported.add(vcpu)
         tr = w.tracks[vcpu]
         up, blk, bh = tr.first_upcall_since_bh, tr.last_block, tr.last_bottom_half
-        sel = snap.vcpus[vcpu].evtchn_pending_sel
+        sel = state.vcpu_info[vcpu].evtchn_pending_sel
         if_text = "" if tr.block_if is None else f" (IF={int(tr.block_if)})"
         more = f" (and {tr.upcalls_since_bh - 1} more)" if tr.upcalls_since_bh > 1 else ""
         if up is not None and blk is not None and blk < up:
@@ -376,13 +392,13 @@ class MissedClear(Detector):
             story = f"vCPU {vcpu} has evtchn_upcall_pending=1 (the recording has no upcall probe)."
         story += (f" No bottom half ran after #{bh}." if bh is not None else
                   " No bottom half ever ran.")
-        text = (f"{story} At {proof} (#{snap.index}) evtchn_upcall_pending=1 and "
+        text = (f"{story} At {proof} (#{index}) evtchn_upcall_pending=1 and "
                 f"evtchn_pending_sel={sel:#x} are still set and port(s) "
-                f"{w.ports_text(iter_bits(ports), snap)} wait: Xen notifies only on the 0->1 "
+                f"{w.ports_text(iter_bits(ports), state)} wait: Xen notifies only on the 0->1 "
                 f"edge of evtchn_upcall_pending, so it will never interrupt vCPU {vcpu} again. "
                 "Demux in the upcall handler, or re-check evtchn_upcall_pending with "
                 "interrupts disabled before 'sti; hlt'.")
-        w.add(Finding("missed-clear", snap.index, up, blk, vcpu, list(iter_bits(ports)),
+        w.add(Finding("missed-clear", index, up, blk, vcpu, list(iter_bits(ports)),
                       ["evtchn_upcall_pending", "evtchn_pending_sel"], text, "error"))
 
 
@@ -415,36 +431,38 @@ class StrandedPort(Detector):
 
     def step(self, w: Walk, s: Step) -> None:
         cur = s.cur
-        new = w.stranded(cur)
+        assert cur is not None
         old = self.current
+        new = cur.stranded() if s.changed else old
         if new == old and s.role not in ("block", HANG):
             return
         for p in iter_bits(old & ~new):
             run = self.runs.pop(p)
             if run.finding is not None:
-                run.finding.message += f" It left that state at #{cur.index}: {_fate(cur, p)}."
+                run.finding.message += f" It left that state at #{s.index}: {_fate(cur, p)}."
         for p in iter_bits(new & ~old):
             cause, fld = self._cause(w, s.prev, cur, p)
-            self.runs[p] = _Strand(cur.index, cause, fld)
+            self.runs[p] = _Strand(s.index, cause, fld)
         self.current = new
         if s.role == HANG:
             scope = new
         elif s.role == "block":
-            scope = new & w.routing.ports_of(cur.vcpu)
+            scope = new & w.routing.ports_of(s.vcpu)
         else:
             return
         for p in iter_bits(scope):
             run = self.runs[p]
             if run.finding is None:
-                run.finding = self._report(w, cur, p, run, s.role)
+                run.finding = self._report(w, s.index, cur, p, run, s.role)
 
     def finish(self, w: Walk, end: End) -> None:
         for run in self.runs.values():
             if run.finding is not None and end.last is not None:
-                run.finding.message += f" Still stranded at the end (#{end.last.index})."
+                run.finding.message += f" Still stranded at the end (#{end.last})."
 
     @staticmethod
-    def _cause(w: Walk, prev: Snapshot | None, cur: Snapshot, p: int) -> tuple[str, str | None]:
+    def _cause(w: Walk, prev: Evtchn2L | None, cur: Evtchn2L, p: int
+               ) -> tuple[str, str | None]:
         if prev is None:
             return "already so in the first snapshot", None
         g, v = w.geometry, w.routing.vcpu_of(p)
@@ -465,28 +483,29 @@ class StrandedPort(Detector):
         if not prev.is_pending(p):
             return (f"evtchn_pending port {p} 0->1 without selector word {word} of vCPU {v} "
                     "(evtchn_2l_set_pending sets it for an unmasked port)", "evtchn_pending")
-        if w.upcall_pending(prev, v) and not w.upcall_pending(cur, v):
+        if prev.upcall_pending(v) and not cur.upcall_pending(v):
             return (f"evtchn_upcall_pending 1->0 on vCPU {v} while port {p} was pending, "
                     "unmasked and without a selector bit", "evtchn_upcall_pending")
         return "its bits did not change between the two probe hits", None
 
     @staticmethod
-    def _report(w: Walk, cur: Snapshot, p: int, run: _Strand, role: str) -> Finding | None:
+    def _report(w: Walk, index: int, cur: Evtchn2L, p: int, run: _Strand, role: str
+                ) -> Finding | None:
         v = w.routing.vcpu_of(p)
         where = ("at the hang snapshot" if role == HANG else
                  f"when vCPU {v} entered its block function")
         text = (f"port {w.port_name(p)} became stranded at #{run.since}: {run.cause}. It is "
                 f"pending and unmasked, but selector word {w.geometry.word(p)} of vCPU {v} is "
                 "clear and no upcall is pending, so no bottom half will look at it and Xen "
-                f"will not raise it again (already pending); still {cur.port_state(p).pms} "
-                f"{where} (#{cur.index}).")
+                f"will not raise it again (already pending); still {cur.pms(p)} "
+                f"{where} (#{index}).")
         fields = {"evtchn_pending_sel": ["evtchn_pending_sel", "evtchn_mask"]}.get(
             run.field or "", [run.field] if run.field else None)
-        return w.add(Finding("stranded-port", run.since, None, cur.index, v, [p], fields,
+        return w.add(Finding("stranded-port", run.since, None, index, v, [p], fields,
                              text, "error"))
 
 
-def _fate(cur: Snapshot, p: int) -> str:
+def _fate(cur: Evtchn2L, p: int) -> str:
     if not cur.is_pending(p):
         return "its pending bit was cleared"
     if cur.is_masked(p):
@@ -528,29 +547,31 @@ class LostPending(Detector):
 
     def step(self, w: Walk, s: Step) -> None:
         prev, cur = s.prev, s.cur
-        if prev is not None:
+        assert cur is not None
+        if prev is not None and s.changed and prev.evtchn_pending != cur.evtchn_pending:
             cleared = prev.evtchn_pending & ~cur.evtchn_pending & w.geometry.all_ports
             if cleared:
                 if self.shadow is not None:
-                    self._check_shadow(w, prev, cur, cleared)
+                    self._check_shadow(w, s, prev, cur, cleared)
                 else:
                     for p in iter_bits(cleared & cur.evtchn_mask & ~prev.evtchn_mask):
-                        self.taken[p] = _Taken(cur.index, prev.index)
+                        self.taken[p] = _Taken(s.index, s.prev_index)
                         self.taken_bits |= 1 << p
         if self.taken_bits:
-            for p in iter_bits(self.taken_bits & ~cur.evtchn_mask):
+            for p in iter_bits(self.taken_bits & cur.unmasked()):
                 del self.taken[p]
                 self.taken_bits &= ~(1 << p)
             if s.role in ("block", HANG):
-                scope = w.geometry.all_ports if s.role == HANG else w.routing.ports_of(cur.vcpu)
+                scope = w.geometry.all_ports if s.role == HANG else w.routing.ports_of(s.vcpu)
                 for p in iter_bits(self.taken_bits & scope):
                     t = self.taken[p]
                     if t.block is None:
-                        t.block = cur.index
+                        t.block = s.index
 
-    def _check_shadow(self, w: Walk, prev: Snapshot, cur: Snapshot, cleared: int) -> None:
+    def _check_shadow(self, w: Walk, s: Step, prev: Evtchn2L, cur: Evtchn2L,
+                      cleared: int) -> None:
         assert self.shadow is not None
-        new, old = cur.watch.get(self.shadow), prev.watch.get(self.shadow)
+        new, old = s.shadow, s.prev_shadow
         if new is None:
             return
         for p in iter_bits(cleared & cur.evtchn_mask):
@@ -566,11 +587,11 @@ class LostPending(Detector):
                 hint = (f" Marked instead although not pending: "
                         f"{w.ports_text(marked, limit=8)}.")
             text = (f"port {w.port_name(p)}: evtchn_pending 1->0 and masked between "
-                    f"#{prev.index} ({prev.probe}) and #{cur.index} ({cur.probe}), but "
+                    f"#{s.prev_index} ({s.prev_probe}) and #{s.index} ({s.probe}), but "
                     f"{self.shadow}[{p}] is 0: the bottom half took the event without marking "
                     "it, so no handler runs for it and nothing unmasks the port; the event is "
                     f"lost.{hint}")
-            w.add(Finding("lost-pending", cur.index, None, None, w.routing.vcpu_of(p), [p],
+            w.add(Finding("lost-pending", s.index, None, None, w.routing.vcpu_of(p), [p],
                           ["evtchn_pending", "evtchn_mask", self.shadow], text, "error"))
 
     def finish(self, w: Walk, end: End) -> None:
@@ -583,7 +604,7 @@ class LostPending(Detector):
                     f"between #{t.prev} and #{t.snapshot}, as a bottom half does when it takes "
                     f"an event, but nothing unmasked it again: still masked when vCPU "
                     f"{w.routing.vcpu_of(p)} blocked at #{t.block} and at the end "
-                    f"(#{end.last.index}). The event was never handled (a bottom half that "
+                    f"(#{end.last}). The event was never handled (a bottom half that "
                     "marks the wrong port, e.g. a 1-based ffs() used as a bit index, does "
                     "this); record the guest's shadow of pending ports as a watch region "
                     "named evtchn_callback_ml to confirm.")
@@ -620,6 +641,7 @@ class UpcallMaskedAtBlock(Detector):
     """``evtchn_upcall_mask`` set at a block-probe hit; one finding per run of such hits."""
 
     kinds = ("upcall-masked-at-block",)
+    roles = ("block",)
 
     def __init__(self) -> None:
         self.open: dict[int, tuple[Finding, int]] = {}
@@ -631,8 +653,9 @@ class UpcallMaskedAtBlock(Detector):
             # PV Linux enters xen_safe_halt masked on purpose: SCHEDOP_block clears
             # evtchn_upcall_mask as it blocks (Xen's do_block, local_event_delivery_enable).
             return
-        cur, v = s.cur, s.cur.vcpu
-        st = cur.vcpus.get(v)
+        cur, v = s.cur, s.vcpu
+        assert cur is not None
+        st = cur.vcpu_info.get(v)
         if st is None or st.evtchn_upcall_mask is None:
             return
         if not st.evtchn_upcall_mask:
@@ -642,16 +665,16 @@ class UpcallMaskedAtBlock(Detector):
             f, n = self.open[v]
             self.open[v] = (f, n + 1)
             return
-        ports = (cur.evtchn_pending & ~cur.evtchn_mask & w.routing.ports_of(v)
+        ports = (cur.evtchn_pending & cur.unmasked() & w.routing.ports_of(v)
                  & w.geometry.all_ports)
         waiting = (f"; pending for it: {w.ports_text(iter_bits(ports), cur)}" if ports
                    else "")
-        text = (f"vCPU {v} entered its block function at #{cur.index} with "
+        text = (f"vCPU {v} entered its block function at #{s.index} with "
                 f"evtchn_upcall_mask={st.evtchn_upcall_mask}: while the mask is set Xen does "
                 "not deliver the upcall to a PV vCPU, and a guest that blocks with it set "
                 "sleeps through its events (an HVM/PVH vector ignores the byte, but guest code "
                 f"that tests it does not){waiting}.")
-        f = w.add(Finding("upcall-masked-at-block", cur.index, None, cur.index, v,
+        f = w.add(Finding("upcall-masked-at-block", s.index, None, s.index, v,
                           list(iter_bits(ports)) or None, ["evtchn_upcall_mask"], text,
                           "error"))
         if f is not None:
@@ -678,19 +701,22 @@ class AbiViolation(Detector):
     FIELDS = ("evtchn_pending", "evtchn_pending_sel", "evtchn_upcall_pending")
 
     def step(self, w: Walk, s: Step) -> None:
-        if not s.quiet or s.prev is None:
+        if not s.quiet or s.prev is None or not s.changed:
             return
         prev, cur = s.prev, s.cur
+        assert cur is not None
+        if not may_break_abi_quietly(prev, cur):
+            return
         bad = [e for e in explain(prev, cur, w.geometry, w.routing, quiet=True)
                if not e.legal and e.change.field in self.FIELDS]
         if not bad:
             return
         ports = sorted({e.change.index for e in bad if e.change.field == "evtchn_pending"})
         vcpus = sorted({e.change.vcpu for e in bad if e.change.vcpu is not None})
-        text = (f"between #{prev.index} and #{cur.index} ({cur.probe}), while every vCPU sat in "
+        text = (f"between #{s.prev_index} and #{s.index} ({s.probe}), while every vCPU sat in "
                 "its block function so that only Xen could write: "
                 + "; ".join(e.describe(w.labels) for e in bad))
-        w.add(Finding("abi-violation", cur.index, None, prev.index,
+        w.add(Finding("abi-violation", s.index, None, s.prev_index,
                       vcpus[0] if len(vcpus) == 1 else None, ports or None,
                       sorted({e.change.field for e in bad}), text, "warning"))
 
@@ -702,29 +728,31 @@ class SpuriousUpcall(Detector):
     """Upcalls that found nothing pending and unmasked for their vCPU (counted)."""
 
     kinds = ("spurious-upcall",)
+    roles = ("upcall",)
 
     def __init__(self) -> None:
         self.count = 0
-        self.first: Snapshot | None = None
+        self.first: tuple[int, int, int] | None = None  # index, t_ns, vCPU
 
     def step(self, w: Walk, s: Step) -> None:
         if s.role != "upcall":
             return
         cur = s.cur
-        if cur.evtchn_pending & ~cur.evtchn_mask & w.routing.ports_of(cur.vcpu):
+        assert cur is not None
+        if cur.evtchn_pending & cur.unmasked() & w.routing.ports_of(s.vcpu):
             return
         self.count += 1
         if self.first is None:
-            self.first = cur
+            self.first = (s.index, s.t_ns, s.vcpu)
 
     def finish(self, w: Walk, end: End) -> None:
         if self.first is None:
             return
-        f = self.first
-        w.add(Finding("spurious-upcall", f.index, f.index, None, f.vcpu, None,
+        index, t_ns, vcpu = self.first
+        w.add(Finding("spurious-upcall", index, index, None, vcpu, None,
                       ["evtchn_upcall_pending"],
                       f"{self.count} upcall(s) found nothing pending and unmasked (first at "
-                      f"{w.when(f)} on vCPU {f.vcpu}): harmless, usually Xen's set_pending "
+                      f"{w.when(index, t_ns)} on vCPU {vcpu}): harmless, usually Xen's set_pending "
                       "racing with a bottom half that already took the event", "info"))
 
 
@@ -732,16 +760,17 @@ class MaskedPending(Detector):
     """Ports pending but masked in the last snapshot (the 'e' key's ``[1/1/x]``)."""
 
     kinds = ("masked-pending",)
+    roles = ()
 
     def finish(self, w: Walk, end: End) -> None:
-        last = end.last
+        last, state = end.last, end.state
         if last is None:
             return
-        ports = list(iter_bits(last.evtchn_pending & last.evtchn_mask & w.geometry.all_ports))
+        ports = list(iter_bits(state.evtchn_pending & state.evtchn_mask & w.geometry.all_ports))
         if not ports:
             return
-        w.add(Finding("masked-pending", last.index, None, None, None, ports, ["evtchn_mask"],
-                      f"at the end (#{last.index}) port(s) {w.ports_text(ports, last)} are "
+        w.add(Finding("masked-pending", last, None, None, None, ports, ["evtchn_mask"],
+                      f"at the end (#{last}) port(s) {w.ports_text(ports, state)} are "
                       "pending but masked: Xen delivers them only when the guest unmasks them "
                       "with EVTCHNOP_unmask (fine for a port the guest ignores on purpose, a "
                       "hang if it waits for it)", "info"))
@@ -798,46 +827,120 @@ def default_detectors(w: Walk) -> list[Detector]:
 
 
 class Replayer:
-    """Feed snapshots in recording order, then :meth:`finish`."""
+    """Feed probe hits in recording order (:meth:`feed_hit` from a reader's deltas, or
+    :meth:`feed` with decoded snapshots), then :meth:`finish`."""
 
     def __init__(self, header: RecordingHeader, options: ReplayOptions | None = None) -> None:
-        self.walk = Walk(header, options or ReplayOptions())
-        self.detectors = default_detectors(self.walk)
-        self.prev: Snapshot | None = None
+        self.walk = w = Walk(header, options or ReplayOptions())
+        self.detectors = default_detectors(w)
+        self.observer = Observer(header)
+        self.cur = w.model()  # the state at the current hit
+        self.prev = w.model()  # ... and at the one before (valid once a hit was fed)
+        self.last: int | None = None  # number of the last hit fed
+        self.last_t_ns = 0
+        self.last_hang = False
+        self._step = Step()
+        self._probe_names = [p.name for p in header.probes]
+        self.shadow = next((d.shadow for d in self.detectors if isinstance(d, LostPending)),
+                           None)
+        regions = header.regions
+        self._shadow_region = next(  # the last watch region of that name, as Snapshot.watch
+            (i for i in reversed(range(len(regions)))
+             if regions[i].name == self.shadow and regions[i].kind == "watch"), None)
+        self._shadow: bytes | None = None
+        self._by_role: dict[str, list[Detector]] = {}
+        self._unfed = False  # the model changed in hits skipped since the last one fed
+        self._irq = interrupts_enabled
+
+    def _detectors(self, role: str) -> list[Detector]:
+        ds = self._by_role[role] = [d for d in self.detectors
+                                    if d.roles is None or role in d.roles]
+        return ds
 
     def feed(self, snap: Snapshot) -> None:
+        """One decoded snapshot (the whole state at once)."""
+        observe_snapshot(self.cur, snap)
+        shadow = None if self.shadow is None else snap.watch.get(self.shadow)
+        self._feed(snap.index, snap.t_ns, snap.probe, snap.vcpu, snap.hang,
+                   snap.interrupts_enabled, True, shadow)
+
+    def feed_hit(self, hit: Hit, buffers: list[bytearray | None]) -> str:
+        """One hit from :meth:`XrrReader.deltas`, ``buffers`` its live region buffers;
+        returns the hit's role."""
+        changed = self.observer.apply(self.cur, buffers, hit.dirty, hit.reset, hit.missing)
+        if self._unfed:
+            changed, self._unfed = True, False
+        sr = self._shadow_region
+        if sr is None:
+            shadow = None
+        else:
+            if hit.reset or hit.touched >> sr & 1:
+                data = buffers[sr]
+                self._shadow = None if data is None else bytes(data)
+            # not read at this hit: left out, as Snapshot.watch does
+            shadow = None if hit.missing >> sr & 1 else self._shadow
+        names = self._probe_names
+        probe = names[hit.probe] if hit.probe < len(names) else f"probe{hit.probe}"
+        rf = hit.regflags
+        irq = None if rf is None else self._irq(self.walk.header.arch, rf)
+        return self._feed(hit.seq, hit.t_ns, probe, hit.vcpu, hit.hang, irq, changed, shadow)
+
+    def _observe(self, hit: Hit, buffers: list[bytearray | None]) -> bool:
+        changed = self.observer.apply(self.cur, buffers, hit.dirty, hit.reset, hit.missing)
+        sr = self._shadow_region
+        if sr is not None and (hit.reset or hit.touched >> sr & 1):
+            data = buffers[sr]
+            self._shadow = None if data is None else bytes(data)
+        return changed
+
+    def skip_hit(self, hit: Hit, buffers: list[bytearray | None]) -> None:
+        """A hit the detectors must not judge (what they need was not read): the model
+        follows the buffers, the next fed hit compares with the last one fed."""
+        self._unfed = self._observe(hit, buffers) or self._unfed
+
+    def _feed(self, index: int, t_ns: int, probe: str, vcpu: int, hang: bool,
+              irq: bool | None, changed: bool, shadow: bytes | None) -> str:
         w = self.walk
-        if w.t0 is None:
-            w.t0 = snap.t_ns
+        s = self._step
+        role = HANG if hang else w.roles.get(probe, "other")
+        if self.last is None:
+            w.t0 = t_ns
+            s.quiet, s.changed, s.cur, s.prev = False, True, self.cur, None
+        else:
+            s.quiet, s.changed, s.prev = w.quiet(), changed, self.prev
         w.count += 1
-        role = w.role_of(snap)
-        w.hits[role] += 1
-        quiet = self.prev is not None and w.quiet()
-        w.update_track(snap, role)
-        s = Step(self.prev, snap, role, quiet)
-        for d in self.detectors:
+        hits = w.hits
+        hits[role] = hits.get(role, 0) + 1
+        w.update_track(vcpu, index, t_ns, role, irq)
+        s.index, s.t_ns, s.probe, s.vcpu, s.role = index, t_ns, probe, vcpu, role
+        s.hang, s.interrupts_enabled, s.shadow = hang, irq, shadow
+        ds = self._by_role.get(role)
+        for d in (self._detectors(role) if ds is None else ds):
             d.step(w, s)
-        self.prev = snap
+        if s.changed:
+            self.prev.assign(self.cur)
+        s.prev_index, s.prev_probe, s.prev_shadow = index, probe, shadow
+        self.last, self.last_t_ns, self.last_hang = index, t_ns, hang
+        return role
 
     def finish(self, trailer: dict[str, Any] | None = None,
                problems: Iterable[str] = ()) -> ReplayResult:
         w = self.walk
-        end = End(self.prev, trailer)
+        end = End(self.last, self.last_hang, self.cur, trailer)
         for d in self.detectors:
             d.finish(w, end)
         order = {k: i for i, k in enumerate(KINDS)}
         findings = sorted(w.findings, key=lambda f: (f.snapshot, order.get(f.kind, 99)))
-        last = self.prev
+        last = self.last
         stats = {
             "arch": w.header.arch,
             "snapshots": w.count,
-            "duration_s": 0.0 if last is None else (last.t_ns - (w.t0 or 0)) / 1e9,
+            "duration_s": 0.0 if last is None else (self.last_t_ns - (w.t0 or 0)) / 1e9,
             "start_t_ns": w.t0,
-            "last_snapshot": None if last is None else last.index,
+            "last_snapshot": last,
             "hits": dict(w.hits),
             "vcpus": sorted(w.tracks),
-            "shadow": next((d.shadow for d in self.detectors if isinstance(d, LostPending)),
-                           None),
+            "shadow": self.shadow,
             "end_reason": end.reason,
             "closed_cleanly": trailer is not None,
             "findings": dict(Counter(f.kind for f in findings)),
@@ -860,16 +963,24 @@ def _replay_reader(reader: XrrReader, options: ReplayOptions | None) -> ReplayRe
     if reader.header.abi == "fifo":  # the FIFO rules live in their own modules
         from xreplay.replay.fifo_detectors import replay_fifo
         return replay_fifo(reader, options)
-    r = Replayer(reader.header, options)
+    h = reader.header
+    r = Replayer(h, options)
+    names = [spec.name for spec in h.regions]
+    shared = 1 << next(i for i, spec in enumerate(h.regions) if spec.kind == "shared_info")
+    own = {spec.vcpu: 1 << i for i, spec in enumerate(h.regions)  # the probed vCPU's copy
+           if spec.name == f"vcpu_info.{spec.vcpu}"}
     unread: Counter[str] = Counter()
     total = 0
-    for snap in reader.snapshots():
+    feed = r.feed_hit
+    for hit in reader.deltas():
         total += 1
-        if snap.missing:
-            unread.update(snap.missing)
-            if not snap.has_shared_info or f"vcpu_info.{snap.vcpu}" in snap.missing:
+        missing = hit.missing
+        if missing:
+            unread.update(names[i] for i in iter_bits(missing))
+            if missing & shared or missing & own.get(hit.vcpu, 0):
+                r.skip_hit(hit, reader.buffers)
                 continue  # a verdict only on data that was read
-        r.feed(snap)
+        feed(hit, reader.buffers)
     result = r.finish(reader.trailer, reader.problems)
     result.stats["recorded"] = total
     result.stats["unreadable"] = dict(unread)

@@ -87,28 +87,28 @@ class PatternSummary:
         self.first_followup_after: dict[tuple[str, str], StepSeen] = {}
         self._open: dict[int, tuple[list[str], list[int | None]]] = {}
 
-    def feed(self, snap: Snapshot, role: str) -> None:
+    def feed(self, index: int, v: int, role: str) -> None:
+        """Snapshot ``index``, a hit of vCPU ``v`` in ``role``."""
         if role == HANG:
-            for v in list(self._recent):
-                self._step(v, role, snap.index)
-            for v in list(self._awaiting):
-                self._follow(v, role, snap.index)
-            for v in list(self._open):
-                self._close(v, role, snap.index)
+            for u in list(self._recent):
+                self._step(u, role, index)
+            for u in list(self._awaiting):
+                self._follow(u, role, index)
+            for u in list(self._open):
+                self._close(u, role, index)
             return
-        v = snap.vcpu
-        self._step(v, role, snap.index)
+        self._step(v, role, index)
         if role == "upcall":
             self.upcalls += 1
             recent = self._recent[v]
             before = recent[-2][0] if len(recent) > 1 else START
-            first, n, before = self._awaiting.get(v, (snap.index, 0, before))
+            first, n, before = self._awaiting.get(v, (index, 0, before))
             self._awaiting[v] = (first, n + 1, before)
         elif role in FOLLOW_ROLES:
-            self._follow(v, role, snap.index)
-        self._episode(v, role, snap.index)
+            self._follow(v, role, index)
+        self._episode(v, role, index)
 
-    def finish(self, last: Snapshot | None) -> None:
+    def finish(self, last: int | None) -> None:
         for v in list(self._awaiting):
             self._follow(v, END, None)
         for v in list(self._open):
@@ -392,22 +392,26 @@ def _open(source: XrrReader | str | os.PathLike[str], stack: ExitStack) -> XrrRe
 
 
 def _pass(reader: XrrReader, options: ReplayOptions | None) -> tuple[PatternSummary, Any, Any]:
-    rep: Any
-    if reader.header.abi == "fifo":  # judged on the FIFO rules
+    """One walk of a recording on the delta path: its pattern, its replay, its last hit
+    (a FIFO recording walks its snapshots, judged on the FIFO rules)."""
+    if reader.header.abi == "fifo":
         from xreplay.replay.fifo_detectors import FifoReplayer
-        rep = FifoReplayer(reader.header, options)
-        role_of = rep.role_of
-    else:
-        rep = Replayer(reader.header, options)
-        role_of = rep.walk.role_of
+        frep = FifoReplayer(reader.header, options)
+        fpat = PatternSummary()
+        flast: int | None = None
+        for snap in reader.snapshots():
+            frep.feed(snap)
+            fpat.feed(snap.index, snap.vcpu, frep.role_of(snap))
+            flast = snap.index
+        fpat.finish(flast)
+        return fpat, frep.finish(reader.trailer, reader.problems), flast
+    rep = Replayer(reader.header, options)
     pat = PatternSummary()
-    last = None
-    for snap in reader.snapshots():
-        rep.feed(snap)
-        pat.feed(snap, role_of(snap))
-        last = snap
-    pat.finish(last)
-    return pat, rep.finish(reader.trailer, reader.problems), last
+    for hit in reader.deltas():
+        role = rep.feed_hit(hit, reader.buffers)
+        pat.feed(hit.seq, hit.vcpu, role)
+    pat.finish(rep.last)
+    return pat, rep.finish(reader.trailer, reader.problems), rep.last
 
 
 def fetch(reader: XrrReader, wanted: Iterable[int]) -> dict[int, Snapshot]:
@@ -444,7 +448,7 @@ def diff_recordings(a: XrrReader | str | os.PathLike[str], b: XrrReader | str | 
                 x, y = (theirs[k], mine[k]) if d.side == "b" else (mine[k], theirs[k])
                 pairs.append((f"{label} ({d.seen.before if k == 0 else 'next'})", x, y))
         if la is not None and lb is not None:
-            pairs.append(("end", la.index, lb.index))
+            pairs.append(("end", la, lb))
         snaps_a = fetch(ra, [p[1] for p in pairs])
         snaps_b = fetch(rb, [p[2] for p in pairs])
         aligned = []

@@ -22,51 +22,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from xreplay.abi import iter_bits, layout
+from xreplay.abi import Geometry, iter_bits
 from xreplay.snapshot import Snapshot
 from xreplay.transitions import BitChange, bit_changes
 
 XEN = "Xen"
 GUEST = "guest"
 EITHER = "Xen or guest"
-
-
-class Geometry:
-    """Port/selector arithmetic of one ABI, with the selector expansion cached.
-
-    ``expand_sel(sel)`` is the bitmap of every port whose selector word is set in ``sel``:
-    the ports a bottom half that ``xchg``\\ s ``evtchn_pending_sel`` will look at.
-    """
-
-    __slots__ = ("bits_per_word", "nr_ports", "all_ports", "word_mask", "_expand")
-
-    def __init__(self, bits_per_word: int) -> None:
-        self.bits_per_word = bits_per_word
-        self.nr_ports = bits_per_word * bits_per_word
-        self.all_ports = (1 << self.nr_ports) - 1
-        self.word_mask = (1 << bits_per_word) - 1
-        self._expand: dict[int, int] = {}
-
-    @classmethod
-    def for_arch(cls, arch: str) -> Geometry:
-        return cls(layout(arch).bits_per_word)
-
-    def word(self, port: int) -> int:
-        return port // self.bits_per_word
-
-    def word_ports(self, word: int) -> int:
-        return self.word_mask << (word * self.bits_per_word)
-
-    def expand_sel(self, sel: int) -> int:
-        out = self._expand.get(sel)
-        if out is None:
-            out = 0
-            for w in iter_bits(sel):
-                out |= self.word_ports(w)
-            if len(self._expand) > 4096:
-                self._expand.clear()
-            self._expand[sel] = out
-        return out
 
 
 class Routing:
@@ -95,12 +57,13 @@ class Routing:
 # --------------------------------------------------------------------------- the ABI model
 
 
-@dataclass
+@dataclass(slots=True)
 class VcpuBits:
-    """The three ``vcpu_info`` fields event delivery depends on."""
+    """The three ``vcpu_info`` fields event delivery depends on (``evtchn_upcall_mask``
+    is None on ARM, which has none)."""
 
     evtchn_upcall_pending: int = 0
-    evtchn_upcall_mask: int = 0
+    evtchn_upcall_mask: int | None = 0
     evtchn_pending_sel: int = 0
 
 
@@ -110,6 +73,11 @@ class Evtchn2L:
 
     Xen's operations return whether the vCPU was notified (the 0->1 edge of
     ``evtchn_upcall_pending`` that injects the upcall); ``upcalls`` counts those edges.
+
+    The replay keeps one as the state a recording shows at each probe hit
+    (:mod:`xreplay.replay.observe` writes the recorded fields into it) and asks it the
+    2-level questions: what a bottom half would deliver, what is stranded.  There
+    ``vcpu_info`` holds only the vCPUs whose ``vcpu_info`` the recording has read.
     """
 
     geometry: Geometry
@@ -118,6 +86,17 @@ class Evtchn2L:
     evtchn_mask: int = 0
     vcpu_info: dict[int, VcpuBits] = field(default_factory=dict)
     upcalls: int = 0
+    _unmasked_of: int = field(default=-1, repr=False, compare=False)
+    _unmasked: int = field(default=0, repr=False, compare=False)
+
+    def unmasked(self) -> int:
+        """The unmasked ports (``~evtchn_mask`` within the 2-level range), cached per mask:
+        a guest masks nearly every port, so ``~`` of its mask is a 4096-bit operation, and
+        the mask rarely changes."""
+        mask = self.evtchn_mask
+        if mask is not self._unmasked_of:
+            self._unmasked_of, self._unmasked = mask, ~mask & self.geometry.all_ports
+        return self._unmasked
 
     @classmethod
     def new(cls, arch: str, vcpus: Iterable[int] = (0,),
@@ -135,6 +114,19 @@ class Evtchn2L:
                    {v: VcpuBits(s.evtchn_upcall_pending, s.evtchn_upcall_mask or 0,
                                 s.evtchn_pending_sel) for v, s in snap.vcpus.items()})
 
+    @property
+    def vcpus(self) -> dict[int, VcpuBits]:
+        """``vcpu_info`` under :class:`~xreplay.snapshot.Snapshot`'s name, so that
+        :func:`explain` and :func:`~xreplay.transitions.bit_changes` read either."""
+        return self.vcpu_info
+
+    def assign(self, other: Evtchn2L) -> None:
+        """Take ``other``'s bits (the replay's previous state becomes its current one).
+        The replay never mutates a :class:`VcpuBits` it observed, so sharing them is safe."""
+        self.evtchn_pending = other.evtchn_pending
+        self.evtchn_mask = other.evtchn_mask
+        self.vcpu_info = dict(other.vcpu_info)
+
     # -- Xen: xen/common/event_2l.c -----------------------------------------------------
 
     def is_pending(self, port: int) -> bool:
@@ -148,6 +140,23 @@ class Evtchn2L:
         """The 's' of the 'e' key: the port's selector bit in its notify vCPU."""
         v = self.vcpu_info[self.routing.vcpu_of(port)]
         return bool(v.evtchn_pending_sel >> self.geometry.word(port) & 1)
+
+    def selector_bit(self, port: int, vcpu: int | None = None) -> bool | None:
+        """:meth:`print_state` for ``vcpu`` (default: the notify vCPU); None: not read."""
+        v = self.vcpu_info.get(self.routing.vcpu_of(port) if vcpu is None else vcpu)
+        if v is None:
+            return None
+        return bool(v.evtchn_pending_sel >> self.geometry.word(port) & 1)
+
+    def pms(self, port: int) -> str:
+        """The port's ``[p/m/s]`` cell as the 'e' key prints it (``?``: selector not read)."""
+        s = self.selector_bit(port)
+        return (f"[{int(self.is_pending(port))}/{int(self.is_masked(port))}/"
+                f"{'?' if s is None else int(s)}]")
+
+    def upcall_pending(self, vcpu: int) -> int:
+        v = self.vcpu_info.get(vcpu)
+        return 0 if v is None else v.evtchn_upcall_pending
 
     def vcpu_mark_events_pending(self, vcpu: int) -> bool:
         """Notify only on the 0->1 edge of ``evtchn_upcall_pending``."""
@@ -197,20 +206,26 @@ class Evtchn2L:
         self.evtchn_mask &= ~(1 << port)
 
     def deliverable(self, vcpu: int) -> int:
-        """Ports a bottom half on ``vcpu`` would find: pending, unmasked, selector bit set."""
-        v = self.vcpu_info[vcpu]
-        return (self.evtchn_pending & ~self.evtchn_mask & self.routing.ports_of(vcpu)
+        """Ports a bottom half on ``vcpu`` would find: pending, unmasked, selector bit set
+        (the ``[1/0/1]`` ports; none when its ``vcpu_info`` was not read)."""
+        v = self.vcpu_info.get(vcpu)
+        if v is None:
+            return 0
+        return (self.evtchn_pending & self.unmasked() & self.routing.ports_of(vcpu)
                 & self.geometry.expand_sel(v.evtchn_pending_sel))
 
     def stranded(self) -> int:
         """Pending, unmasked ports no one will deliver: no selector bit, no upcall pending."""
+        live = self.evtchn_pending & self.unmasked()
+        if not live:
+            return 0
         out = 0
         for vcpu, v in self.vcpu_info.items():
             if v.evtchn_upcall_pending:
                 continue
-            out |= (self.evtchn_pending & ~self.evtchn_mask & self.routing.ports_of(vcpu)
+            out |= (live & self.routing.ports_of(vcpu)
                     & ~self.geometry.expand_sel(v.evtchn_pending_sel))
-        return out & self.geometry.all_ports
+        return out
 
     def demux(self, vcpu: int, *, mask_taken: bool = False) -> list[int]:
         """The reference bottom half (Mini-OS ``do_hypervisor_callback``, the thread's
@@ -320,6 +335,38 @@ def explain(prev: Snapshot, cur: Snapshot, geometry: Geometry, routing: Routing,
         else:  # evtchn_upcall_mask
             out.append(Explanation(c, GUEST, "the PV guest's local_irq_disable/enable"))
     return out
+
+
+def may_break_abi_quietly(prev: Evtchn2L, cur: Evtchn2L) -> bool:
+    """Whether :func:`explain` with ``quiet=True`` could call a change of
+    ``evtchn_pending``, ``evtchn_pending_sel`` or ``evtchn_upcall_pending`` illegal: the
+    same conditions on whole bitmaps, so that the replay runs the per-bit explanation only
+    on the rare steps that need it.  Never False where such a change is illegal."""
+    g, r = cur.geometry, cur.routing
+    unmasked = cur.unmasked()
+    pend_unmasked = cur.evtchn_pending & unmasked
+    selected = 0  # ports whose notify vCPU has their selector word set
+    for v, bits in cur.vcpu_info.items():
+        selected |= r.ports_of(v) & g.expand_sel(bits.evtchn_pending_sel)
+    if cur.evtchn_pending & ~prev.evtchn_pending & unmasked & ~selected:
+        return True  # evtchn_2l_set_pending of an unmasked port sets its selector bit
+    for v, bits in cur.vcpu_info.items():
+        before = prev.vcpu_info.get(v)
+        if before is None:
+            continue
+        sel_raised = bits.evtchn_pending_sel & ~before.evtchn_pending_sel
+        mine = r.ports_of(v) & pend_unmasked
+        if sel_raised:
+            if not bits.evtchn_upcall_pending:
+                return True
+            for w in iter_bits(sel_raised):
+                if not mine & g.word_ports(w):
+                    return True
+        if (bits.evtchn_upcall_pending and bits.evtchn_upcall_pending
+                != before.evtchn_upcall_pending and not sel_raised
+                and not mine & g.expand_sel(bits.evtchn_pending_sel)):
+            return True
+    return False
 
 
 def _explain_pending(c: BitChange, prev: Snapshot, cur: Snapshot, g: Geometry, r: Routing,

@@ -23,6 +23,7 @@ from construct import (
     FormatField,
     GreedyBytes,
     GreedyRange,
+    If,
     Int8ul,
     Int16ul,
     Int32ul,
@@ -33,6 +34,7 @@ from construct import (
     StreamError,
     Struct,
     Subconstruct,
+    ZigZag,
     this,
 )
 from construct.core import stream_write
@@ -40,8 +42,12 @@ from construct.core import stream_write
 from xreplay.abi.ports import MAX_VIRT_CPUS
 
 MAGIC = b"XRREC\x00\r\n"  # \r\n catches text-mode mangling, as PNG's signature does
-VERSION_MAJOR = 1
+# 2.0 (issue 13): compact frames (one head byte, VarInt length) and snapshots whose
+# sequence number, time and registers are implicit or deltas; 1.x files stay readable.
+# 1.1 added FrameKind.GUEST_TIME and the header's "replay" key; 2.0 keeps both.
+VERSION_MAJOR = 2
 VERSION_MINOR = 0
+READABLE_MAJORS = (1, 2)
 
 # -- bounds ---------------------------------------------------------------------------
 
@@ -58,7 +64,9 @@ MAX_VARINT_BYTES = 10  # a VarInt holds at most 64 bits
 MAX_JSON_DEPTH = 32  # nesting of header and note JSON
 MAX_NOTES = 10_000  # notes a reader keeps (a file may hold more; the rest are counted)
 
-FRAME_MARK = 0xA5
+FRAME_MARK = 0xA5  # 1.0: a whole byte before the kind
+FRAME_MARK_V2 = 0xA0  # 2.0: the high nibble of the head byte, the kind in the low nibble
+MAX_FRAME_KIND_V2 = 0x0F
 
 
 class FrameKind(enum.IntEnum):
@@ -67,6 +75,7 @@ class FrameKind(enum.IntEnum):
     SNAPSHOT = 1
     NOTE = 2  # JSON: something that happened between snapshots (detach, foreign hits …)
     END = 3  # JSON trailer written by a clean close
+    GUEST_TIME = 4  # 1.1: the guest position (QEMU icount) of a snapshot taken on a replay
 
 
 class SnapshotFlags(enum.IntFlag):
@@ -74,10 +83,12 @@ class SnapshotFlags(enum.IntFlag):
     HANG = 1 << 1  # taken after the target stopped making progress (interrupted)
     HAVE_FLAGS = 1 << 2  # the `regflags` field holds the arch's flags register
     HAVE_SP = 1 << 3
+    REPEAT_REGS = 1 << 4  # 2.0: pc/sp/regflags as at this probe's last hit (not stored)
 
 
 SNAPSHOT_FLAGS_KNOWN = int(SnapshotFlags.KEYFRAME | SnapshotFlags.HANG
                            | SnapshotFlags.HAVE_FLAGS | SnapshotFlags.HAVE_SP)
+SNAPSHOT_FLAGS_KNOWN_V2 = SNAPSHOT_FLAGS_KNOWN | int(SnapshotFlags.REPEAT_REGS)
 
 
 class RegionEncoding(enum.IntEnum):
@@ -89,8 +100,10 @@ class RegionEncoding(enum.IntEnum):
 
 # Short aliases, as the rest of the code has always spelt them.
 KIND_SNAPSHOT, KIND_NOTE, KIND_END = FrameKind.SNAPSHOT, FrameKind.NOTE, FrameKind.END
+KIND_GUEST_TIME = FrameKind.GUEST_TIME
 FLAG_KEYFRAME, FLAG_HANG = SnapshotFlags.KEYFRAME, SnapshotFlags.HANG
 FLAG_HAVE_FLAGS, FLAG_HAVE_SP = SnapshotFlags.HAVE_FLAGS, SnapshotFlags.HAVE_SP
+FLAG_REPEAT_REGS = SnapshotFlags.REPEAT_REGS
 ENC_FULL, ENC_DELTA, ENC_SAME, ENC_ABSENT = (RegionEncoding.FULL, RegionEncoding.DELTA,
                                              RegionEncoding.SAME, RegionEncoding.ABSENT)
 
@@ -177,6 +190,48 @@ DeltaRun = Struct(
 )
 DeltaRuns = GreedyRange(DeltaRun)
 
+# -- version 2.0 ------------------------------------------------------------------------
+#
+# The same frames, kinds and region encodings, less overhead per snapshot: the frame head
+# is one byte (mark nibble + kind) and a VarInt length; a snapshot stores its sequence
+# number and absolute time only on keyframes (otherwise: the previous one + 1, and a
+# ZigZag time delta), its registers only when they differ from the last hit of the same
+# probe since the last keyframe, and its region encodings as 2-bit codes in header order
+# followed by the data of each full (zlib-compressed) or delta region.  Every frame is
+# still checksummed and self-delimiting, and decoding may still start at any keyframe.
+
+FrameHeadV2 = Struct(
+    "head" / Int8ul,  # FRAME_MARK_V2 | kind
+    "length" / VarInt,
+)
+
+
+# A region's 2-bit code in a 2.0 snapshot: 0 must mean "same", so that the codes of
+# regions past the header's count (and of unchanged regions) are zero bits.
+V2_CODES = {RegionEncoding.SAME: 0, RegionEncoding.DELTA: 1, RegionEncoding.FULL: 2,
+            RegionEncoding.ABSENT: 3}
+
+
+def region_code_bytes(nregions: int) -> int:
+    """Bytes of 2-bit region codes in a 2.0 snapshot (four regions a byte)."""
+    return (nregions + 3) // 4
+
+
+SnapshotPayloadV2 = Struct(  # parse with nregions=len(header regions)
+    "flags" / FlagsEnum(Int8ul, SnapshotFlags),
+    "seq" / If(this.flags.KEYFRAME, VarInt),
+    "dt" / ZigZag,  # keyframe: t_ns itself; else t_ns minus the previous snapshot's
+    "probe" / VarInt,
+    "vcpu" / VarInt,
+    "pc" / If(~this.flags.REPEAT_REGS, VarInt),
+    "sp" / If(this.flags.HAVE_SP & ~this.flags.REPEAT_REGS, VarInt),
+    "regflags" / If(this.flags.HAVE_FLAGS & ~this.flags.REPEAT_REGS, VarInt),
+    "codes" / Bytes(lambda ctx: region_code_bytes(ctx._params.nregions)),  # LSB first
+    # each full or delta region, in order: full = a zlib stream of the region's bytes
+    # (keyframes cost a few dozen bytes, not a page), delta = DeltaRuns as in 1.0
+    "data" / GreedyRange(Prefixed(VarInt, GreedyBytes)),
+)
+
 # A frame as one declarative whole, used by the spec tests; the reader parses the head and
 # payload separately so that it can bound `length` before reading it.
 Frame = Struct(
@@ -215,7 +270,13 @@ def fixed_struct(st: Struct) -> struct.Struct:
 frame_head_struct = fixed_struct(FrameHead)  # (mark, kind, length)
 header_prefix_struct = fixed_struct(FileHeaderPrefix)  # (magic, major, minor, meta_len)
 
+GuestTimePayload = Struct(
+    "seq" / VarInt,  # the snapshot it belongs to
+    "icount" / VarInt,  # instructions the guest had executed at that hit (QEMU replay)
+)
+
 snapshot_payload = SnapshotPayload.compile()
+guest_time_payload = GuestTimePayload.compile()
 snapshot_prefix = SnapshotPrefix.compile()
 delta_run = DeltaRun.compile()
 delta_runs = DeltaRuns.compile()

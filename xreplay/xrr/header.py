@@ -78,6 +78,10 @@ class RecordingHeader:
     tool: str = f"xreplay {__version__}"
     keyframe_interval: int = 256
     extra: dict[str, Any] = field(default_factory=dict)
+    replay: dict[str, Any] = field(default_factory=dict)
+    """Set when the snapshots were taken on a deterministic replay (``record --from-rr``):
+    ``kind`` ("qemu-rr"), ``run`` (the run directory), ``log_sha256``, ``end_icount``,
+    ``icount_shift``. Empty for a live recording (and then not written)."""
 
     def __post_init__(self) -> None:
         self.arch = canonical_arch(self.arch)
@@ -129,6 +133,7 @@ class RecordingHeader:
             "notify": {str(k): v for k, v in self.notify.items()},
             "delivery": dict(self.delivery), "created": self.created, "tool": self.tool,
             "keyframe_interval": self.keyframe_interval, "extra": dict(self.extra),
+            **({"replay": dict(self.replay)} if self.replay else {}),
         }
 
     def validate(self, source: str = "recording header", *, writing: bool = False
@@ -240,7 +245,8 @@ class _HeaderParser:
             delivery=self.get(d, "delivery", dict, {}),
             created=self.text(self.get(d, "created", str, ""), "created"),
             tool=self.text(self.get(d, "tool", str, ""), "tool"), keyframe_interval=kfi,
-            extra=self.get(d, "extra", dict, {}))
+            extra=self.get(d, "extra", dict, {}),
+            replay=self.get(d, "replay", dict, {}))
 
     def regions(self, regions_j: list, structs: Any) -> list[RegionSpec]:
         if len(regions_j) > fmt.MAX_REGIONS:

@@ -15,6 +15,7 @@ anything the parsers raise on hostile bytes becomes one ``RecordingFormatError``
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,16 @@ from construct import ConstructError
 from xreplay.errors import RecordingFormatError, UsageError, XReplayError
 from xreplay.snapshot import FifoState, Snapshot, SnapshotDecoder, VcpuState
 from xreplay.xrr import format as fmt
+from xreplay.xrr.deltas import (
+    Hit,
+    SnapshotCodecV2,
+    Undecodable,
+    decode_snapshot_v1,
+    snapshot_prefix_v1,
+)
 from xreplay.xrr.header import RecordingHeader, parse_json_object
 
-_FULL, _DELTA = fmt.RegionEncoding.FULL.name, fmt.RegionEncoding.DELTA.name
-_SAME, _ABSENT = fmt.RegionEncoding.SAME.name, fmt.RegionEncoding.ABSENT.name
+_CHUNK = 1 << 18  # bytes read at a time
 # Plain ints: IntFlag arithmetic runs in Python, per snapshot.
 _KEYFRAME, _HANG = int(fmt.FLAG_KEYFRAME), int(fmt.FLAG_HANG)
 _HAVE_FLAGS, _HAVE_SP = int(fmt.FLAG_HAVE_FLAGS), int(fmt.FLAG_HAVE_SP)
@@ -133,9 +140,11 @@ class XrrReader:
         if len(raw) < fmt.HEADER_PREFIX_SIZE:
             raise self._bad(0, "file ends inside the header")
         _magic, major, minor, meta_len = fmt.header_prefix_struct.unpack(raw)
-        if major != fmt.VERSION_MAJOR:
+        if major not in fmt.READABLE_MAJORS:
+            reads = " and ".join(f"{m}.x" for m in fmt.READABLE_MAJORS)
             raise self._bad(8, f"format version {major}.{minor} is not supported "
-                            f"(this xreplay reads {fmt.VERSION_MAJOR}.x): upgrade xreplay")
+                            f"(this xreplay reads {reads}): upgrade xreplay")
+        self.version = (major, minor)
         if meta_len > fmt.MAX_META:
             raise self._bad(12, f"header claims {meta_len} bytes of metadata, more than the "
                             f"format allows ({fmt.MAX_META}): the file is corrupt")
@@ -180,52 +189,143 @@ class XrrReader:
             return end
 
     def _frames(self, start: int | None, index: _Index | None
-                ) -> Iterator[tuple[int, int, bytes]]:
-        """(offset, kind, payload) of each intact frame, stopping at a torn tail or damage.
+                ) -> Iterator[tuple[int, int, bytes, int, int]]:
+        """(offset, kind, buffer, start, end) of each intact frame, its payload being
+        ``buffer[start:end]``; stops at a torn tail or damage.  Reads in large chunks.
 
         With ``index`` (the first pass from the first frame), torn tails, damage, notes and
         the trailer are collected into it.  Later passes stop at the damage that pass found
         (a bad note, an undecodable snapshot) without parsing notes again.
         """
+        if self.version[0] >= 2:
+            return self._frames_v2(start, index)
+        return self._frames_v1(start, index)
+
+    def _frames_v1(self, start: int | None, index: _Index | None
+                   ) -> Iterator[tuple[int, int, bytes, int, int]]:
         f = self._f
         pos = self._data_start if start is None else start
         f.seek(pos)
         head_size, crc_size = fmt.FRAME_HEAD_SIZE, fmt.FRAME_CRC_SIZE
-        unpack = fmt.frame_head_struct.unpack
+        mark, max_frame = fmt.FRAME_MARK, fmt.MAX_FRAME
+        crc32, from_bytes = zlib.crc32, int.from_bytes
         known = self._index.damage if index is None and self._index is not None else None
         stop = known.offset if known is not None and known.offset is not None else -1
+        buf = b""
+        i = 0  # buf[i] is the byte at file offset pos
         while True:
             if pos == stop:
                 raise known  # type: ignore[misc]
-            head = f.read(head_size)
-            if not head:
-                return
-            if len(head) < head_size:
-                self._torn(index, pos)
-                return
-            mark, kind, length = unpack(head)
-            if mark != fmt.FRAME_MARK or length > fmt.MAX_FRAME:
+            if len(buf) - i < head_size:
+                buf = buf[i:] + f.read(_CHUNK)
+                i = 0
+                if not buf:
+                    return
+                if len(buf) < head_size:
+                    self._torn(index, pos)
+                    return
+            length = from_bytes(buf[i + 2:i + 6], "little")  # FrameHead: mark, kind, length
+            if buf[i] != mark or length > max_frame:
                 self._damaged(index, pos, "bad frame marker or length")
                 return
-            body = f.read(length + crc_size)
-            if len(body) < length + crc_size:
-                self._torn(index, pos)
-                return
-            payload = body[:length]
-            if fmt.frame_crc(kind, payload) != int.from_bytes(body[length:], "little"):
-                if not f.read(1):  # the last frame: written partly, e.g. by a dying recorder
+            end = i + head_size + length + crc_size
+            if end > len(buf):
+                buf = buf[i:]
+                end -= i
+                i = 0
+                buf += f.read(max(_CHUNK, end - len(buf)))
+                if end > len(buf):
+                    self._torn(index, pos)
+                    return
+            # frame_crc: CRC-32 over kind, length and payload, contiguous after the mark
+            if crc32(buf[i + 1:end - crc_size]) != from_bytes(buf[end - crc_size:end], "little"):
+                if end == len(buf) and not f.read(1):
+                    # the last frame: written partly, e.g. by a dying recorder
                     self._torn(index, pos)
                     return
                 self._damaged(index, pos, "checksum mismatch")
                 return
+            kind = buf[i + 1]
             if index is not None and kind in (_KIND_NOTE, _KIND_END):
                 try:
-                    self._index_json(index, pos, kind, payload)
+                    self._index_json(index, pos, kind, buf[i + head_size:end - crc_size])
                 except RecordingFormatError as e:
                     index.damage = e
                     return
-            yield pos, kind, payload
-            pos += head_size + length + crc_size
+            yield pos, kind, buf, i + head_size, end - crc_size
+            pos += end - i
+            i = end
+
+    def _frames_v2(self, start: int | None, index: _Index | None
+                   ) -> Iterator[tuple[int, int, bytes, int, int]]:
+        """2.0 frames: head byte (mark nibble, kind), VarInt length, payload, CRC-32 of all
+        three."""
+        f = self._f
+        pos = self._data_start if start is None else start
+        f.seek(pos)
+        crc_size, max_frame = fmt.FRAME_CRC_SIZE, fmt.MAX_FRAME
+        crc32, from_bytes = zlib.crc32, int.from_bytes
+        longest_head = 1 + 5  # a VarInt of MAX_FRAME takes at most 4 bytes; 5 is damage
+        known = self._index.damage if index is None and self._index is not None else None
+        stop = known.offset if known is not None and known.offset is not None else -1
+        buf = b""
+        i = 0  # buf[i] is the byte at file offset pos
+        while True:
+            if pos == stop:
+                raise known  # type: ignore[misc]
+            if len(buf) - i < longest_head:
+                buf = buf[i:] + f.read(_CHUNK)
+                i = 0
+                if not buf:
+                    return
+            head = buf[i]
+            if head & 0xF0 != fmt.FRAME_MARK_V2:
+                self._damaged(index, pos, "bad frame marker")
+                return
+            length = 0
+            shift = 0
+            j = i + 1
+            while True:
+                if j >= len(buf):  # the file ends inside the length
+                    self._torn(index, pos)
+                    return
+                x = buf[j]
+                j += 1
+                length |= (x & 0x7F) << shift
+                if x < 0x80:
+                    break
+                shift += 7
+                if shift > 28:
+                    break
+            if shift > 28 or length > max_frame:
+                self._damaged(index, pos, "bad frame length")
+                return
+            end = j + length + crc_size
+            if end > len(buf):
+                buf = buf[i:]
+                end -= i
+                j -= i
+                i = 0
+                buf += f.read(max(_CHUNK, end - len(buf)))
+                if end > len(buf):
+                    self._torn(index, pos)
+                    return
+            if crc32(buf[i:end - crc_size]) != from_bytes(buf[end - crc_size:end], "little"):
+                if end == len(buf) and not f.read(1):
+                    self._torn(index, pos)  # the last frame, written partly
+                    return
+                self._damaged(index, pos, "checksum mismatch")
+                return
+            kind = head & fmt.MAX_FRAME_KIND_V2
+            if index is not None and kind in (_KIND_NOTE, _KIND_END):
+                try:
+                    self._index_json(index, pos, kind, buf[j:end - crc_size])
+                except RecordingFormatError as e:
+                    index.damage = e
+                    return
+            yield pos, kind, buf, j, end - crc_size
+            pos += end - i
+            i = end
 
     def _index_json(self, index: _Index, pos: int, kind: int, payload: bytes) -> None:
         what = "note" if kind == _KIND_NOTE else "end trailer"
@@ -294,123 +394,117 @@ class XrrReader:
         """Where frame-level damage stops every read (None: the frames are intact)."""
         return self._ensure_index().damage
 
+    # -- guest time ------------------------------------------------------------------
+
+    def guest_times(self) -> dict[int, int]:
+        """Snapshot number -> guest position (QEMU icount), for recordings taken on a replay;
+        empty for live recordings (their times are host times only)."""
+        out: dict[int, int] = {}
+        for pos, kind, buf, i, end in self._frames(None, None):
+            if kind == int(fmt.KIND_GUEST_TIME):
+                try:
+                    c = fmt.guest_time_payload.parse(buf[i:end])
+                except (ConstructError, *fmt.PARSE_ERRORS) as e:
+                    raise self._bad(pos, f"undecodable guest time at byte {pos}: {e}"
+                                    ) from None
+                out[c.seq] = c.icount
+        return out
+
     # -- records ---------------------------------------------------------------------
+
+    def deltas(self, start: int = 0) -> Iterator[Hit]:
+        """Every snapshot from number ``start`` on as a :class:`~xreplay.xrr.deltas.Hit`,
+        its regions applied to :attr:`buffers` (one live ``bytearray`` per region, valid
+        until the next hit): the replay's path, which decodes only what changed.
+
+        Raises :class:`RecordingFormatError` at damage, after every intact hit before it.
+        """
+        begin, expect = self._keyframe_before(start) if start > 0 else (None, 0)
+        # The first pass from the first frame checks notes and the end frame as it goes and
+        # becomes the reader's index when it completes; later passes reuse it.
+        index = _Index() if begin is None and self._index is None else None
+        sizes = self._sizes
+        bufs: list[bytearray | None] = [None] * len(sizes)
+        self.buffers = bufs
+        nprobes = len(self._probe_names)
+        decode = (SnapshotCodecV2(len(sizes)).decode if self.version[0] >= 2
+                  else decode_snapshot_v1)
+        reset = start > 0
+        never = (1 << len(sizes)) - 1  # regions not read so far
+        for pos, kind, buf, i, end in self._frames(begin, index):
+            if kind != _KIND_SNAPSHOT:
+                continue  # notes are indexed by _frames; unknown kinds (newer minors) skipped
+            try:
+                hit = decode(buf, i, end, bufs, sizes, nprobes)
+                if hit.seq != expect:
+                    raise Undecodable(f"snapshot number {hit.seq} where {expect} was due")
+            except Undecodable as e:
+                err = self._corrupt(pos, str(e))
+                if index is not None:
+                    index.damage = err
+                    self._commit(index)
+                raise err from None
+            expect += 1
+            if never and hit.touched & never:
+                never &= ~hit.touched
+            hit.missing = hit.unread | never
+            if hit.seq >= start:
+                hit.offset = pos
+                if reset:
+                    hit.reset, reset = True, False
+                yield hit
+        if index is not None:
+            self._commit(index)
+            if index.damage is not None:
+                raise index.damage
 
     def records(self, start: int = 0) -> Iterator[Record]:
         """Every snapshot record from number ``start`` on, regions rebuilt, in file order.
 
         Raises :class:`RecordingFormatError` at damage, after every intact record before it.
         """
-        begin, expect = self._keyframe_before(start) if start > 0 else (None, 0)
-        # The first pass from the first frame checks notes and the end frame as it goes and
-        # becomes the reader's index when it completes; later passes reuse it.
-        index = _Index() if begin is None and self._index is None else None
-        cur: list[bytearray | None] = [None] * len(self._sizes)
-        snap_bytes: list[bytes | None] = [None] * len(self._sizes)
-        for pos, kind, payload in self._frames(begin, index):
-            if kind == _KIND_SNAPSHOT:
-                try:
-                    rec = self._decode(pos, payload, cur, snap_bytes, expect)
-                except RecordingFormatError as e:
-                    if index is not None:
-                        index.damage = e
-                        self._commit(index)
-                    raise
-                expect += 1
-                if rec.seq >= start:
-                    yield rec
-            # unknown kinds are skipped: a newer minor version may add some
-        if index is not None:
-            self._commit(index)
-            if index.damage is not None:
-                raise index.damage
-
-    def _decode(self, pos: int, payload: bytes, cur: list[bytearray | None],
-                snap_bytes: list[bytes | None], expect: int | None) -> Record:
-        try:
-            c = fmt.snapshot_payload.parse(payload)
-        except (ConstructError, *fmt.PARSE_ERRORS) as e:
-            raise self._corrupt(pos, f"undecodable snapshot: {type(e).__name__}") from None
-        if expect is not None and c.seq != expect:
-            raise self._corrupt(pos, f"snapshot number {c.seq} where {expect} was due")
-        if c.probe >= len(self._probe_names):
-            raise self._corrupt(pos, f"probe {c.probe} not declared in the header")
-        if c.vcpu >= fmt.MAX_VCPUS:
-            raise self._corrupt(pos, f"vCPU {c.vcpu} beyond the ABI's {fmt.MAX_VCPUS}")
-        sizes = self._sizes
-        changed = [False] * len(cur)
-        seen = unread = 0
-        for reg in c.regions:
-            i, enc, data = reg.region, reg.encoding, reg.data
-            if i >= len(cur):
-                raise self._corrupt(pos, f"region {i} not declared in the header")
-            if seen >> i & 1:
-                raise self._corrupt(pos, f"region {i} stored twice")
-            seen |= 1 << i
-            if enc == _FULL:
-                if len(data) != sizes[i]:
-                    raise self._corrupt(pos, f"region {i} has {len(data)} bytes, not {sizes[i]}")
-                cur[i] = bytearray(data)
-            elif enc == _DELTA:
-                buf = cur[i]
-                if buf is None:
-                    raise self._corrupt(pos, f"delta for region {i} before any keyframe")
-                if len(data) >= sizes[i]:
-                    raise self._corrupt(pos, f"delta for region {i} is not shorter than it")
-                self._apply(pos, buf, data)
-            elif enc in (_SAME, _ABSENT):
-                if data:
-                    raise self._corrupt(pos, f"region {i} is {enc.lower()} but carries data")
-                if enc == _ABSENT:
-                    unread |= 1 << i
-                continue
+        nregions = len(self._sizes)
+        snap_bytes: list[bytes | None] = [None] * nregions
+        for hit in self.deltas(start):
+            bufs = self.buffers
+            changed = [False] * nregions
+            for region, _, _ in hit.dirty:
+                changed[region] = True
+            if hit.reset:
+                snap_bytes = [None if b is None else bytes(b) for b in bufs]
             else:
-                raise self._corrupt(pos, f"unknown region encoding {int(enc)}")
-            changed[i] = True
-            snap_bytes[i] = bytes(cur[i])  # type: ignore[arg-type]
-        flags = fmt.flags_value(c.flags)
-        return Record(
-            seq=c.seq, t_ns=c.t_ns, probe=c.probe, vcpu=c.vcpu, flags=flags, pc=c.pc,
-            sp=c.sp if flags & _HAVE_SP else None,
-            regflags=c.regflags if flags & _HAVE_FLAGS else None,
-            regions=list(snap_bytes), offset=pos, changed=changed, unread=unread)
+                for region, flag in enumerate(changed):
+                    if flag:
+                        snap_bytes[region] = bytes(bufs[region])  # type: ignore[arg-type]
+            yield Record(seq=hit.seq, t_ns=hit.t_ns, probe=hit.probe, vcpu=hit.vcpu,
+                         flags=hit.flags, pc=hit.pc, sp=hit.sp, regflags=hit.regflags,
+                         regions=list(snap_bytes), offset=hit.offset, changed=changed,
+                         unread=hit.unread)
 
     def _corrupt(self, pos: int, why: str) -> RecordingFormatError:
         return self._bad(pos, f"corrupt frame at byte {pos} ({why}); the snapshots before it "
                          "are intact")
 
-    def _apply(self, pos: int, buf: bytearray, data: bytes) -> None:
-        try:
-            runs = fmt.delta_runs.parse(data)
-        except (ConstructError, *fmt.PARSE_ERRORS):
-            raise self._corrupt(pos, "undecodable delta") from None
-        at = 0
-        for run in runs:
-            at += run.skip
-            end = at + len(run.data)
-            if end > len(buf):
-                raise self._corrupt(pos, "delta runs past the end of its region")
-            buf[at:end] = run.data
-            at = end
-
     def _keyframe_before(self, start: int) -> tuple[int | None, int | None]:
         """(offset, number) of the last keyframe at or before snapshot ``start``."""
         best: tuple[int | None, int | None] = (None, 0)
         n = 0
+        prefix = (SnapshotCodecV2(len(self._sizes)).prefix if self.version[0] >= 2
+                  else snapshot_prefix_v1)
         try:
-            for pos, kind, payload in self._frames(None, None):
+            for pos, kind, buf, i, end in self._frames(None, None):
                 if kind != _KIND_SNAPSHOT:
                     continue
                 try:
-                    p = fmt.snapshot_prefix.parse(payload)
-                except (ConstructError, *fmt.PARSE_ERRORS):
-                    raise self._corrupt(pos, "undecodable snapshot") from None
-                if p.seq != n:
-                    raise self._corrupt(pos, f"snapshot number {p.seq} where {n} was due")
-                if p.seq > start:
+                    seq, flags = prefix(buf, i, end)
+                except Undecodable as e:
+                    raise self._corrupt(pos, str(e)) from None
+                if seq != n:
+                    raise self._corrupt(pos, f"snapshot number {seq} where {n} was due")
+                if seq > start:
                     break
-                if p.flags.KEYFRAME:
-                    best = (pos, p.seq)
+                if flags & _KEYFRAME:
+                    best = (pos, seq)
                 n += 1
         except RecordingFormatError:
             # Damage before ``start``: read from the beginning, so that every intact record
@@ -450,13 +544,12 @@ class XrrReader:
             pending, mask = dec.bitmaps(shared)
         vcpus: dict[int, VcpuState] = {}
         for v, region in self._vcpu_plan:
-            raw = None
-            source = "registered"
             if region is not None:
-                if rec.unread >> region & 1 or rec.regions[region] is None:
-                    continue  # its registered copy was not read: the legacy slot is stale
                 raw = rec.regions[region]
-            if raw is None:  # not registered: the legacy slot in shared_info
+                if raw is None or rec.unread >> region & 1:
+                    continue  # its registered copy was not read: the legacy slot is stale
+                source = "registered"
+            else:
                 if shared is None:
                     continue
                 raw = dec.embedded_vcpu_info(shared, v)
@@ -477,6 +570,15 @@ class XrrReader:
                         pc=rec.pc, flags=rec.regflags, evtchn_pending=pending,
                         evtchn_mask=mask, vcpus=vcpus, hang=rec.hang, watch=watch,
                         labels=h.labels, notify=h.notify, missing=tuple(missing), fifo=fifo)
+
+    def snapshot_of_hit(self, hit: Hit) -> Snapshot:
+        """The full :class:`Snapshot` at ``hit``, from :attr:`buffers` as they are now (call
+        it before the next hit, for the few hits a command prints)."""
+        regions = [None if b is None else bytes(b) for b in self.buffers]
+        return self.snapshot_of(Record(
+            seq=hit.seq, t_ns=hit.t_ns, probe=hit.probe, vcpu=hit.vcpu, flags=hit.flags,
+            pc=hit.pc, sp=hit.sp, regflags=hit.regflags, regions=regions, offset=hit.offset,
+            changed=[False] * len(regions), unread=hit.unread))
 
     def snapshots(self, start: int = 0) -> Iterator[Snapshot]:
         cache: dict = {}

@@ -1,8 +1,9 @@
 """Streaming ``.xrr`` writer: keyframes plus byte-run deltas, one flushed frame per snapshot.
 
 Most of a shared_info page never changes between two probe hits, so a snapshot usually
-costs a few dozen bytes.  Every frame is written and flushed whole, so whatever happens to
-the recorder afterwards, the snapshots already written stay readable.
+costs about 20 bytes in format 2.0 (the previous snapshot implies its number, time and
+registers; keyframes are zlib streams).  Every frame is written and flushed whole, so
+whatever happens to the recorder afterwards, the snapshots already written stay readable.
 
 The first failed write (a full disk, a vanished mount) becomes a
 :class:`~xreplay.errors.RecordingWriteError` naming the file and the snapshots safely on
@@ -14,8 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
+import zlib
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -23,31 +24,30 @@ from construct import ConstructError
 
 from xreplay.errors import RecordingWriteError, UsageError
 from xreplay.xrr import format as fmt
+from xreplay.xrr.deltas import SnapshotCodecV2, deflate, encode_runs, uvarint
 from xreplay.xrr.header import RecordingHeader
 
-# Changed-byte runs, merging runs separated by a few unchanged bytes (a run costs ~2 bytes).
-_RUN = re.compile(rb"[^\x00]+(?:\x00{1,4}[^\x00]+)*")
+WRITABLE_VERSIONS = ((fmt.VERSION_MAJOR, fmt.VERSION_MINOR), (1, 1), (1, 0))
 
-
-def encode_delta(prev: bytes, cur: bytes) -> bytes:
-    """Runs that turn ``prev`` into ``cur`` (same length), as ``DeltaRuns`` bytes."""
-    diff = (int.from_bytes(prev, "little") ^ int.from_bytes(cur, "little")).to_bytes(
-        len(cur), "little")
-    out = bytearray()
-    end = 0
-    for m in _RUN.finditer(diff):
-        start, stop = m.span()
-        out += fmt.delta_run.build({"skip": start - end, "data": cur[start:stop]})
-        end = stop
-    return bytes(out)
+encode_delta = encode_runs  # the name this module has always exported
 
 
 class XrrWriter:
-    """Append snapshots to a recording.  Use as a context manager, or call :meth:`close`."""
+    """Append snapshots to a recording.  Use as a context manager, or call :meth:`close`.
+
+    Writes the current format (2.0) unless ``version=(1, 0)`` asks for the old layout
+    (kept so that compatibility can be tested against freshly written 1.0 files).
+    """
 
     def __init__(self, dest: str | os.PathLike | BinaryIO, header: RecordingHeader,
-                 *, flush_every: int = 1) -> None:
+                 *, flush_every: int = 1,
+                 version: tuple[int, int] = (fmt.VERSION_MAJOR, fmt.VERSION_MINOR)) -> None:
         header.validate(writing=True)  # never write a file the reader would refuse
+        if tuple(version) not in WRITABLE_VERSIONS:
+            raise UsageError(f"cannot write format version {version[0]}.{version[1]} "
+                             f"(writable: {', '.join(f'{a}.{b}' for a, b in WRITABLE_VERSIONS)})")
+        self.version = (int(version[0]), int(version[1]))
+        self._v2 = SnapshotCodecV2(len(header.regions)) if self.version[0] >= 2 else None
         self.header = header
         self._own = not hasattr(dest, "write")
         self.path = Path(dest) if self._own else None  # type: ignore[arg-type]
@@ -77,7 +77,7 @@ class XrrWriter:
     def _write_header(self) -> None:
         meta = json.dumps(self.header.to_json(), sort_keys=True).encode()
         prefix = fmt.FileHeaderPrefix.build(
-            {"major": fmt.VERSION_MAJOR, "minor": fmt.VERSION_MINOR, "meta_len": len(meta)})
+            {"major": self.version[0], "minor": self.version[1], "meta_len": len(meta)})
         crc = fmt.header_crc(prefix[len(fmt.MAGIC):], meta)
         self._emit(prefix + meta + crc.to_bytes(4, "little"))
         self._flush()
@@ -109,8 +109,12 @@ class XrrWriter:
         if len(payload) > fmt.MAX_FRAME:
             raise UsageError(f"{self.name}: a frame of {len(payload)} bytes exceeds the "
                              f"format's bound ({fmt.MAX_FRAME})")
-        head = fmt.frame_head.build({"kind": kind, "length": len(payload)})
-        self._emit(head + payload + fmt.frame_crc(kind, payload).to_bytes(4, "little"))
+        if self._v2 is None:
+            head = fmt.frame_head.build({"kind": kind, "length": len(payload)})
+            self._emit(head + payload + fmt.frame_crc(kind, payload).to_bytes(4, "little"))
+            return
+        body = bytes((fmt.FRAME_MARK_V2 | kind,)) + uvarint(len(payload)) + payload
+        self._emit(body + zlib.crc32(body).to_bytes(4, "little"))
 
     def append(self, *, probe: int | str, vcpu: int, pc: int, regions: list[bytes | None],
                regflags: int | None = None, sp: int | None = None, t_ns: int | None = None,
@@ -162,19 +166,42 @@ class XrrWriter:
                 else:
                     encoded.append({"region": i, "encoding": fmt.ENC_FULL, "data": data})
             self._prev[i] = data
-        t = time.monotonic_ns() - self._t0 if t_ns is None else t_ns
+        t = max(0, time.monotonic_ns() - self._t0 if t_ns is None else t_ns)
         try:
-            payload = fmt.snapshot_payload.build({
-                "seq": seq, "t_ns": max(0, t), "probe": pid, "vcpu": vcpu, "flags": flags,
-                "pc": pc, "sp": sp or 0, "regflags": regflags or 0, "regions": encoded,
-            })
-        except ConstructError as e:  # a register value that is negative or over 64 bits
+            if self._v2 is not None:
+                payload = self._payload_v2(seq, t, pid, vcpu, int(flags), pc, sp, regflags,
+                                           encoded)
+            else:
+                payload = fmt.snapshot_payload.build({
+                    "seq": seq, "t_ns": t, "probe": pid, "vcpu": vcpu, "flags": flags,
+                    "pc": pc, "sp": sp or 0, "regflags": regflags or 0, "regions": encoded,
+                })
+        except (ConstructError, ValueError) as e:  # a register negative or over 64 bits
             raise UsageError(f"snapshot {seq} cannot be stored: {e}") from None
         self._frame(fmt.KIND_SNAPSHOT, payload)
         self.count += 1
         if self.count % self._flush_every == 0:
             self._flush()
         return seq
+
+    def _payload_v2(self, seq: int, t_ns: int, probe: int, vcpu: int, flags: int, pc: int,
+                    sp: int | None, regflags: int | None, encoded: list[dict]) -> bytes:
+        assert self._v2 is not None
+        codes = 0
+        data = []
+        for reg in encoded:
+            enc = reg["encoding"]
+            codes |= fmt.V2_CODES[enc] << (2 * reg["region"])
+            if enc == fmt.ENC_FULL:  # keyframes: a page is mostly zeros and 0xff masks
+                data.append(deflate(reg["data"]))
+            elif enc == fmt.ENC_DELTA:
+                data.append(reg["data"])
+        return self._v2.encode(seq, t_ns, probe, vcpu, flags, pc, sp, regflags, codes, data)
+
+    def guest_time(self, seq: int, icount: int) -> None:
+        """Store the guest position of snapshot ``seq`` (e.g. QEMU's icount on a replay)."""
+        self._frame(fmt.KIND_GUEST_TIME,
+                    fmt.guest_time_payload.build({"seq": seq, "icount": icount}))
 
     def note(self, event: str, **data: Any) -> None:
         """Record something that happened between snapshots (e.g. a detach)."""

@@ -183,18 +183,22 @@ def _gdbsx_record_options(lab: Lab, output: Path, domain: str, vcpus: list[int],
                           hang_after: float | None) -> tuple[RecordOptions, GuestFacts]:
     """The gdbsx variant: per-domain stub, guest virtual addresses, vCPU = thread id."""
     from xreplay.gdb.gdbsx import adapt_options
-    from xreplay.lab.xen.gdbsx import install_own_gdbsx, start_gdbsx
+    from xreplay.lab.xen.gdbsx import GDBSX, install_own_gdbsx, start_gdbsx
 
     if domain != "domu":
         raise XReplayError("gdbsx attaches to the domU only; record dom0 through QEMU's "
                            "stub (--stub qemu)")
     facts = inspect_guest(start_gdbsx(lab), syms, None, vcpus, machine_addresses=False)
-    own = install_own_gdbsx(lab)
-    target = start_gdbsx(lab)  # the check's gdbsx exited when its gdb detached
+    # PVH/HVM: Debian's gdbsx with gdb's defaults, the configuration that recorded a 2-vCPU
+    # PVH domU; the project's gdbsx with kept-inserted breakpoints stopped taking hits
+    # there twice (dom0 unresponsive too), not understood yet
+    tested = facts.domain_type == "hvm"
+    own = not tested and install_own_gdbsx(lab)
+    target = start_gdbsx(lab, binary=GDBSX if tested else None)  # the check's one exited
     options = RecordOptions(output=Path(output), target=target, count=count,
                             duration=duration, hang_after=hang_after)
     apply(options, syms, vcpus, None, block=block, extra=extra, facts=facts)
-    adapt_options(options, own_build=own)
+    adapt_options(options, own_build=own, settings=not tested)
     options.labels = port_labels(bindings, facts)
     options.notify = {p: b.vcpu for p, b in bindings.items()}
     kind = "PVH" if facts.domain_type == "hvm" else (facts.domain_type or "?").upper()
