@@ -68,10 +68,11 @@ def _fifo_changes(a: FifoState, b: FifoState) -> list[BitChange]:
 
 def bit_changes(a: Snapshot, b: Snapshot) -> list[BitChange]:
     """Every bit that differs from ``a`` to ``b``: ports first, then each vCPU."""
-    fifo = a.fifo is not None and b.fifo is not None
-    if fifo:
-        assert a.fifo is not None and b.fifo is not None
-        out = _fifo_changes(a.fifo, b.fifo)
+    # the replay passes its 2-level model (Evtchn2L) here too: it has no FIFO state
+    fa, fb = getattr(a, "fifo", None), getattr(b, "fifo", None)
+    fifo = fa is not None and fb is not None
+    if fa is not None and fb is not None:
+        out = _fifo_changes(fa, fb)
     else:
         out = _bits("evtchn_pending", a.evtchn_pending, b.evtchn_pending)
         out += _bits("evtchn_mask", a.evtchn_mask, b.evtchn_mask)

@@ -292,13 +292,13 @@ def compare_states(a: Snapshot, b: Snapshot, label: str,
         pa, pb = a.port_state(p), b.port_state(p)
         if pa.pms != pb.pms:
             out.ports.append({"port": p, "label": labels.get(p), "a": pa.pms, "b": pb.pms})
-    fifo = a.fifo is not None and b.fifo is not None
+    fa, fb = getattr(a, "fifo", None), getattr(b, "fifo", None)
+    fifo = fa is not None and fb is not None
     names = ("evtchn_upcall_pending", "evtchn_upcall_mask") + (
         () if fifo else ("evtchn_pending_sel",))  # FIFO guests do not use the selector
-    if fifo:
-        assert a.fifo is not None and b.fifo is not None
-        for v in sorted(set(a.fifo.control_blocks) | set(b.fifo.control_blocks)):
-            ca, cb = a.fifo.control_blocks.get(v), b.fifo.control_blocks.get(v)
+    if fa is not None and fb is not None:
+        for v in sorted(set(fa.control_blocks) | set(fb.control_blocks)):
+            ca, cb = fa.control_blocks.get(v), fb.control_blocks.get(v)
             for q in range(16):
                 x = None if ca is None else ca.head[q]
                 y = None if cb is None else cb.head[q]

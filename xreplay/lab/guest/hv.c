@@ -167,7 +167,7 @@ static void hv_fifo_set_pending(uint32_t port)
 	fifo_link(port);
 }
 
-/* evtchn_2l_set_pending() for vCPU 0 (FIFO variants: evtchn_fifo_set_pending()). */
+/* evtchn_2l_set_pending() for vCPU 0. */
 static void hv_set_pending(uint32_t port)
 {
 	lab_shared_info_t *s = LAB_SHPAGE;
@@ -175,10 +175,6 @@ static void hv_set_pending(uint32_t port)
 
 	if (port < LAB_TRACKED_PORTS)
 		lab_hv_set_pending[port]++;
-	if (LAB_IS_FIFO) {
-		hv_fifo_set_pending(port);
-		return;
-	}
 	if (sync_test_and_set_bit(bit, &s->evtchn_pending[w]))
 		return; /* already pending: coalesced, nothing else happens */
 	if (port < LAB_TRACKED_PORTS)
@@ -231,7 +227,13 @@ static void hv_fire(int i)
 	struct hv_source *s = &hv_src[i < NSRC ? i : 0];
 
 	lab_backend_prod[s->port]++;
-	hv_set_pending(s->port);
+	if (LAB_IS_FIFO) { /* evtchn_fifo_set_pending() */
+		if (s->port < LAB_TRACKED_PORTS)
+			lab_hv_set_pending[s->port]++;
+		hv_fifo_set_pending(s->port);
+	} else {
+		hv_set_pending(s->port);
+	}
 	switch (i) {
 	case SRC_TIMER:
 		s->next += TIMER_PERIOD;
