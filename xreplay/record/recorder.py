@@ -67,8 +67,12 @@ class Recorder:
     """One recording run.  ``Recorder(options).run()`` returns a :class:`RecordResult`."""
 
     def __init__(self, options: RecordOptions,
-                 on_progress: Callable[[Progress], None] | None = None) -> None:
+                 on_progress: Callable[[Progress], None] | None = None,
+                 on_interrupt: Callable[[], None] | None = None) -> None:
+        """``on_interrupt`` runs right after gdb's interrupt request, for stubs that only
+        report a stop once something else stops the guest (gdbsx: ``xl pause`` in dom0)."""
         self.o = options
+        self.on_interrupt = on_interrupt
         self.kill = (options.launch is not None if options.kill_target is None
                      else options.kill_target)
         self.on_progress = on_progress
@@ -527,6 +531,8 @@ class Recorder:
         assert g is not None
         try:
             g.mi("-exec-interrupt", timeout=5)
+            if self.on_interrupt is not None:
+                self.on_interrupt()
         except XReplayError:
             return False
         return g.wait_stopped(10) is not None

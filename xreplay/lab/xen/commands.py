@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from xreplay.errors import XReplayError
+from xreplay.lab.pvh import VARIANTS as PVH_VARIANTS
 from xreplay.lab.xen.lab import (
     DOMU_KINDS,
     MAX_DOMU_VCPUS,
@@ -281,3 +282,33 @@ def crosscheck_cmd(run_dir: Path | None, as_json: bool, output: Path | None,
     else:
         click.echo(check.report())
     sys.exit(0 if check.agrees else 1)
+
+
+@lab.command("demo")
+@_run_dir_option
+@click.option("--variant", type=click.Choice(PVH_VARIANTS),
+              default="lost-upcall", show_default=True, help="Lab unikernel variant.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Recording to write [default: ./unikernel-VARIANT.xrr]; "
+              "Xen's 'e' dump goes next to it as FILE.e.txt.")
+@click.option("--count", type=click.IntRange(1), default=None,
+              help="End after N snapshots instead of at the hang (what `correct` needs: "
+              "it does not hang) [default: 60 for variants that do not hang].")
+@click.option("--keep", is_flag=True, help="Leave a lab this command booted running.")
+def demo_cmd(run_dir: Path | None, variant: str, output: Path | None, count: int | None,
+             keep: bool) -> None:
+    """The seed's hang on the real Xen: the lab unikernel through gdbsx until it hangs.
+
+    Boots the gdbsx lab (or uses one running in --run-dir), creates the PVH unikernel
+    (xreplay/lab/pvh), records it from its first instruction, then prints Xen's 'e' dump
+    for the domain next to xreplay's hang snapshot, the port-by-port cross-check and the
+    replay verdict. Exit status as `xreplay replay`: 1 when a lost delivery is found.
+    """
+    from xreplay.lab.pvh import HANGING_VARIANTS
+    from xreplay.lab.pvh.demo import demo
+
+    if count is None and variant not in HANGING_VARIANTS:
+        count = 60
+    out = output or Path(f"unikernel-{variant}.xrr")
+    sys.exit(demo(variant, out, run_dir=run_dir, keep=keep, count=count, progress=_say,
+                  say=click.echo))

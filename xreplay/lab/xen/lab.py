@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -613,6 +614,27 @@ class Lab:
             tail = out.strip().splitlines()[-1:] or ["no output"]
             raise XReplayError(f"dom0 command {cmd!r} failed (rc={rc}): {tail[0]}")
         return out
+
+    def put(self, local: Path, dom0_path: str, mode: int = 0o644,
+            chunk: int = 48 * 1024) -> None:
+        """Copy a host file into dom0 (base64 through the command server, in chunks so no
+        request line grows large; a file already there with the same MD5 is kept). The
+        copy is renamed into place, so a running program of that name is not in the way."""
+        data = Path(local).read_bytes()
+        md5 = hashlib.md5(data).hexdigest()
+        have = self.dom0(f"md5sum {dom0_path} 2>/dev/null; true", timeout=30).split()
+        if have[:1] == [md5]:
+            self.dom0(f"chmod {mode:o} {dom0_path}", timeout=30)
+            return
+        tmp = f"{dom0_path}.xreplay-tmp"
+        self.dom0(f": > {tmp}.b64", timeout=30)
+        encoded = base64.b64encode(data).decode()
+        for i in range(0, len(encoded), chunk):
+            self.dom0(f"printf %s '{encoded[i:i + chunk]}' >> {tmp}.b64", timeout=60)
+        out = self.dom0(f"base64 -d {tmp}.b64 > {tmp} && rm -f {tmp}.b64 && chmod {mode:o} "
+                        f"{tmp} && mv -f {tmp} {dom0_path} && md5sum {dom0_path}", timeout=60)
+        if out.split()[:1] != [md5]:
+            raise XReplayError(f"copying {local} to dom0:{dom0_path} failed: {out.strip()}")
 
     def domu_console(self) -> str:
         """The domU's console so far, as xenconsoled logged it in dom0."""

@@ -1,0 +1,182 @@
+"""Record the lab unikernel on the real Xen through gdbsx, until it hangs.
+
+Why gdbsx: a PVH guest's memory is out of reach of QEMU's whole-machine stub under TCG;
+Xen's own per-domain stub reads it by guest virtual address. The domain is created paused
+(``xl create -p``); gdbsx adds its own pause while it waits for gdb, so xl's is dropped
+before the recorder attaches, and the recorder's first continue starts the guest: the
+recording starts at the guest's first instruction, and the LAB-READY ports are read from
+its console while it is being recorded. The flood helper starts once the ports are known.
+gdbsx ignores gdb's interrupt while the domain runs, so ending a recording (a hang, the
+duration) pauses the domain from dom0 (``xl pause``), which gdbsx reports as the stop.
+
+After a hang the recorder's hang snapshot is the guest's last state; the domain stays
+hung after gdb detaches (nothing in the guest changes while it is blocked), so Xen's 'e'
+dump taken next describes the same state, port by port.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xreplay.debugkeys import DomainEvtchnDump
+from xreplay.errors import XReplayError
+from xreplay.lab import pvh
+from xreplay.lab.xen.lab import Lab
+from xreplay.lab.xen.stage import Progress, quiet
+from xreplay.record import Recorder, RecordOptions, RecordResult
+from xreplay.record.build import RecordChoices, build_options
+from xreplay.replay.diff import DebugkeysCheck, check_debugkeys
+from xreplay.snapshot import Snapshot
+from xreplay.xrr import XrrReader
+
+PROFILE = "mirage"
+"""The unikernel is recorded with ``xreplay record``'s mirage-xen preset (its names:
+``solo5__xen_evtchn_vector_handler``, ``mirage_xen_evtchn_demux_pending``,
+``mirage_xen_evtchn_block_domain``, ``solo5__xen_HYPERVISOR_SHARED_INFO``, the shadow
+``evtchn_callback_ml``), as a MirageOS unikernel would be."""
+DEFAULT_HANG_AFTER = 5.0
+"""gdbsx costs ~0.1 s per hit and the timer ticks every 10 ms of guest time: 5 s without a
+hit is far beyond any gap of a running guest."""
+
+
+def record_options(uk: pvh.Unikernel, target: str, output: Path, *,
+                   hang_after: float | None = DEFAULT_HANG_AFTER,
+                   duration: float | None = None, count: int | None = None,
+                   own_gdbsx: bool = False) -> RecordOptions:
+    """RecordOptions for the unikernel behind ``target`` (a gdbsx address): the
+    :data:`PROFILE` preset, then what gdbsx needs."""
+    from xreplay.gdb.gdbsx import adapt_options
+
+    delivery = ({"mechanism": "callback-vector", "vector": pvh.UPCALL_VECTOR}
+                if uk.variant == "callback-irq" else
+                {"mechanism": "upcall-vector", "vector": pvh.UPCALL_VECTOR})
+    opts = build_options(RecordChoices(
+        output=Path(output), target=target, elf=uk.elf, arch=pvh.ARCH, profile=PROFILE,
+        labels={uk.ports.get(k, d): k if k != "timer" else "VIRQ_TIMER" for k, d in
+                (("xenstore", 1), ("console", 2), ("timer", 3), ("flood", 64))},
+        count=count, duration=duration, hang_after=hang_after, kill_target=False))
+    opts.description = (f"xreplay lab unikernel (PVH, x86_64) variant={uk.variant} on the "
+                        f"lab's Xen 4.17, domain {uk.name} (domid {uk.domid}), via "
+                        f"{'the project' if own_gdbsx else 'Debian'}'s gdbsx in dom0, "
+                        f"--profile {PROFILE}")
+    opts.delivery = delivery
+    adapt_options(opts, own_build=own_gdbsx)
+    return opts
+
+
+@dataclass
+class UnikernelRecording:
+    """One recorded run and what Xen said about the domain afterwards."""
+
+    unikernel: pvh.Unikernel
+    result: RecordResult
+    xl_state: str
+    dump: DomainEvtchnDump | None
+    dump_text: str
+    console: list[str] = field(default_factory=list)
+
+    @property
+    def hung(self) -> bool:
+        return self.result.reason == "hang"
+
+
+def record(lab: Lab, variant: str, output: Path, *,
+           hang_after: float | None = DEFAULT_HANG_AFTER, duration: float | None = None,
+           count: int | None = None, window_us: int = pvh.DEFAULT_WINDOW_US,
+           period_ms: int = pvh.DEFAULT_PERIOD_MS,
+           progress: Progress = quiet, destroy: bool = True) -> UnikernelRecording:
+    """Create the unikernel paused, record it through gdbsx from its first instruction
+    until it hangs (or ``count`` snapshots, or ``duration``), then read Xen's 'e' dump
+    and ``xl list``. ``count`` ends at a probe hit, where the guest is stopped anyway; a
+    ``duration`` end on a busy guest needs gdbsx to stop a running domain, which is
+    unreliable (see :func:`record`'s ``on_interrupt``): prefer ``count`` there."""
+    from xreplay.lab.xen.gdbsx import install_own_gdbsx, start_gdbsx, stop_gdbsx
+
+    uk = pvh.boot(lab, variant, window_us=window_us, period_ms=period_ms, paused=True)
+    progress(f"{uk.name}: domid {uk.domid}, created paused")
+    try:
+        own = install_own_gdbsx(lab)  # the project's gdbsx when the lab built one
+        target = start_gdbsx(lab, uk.domid)
+        # gdbsx holds its own pause: dropping xl's now lets the recorder's first
+        # "continue" start the guest (with xl's still held, gdbsx reports a stop at once)
+        lab.dom0(f"xl unpause {uk.domid}", timeout=60)
+        progress(f"gdbsx for domid {uk.domid} listens; recording to {output}")
+        opts = record_options(uk, target, output, hang_after=hang_after, duration=duration,
+                              count=count, own_gdbsx=own)
+        running = threading.Event()
+        problems: list[BaseException] = []
+
+        def on_progress(_p: object) -> None:
+            running.set()
+
+        paused_by_us = threading.Event()
+
+        def on_interrupt() -> None:
+            # gdbsx ignores gdb's interrupt while the domain runs (measured: nothing in
+            # 10 s) and reports a stop once the domain is paused (XEN_DOMINF_paused). Its
+            # own step-over-breakpoint cycle unpauses the domain once, which can eat one
+            # pause: take two (xl pause counts), dropped again after the recording.
+            lab.dom0(f"xl pause {uk.domid}; xl pause {uk.domid}", timeout=30)
+            paused_by_us.set()
+
+        rec = Recorder(opts, on_progress=on_progress, on_interrupt=on_interrupt)
+
+        def start_guest() -> None:
+            try:
+                if not running.wait(120):
+                    raise XReplayError("the recorder never let the unikernel run")
+                pvh.wait_ready(uk, timeout=120)
+                progress(f"{uk.name}: LAB-READY, ports {uk.ports}; flood started")
+            except BaseException as exc:  # noqa: BLE001 - surfaced after the recording
+                problems.append(exc)
+                rec.request_stop("interrupted")
+
+        helper = threading.Thread(target=start_guest, daemon=True)
+        helper.start()
+        result = rec.run()
+        helper.join(130)
+        if problems:
+            raise problems[0]
+        progress(f"recorded {result.snapshots} snapshots in {result.elapsed:.1f} s, "
+                 f"ended by {result.reason}")
+        stop_gdbsx(lab)  # a gdbsx whose gdb left has exited; make sure
+        if paused_by_us.is_set():
+            _unpause_all(lab, uk.domid)
+        time.sleep(1.0)
+        state = uk.xl_state()
+        dump, text = uk.e_dump()
+        return UnikernelRecording(uk, result, state, dump, text, uk.console())
+    finally:
+        if destroy:
+            uk.destroy()
+
+
+def _unpause_all(lab: Lab, domid: int, most: int = 4) -> None:
+    """Drop the pauses we took (gdbsx may have dropped one of them itself)."""
+    for _ in range(most):
+        if "p" not in pvh.Unikernel.state_of(lab, domid):
+            return
+        lab.dom0(f"xl unpause {domid}", timeout=30)
+
+
+# ----------------------------------------------------------------------------- cross-check
+
+
+def last_snapshot(path: Path) -> Snapshot:
+    """The recording's last snapshot (the hang snapshot after a hang)."""
+    with XrrReader(path) as reader:
+        last = None
+        for last in reader.snapshots():  # noqa: B007 - we want the last one
+            pass
+    if last is None:
+        raise XReplayError(f"{path}: no snapshot recorded")
+    return last
+
+
+def cross_check(path: Path, dump: DomainEvtchnDump) -> DebugkeysCheck:
+    """The recording's last snapshot against Xen's 'e' dump, port by port (what
+    ``xreplay replay --debugkeys`` does)."""
+    return check_debugkeys(last_snapshot(path), dump)
