@@ -250,10 +250,12 @@ class GuestSim:
                                   vcpus=self.vcpus, notify=self.notify, watch=watch, **kw)
 
 
-def boot_xen_lab(tmp_path_factory: pytest.TempPathFactory, name: str, *, domu_vcpus: int = 1):
+def boot_xen_lab(tmp_path_factory: pytest.TempPathFactory, name: str, *, domu_vcpus: int = 1,
+                 evtchn: str = "2l"):
     """Generator behind the Xen-lab test modules' fixtures: set up (skip with the reason
     when Debian's packages or host tools cannot be had), boot, yield, stop by PID.
-    ``domu_vcpus`` boots an SMP domU (dom0 keeps one vCPU)."""
+    ``domu_vcpus`` boots an SMP domU (dom0 keeps one vCPU); ``evtchn="fifo"`` a domU on
+    Linux's FIFO event channels."""
     import shutil
 
     from xreplay.errors import XReplayError
@@ -265,7 +267,8 @@ def boot_xen_lab(tmp_path_factory: pytest.TempPathFactory, name: str, *, domu_vc
         setup(progress=print)
     except XReplayError as exc:
         pytest.skip(f"cannot set up the Xen lab (Debian packages or host tools): {exc}")
-    lab = Lab(tmp_path_factory.mktemp(name), domu="pv", domu_vcpus=domu_vcpus, progress=print)
+    lab = Lab(tmp_path_factory.mktemp(name), domu="pv", domu_vcpus=domu_vcpus, evtchn=evtchn,
+              progress=print)
     try:
         lab.start()
         yield lab

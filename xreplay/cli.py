@@ -220,6 +220,12 @@ def _record_epilog() -> str:
               "page itself, or a run-time address [default: HYPERVISOR_shared_info].")
 @click.option("--vcpu-info", "vcpu_info", multiple=True, metavar="[VCPU=]EXPR",
               help="Where a vCPU's registered vcpu_info lives (repeatable).")
+@click.option("--fifo-control-block", "fifo_control_block", multiple=True,
+              metavar="[VCPU=]EXPR", help="FIFO ABI guest: where a vCPU's "
+              "evtchn_fifo_control_block lives (repeatable; with --fifo-event-page).")
+@click.option("--fifo-event-page", "fifo_event_page", multiple=True, metavar="EXPR",
+              help="FIFO ABI guest: one event-array page in use, in page order "
+              "(repeatable; only the pages the guest gave Xen).")
 @click.option("--watch", multiple=True, metavar="NAME=EXPR[:LEN]",
               help="Extra guest memory stored with each snapshot (repeatable; quote it: "
               "'shadow=&evtchn_callback_ml').")
@@ -259,7 +265,8 @@ def _record_epilog() -> str:
 def record(target: str | None, launch: str | None, elf: Path | None, arch: str | None,
            profile: str | None, upcall: str | None, bottom_half: str | None,
            block: str | None, extra_probes: tuple[str, ...], shared_info: str | None,
-           vcpu_info: tuple[str, ...], watch: tuple[str, ...], label: tuple[str, ...],
+           vcpu_info: tuple[str, ...], fifo_control_block: tuple[str, ...],
+           fifo_event_page: tuple[str, ...], watch: tuple[str, ...], label: tuple[str, ...],
            bind: tuple[str, ...], vcpus: str | None, count: int | None,
            duration: float | None, hang_after: float | None, kill_target: bool | None,
            dedupe: bool | None, is_qemu: bool, filter_expr: str | None, vcpu_expr: str | None,
@@ -274,7 +281,9 @@ def record(target: str | None, launch: str | None, elf: Path | None, arch: str |
         output=output, target=target, launch=launch, elf=elf, arch=arch, profile=profile,
         upcall=upcall, bottom_half=bottom_half, block=block,
         probes=_parse_kv(extra_probes, "--probe", key_int=False), shared_info=shared_info,
-        vcpu_info=list(vcpu_info), watch=list(watch), labels=_parse_kv(label, "--label"),
+        vcpu_info=list(vcpu_info), fifo_control_block=list(fifo_control_block),
+        fifo_event_pages=list(fifo_event_page), watch=list(watch),
+        labels=_parse_kv(label, "--label"),
         notify=_parse_int_map(bind, "--bind"), vcpus=vcpus, count=count, duration=duration,
         hang_after=hang_after, kill_target=kill_target, dedupe=dedupe, qemu=is_qemu,
         filter=filter_expr, vcpu_expr=vcpu_expr, symbols=symbols, domain=domain,
@@ -386,7 +395,11 @@ def export(file: Path, fmt: str, output: str) -> None:
     from xreplay.export import FORMATS
     from xreplay.xrr import XrrReader
 
-    XrrReader(file).close()  # validate before creating the output
+    with XrrReader(file) as reader:  # validate before creating the output
+        if reader.header.abi == "fifo":
+            raise XReplayError(f"{file}: export knows the 2-level fields only and this is a "
+                               "FIFO recording (its PENDING/MASKED live in the event words): "
+                               "use xreplay show --changes or show --json")
     if output != "-":
         from xreplay.paths import check_output
 
@@ -434,7 +447,7 @@ def _unlink(path: str) -> None:
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("xreplay-demo"), show_default=True, help="Where the recordings go.")
 @click.option("--variant", type=click.Choice(["correct", "lost-upcall", "unmask-no-reraise",
-                                              "ffs-off-by-one"]),
+                                              "ffs-off-by-one", "fifo", "fifo-lost-link"]),
               default="lost-upcall", show_default=True, help="Which lab guest bug to record.")
 @click.option("--target", "kinds", multiple=True, type=click.Choice(["process", "baremetal"]),
               help="gdbserver (process) and/or QEMU (baremetal); default: both if QEMU exists.")

@@ -172,9 +172,9 @@ class FifoColumn:
 class PortDiff:
     """How one port differs between Xen's dump and another view (e.g. a guest snapshot).
 
-    ``fields`` names the bits that disagree, among ``pending``, ``masked``, ``selector``
-    (selector only when both sides know it).  When the port is on one side only, the other
-    side is None and ``fields`` is empty.
+    ``fields`` names the bits that disagree, among ``pending``, ``masked``, ``selector``,
+    and FIFO's ``busy``, ``linked``, ``link`` (each only when both sides know it).  When
+    the port is on one side only, the other side is None and ``fields`` is empty.
     """
 
     port: int
@@ -584,14 +584,16 @@ def from_json(obj: dict[str, Any]) -> list[DomainEvtchnDump]:
 
 # --------------------------------------------------------------------------- comparison
 
-_COMPARED = ("pending", "masked", "selector")
+# FIFO: BUSY, LINKED and LINK are what Xen's column prints of the event word.
+_COMPARED = ("pending", "masked", "selector", "busy", "linked", "link")
 
 
 def compare(dump: DomainEvtchnDump, ports: Iterable[PortState]) -> list[PortDiff]:
     """Ports where Xen's dump and ``ports`` (e.g. ``Snapshot.port_table()``) disagree.
 
-    Only differing ports are returned, sorted by port.  ``selector`` is compared only when
-    both sides know it (a FIFO dump or an unread vCPU gives None).
+    Only differing ports are returned, sorted by port.  ``selector`` (2-level) and
+    ``busy``/``linked``/``link`` (FIFO) are compared only when both sides know them (a FIFO
+    dump has no selector; ``?`` or an unread vCPU gives None).
     """
     ours = {p.port: p for p in dump.ports}
     theirs = {p.port: p for p in ports}

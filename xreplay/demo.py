@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xreplay.abi import layout
-from xreplay.lab.guests import LAB_PROBES, PORT_LABELS, UPCALL_VECTOR, LabGuest, start_guest
+from xreplay.lab.guests import (
+    FIFO_REGIONS,
+    FIFO_VARIANTS,
+    LAB_PROBES,
+    PORT_LABELS,
+    UPCALL_VECTOR,
+    LabGuest,
+    start_guest,
+)
 from xreplay.record import Recorder, RecordOptions, RecordResult, WatchSpec
 from xreplay.record.build import command_line
 from xreplay.xrr import ProbeSpec
@@ -42,6 +50,9 @@ def lab_record_options(guest: LabGuest, output: Path, **overrides) -> RecordOpti
                      f"seed={guest.seed} events={guest.events}"),
         delivery={"mechanism": "lapic-vector" if baremetal else "model",
                   "vector": UPCALL_VECTOR})
+    if guest.variant in FIFO_VARIANTS:  # the FIFO ABI's memory, not shared_info's bitmaps
+        opts.fifo_control_block = {0: FIFO_REGIONS["control_block"]}
+        opts.fifo_event_pages = [FIFO_REGIONS["event_array"]]
     for key, value in overrides.items():
         setattr(opts, key, value)
     return opts

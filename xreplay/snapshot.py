@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+from xreplay.abi import fifo as fifo_abi
 from xreplay.abi import iter_bits, layout
 from xreplay.abi.layouts import XenStructs
 
@@ -38,8 +39,12 @@ class PortState:
 
     ``selector`` is the port's selector-word bit in the notify vCPU's
     ``evtchn_pending_sel`` (2-level ABI); ``fifo`` holds the FIFO ABI's text for that
-    column instead.  Fields Xen prints but a guest snapshot cannot know (``state``,
-    ``remote_domain`` …) are None when unknown.
+    column instead (stripped: ``B 12``, ``-``, ``?``), and ``busy``/``linked``/``link`` the
+    event word's BUSY, LINKED and LINK it prints (derived from ``fifo`` when not given).
+    ``priority`` is the queue the event is LINKED on and ``queue_head`` that queue's
+    ``head`` in the notify vCPU's control block: a snapshot knows them (it walks the
+    queues), Xen's dump does not print them.  Fields Xen prints but a guest snapshot cannot
+    know (``state``, ``remote_domain`` …) are None when unknown.
     """
 
     port: int
@@ -57,6 +62,19 @@ class PortState:
     virq: int | None = None  # v=
     xsm_label: str | None = None  # Z=
     label: str | None = None  # ours: e.g. "xenstore"
+    busy: bool | None = None  # FIFO: EVTCHN_FIFO_BUSY
+    linked: bool | None = None  # FIFO: EVTCHN_FIFO_LINKED
+    link: int | None = None  # FIFO: the LINK field (next port in the queue), when LINKED
+    priority: int | None = None  # FIFO: the queue the event is LINKED on (ours)
+    queue_head: int | None = None  # FIFO: control_block->head[priority] (ours)
+
+    def __post_init__(self) -> None:
+        if self.fifo is not None and self.linked is None:
+            word, busy, link = fifo_abi.parse_state(self.fifo)
+            if word:
+                object.__setattr__(self, "busy", busy)
+                object.__setattr__(self, "linked", link is not None)
+                object.__setattr__(self, "link", link)
 
     @property
     def pms(self) -> str:
@@ -66,6 +84,15 @@ class PortState:
         return f"[{int(self.pending)}/{int(self.masked)}/{s}]"
 
     @property
+    def fifo_word(self) -> int | None:
+        """The event word as far as these fields tell (None: Xen had no word)."""
+        if self.fifo is None or fifo_abi.parse_state(self.fifo)[0] is False:
+            return None
+        return fifo_abi.make_word(pending=self.pending, masked=self.masked,
+                                  linked=bool(self.linked), busy=bool(self.busy),
+                                  link=self.link or 0)
+
+    @property
     def state_name(self) -> str | None:
         return None if self.state is None else ECS_NAMES.get(self.state, str(self.state))
 
@@ -73,6 +100,9 @@ class PortState:
         """One line in the 'e' key's format (``    %4u [%d/%d/%d]: s=%d n=%d x=%d ...``);
         unless ``xen_format``, our port label follows in parentheses."""
         line = f"    {self.port:4d} {self.pms}"
+        if self.fifo is not None:  # Xen's 6-character FIFO column
+            line = (f"    {self.port:4d} [{int(self.pending)}/{int(self.masked)}/"
+                    f"{fifo_abi.print_state(self.fifo_word)}]")
         if self.state is not None:
             line += f": s={self.state} n={self.notify_vcpu} x={self.xen_consumer}"
             for key, value in (("d", self.remote_domain), ("p", self.remote_port),
@@ -82,6 +112,8 @@ class PortState:
                     line += f" {key}={value}"
         if self.label and not xen_format:
             line += f"  ({self.label})"
+        if self.priority is not None and not xen_format:
+            line += f"  [queue {self.priority}, head {self.queue_head}]"
         return line
 
     def to_json(self) -> dict[str, Any]:
@@ -108,6 +140,68 @@ class VcpuState:
 
 
 @dataclass(slots=True)
+class FifoState:
+    """A FIFO guest's event state at one hit: the event words of the pages in use (port *p*
+    is ``words[p]``; ports past them have no word, which Xen treats as masked) and each
+    read vCPU's control block."""
+
+    words: list[int]
+    control_blocks: dict[int, fifo_abi.ControlBlock]
+
+    @property
+    def nr_ports(self) -> int:
+        return len(self.words)
+
+    def word(self, port: int) -> int | None:
+        return self.words[port] if 0 <= port < len(self.words) else None
+
+    def queues(self, ready_only: bool = False) -> dict[int, tuple[int, int, int]]:
+        """port -> (vCPU, queue, head) for every event reachable from a queue's ``head``
+        through LINKED words (a head whose event is no longer LINKED starts no walk: the
+        guest consumed it and ``head`` is stale, as Xen leaves it).  ``ready_only`` walks
+        only queues whose ``ready`` bit is set: the only heads the guest will read again
+        (a clear bit's head may be stale yet LINKED again, behind another event)."""
+        out: dict[int, tuple[int, int, int]] = {}
+        n = len(self.words)
+        for v, cb in self.control_blocks.items():
+            for q, head in enumerate(cb.head):
+                if ready_only and not cb.ready >> q & 1:
+                    continue
+                port, steps = head, 0
+                while 0 < port < n and steps < n and port not in out:
+                    w = self.words[port]
+                    if not w >> fifo_abi.EVTCHN_FIFO_LINKED & 1:
+                        break
+                    out[port] = (v, q, head)
+                    port = w & fifo_abi.EVTCHN_FIFO_LINK_MASK
+                    steps += 1
+        return out
+
+    @classmethod
+    def from_regions(cls, pages: dict[int, bytes], control_blocks: dict[int, bytes]
+                     ) -> FifoState:
+        """From the raw ``fifo_event_page`` (page index -> 4 KiB) and ``fifo_control_block``
+        (vCPU -> bytes) regions read at a hit; the array stops at the first page not read."""
+        words: list[int] = []
+        page = 0
+        while page in pages:
+            words.extend(fifo_abi.words(pages[page]))
+            page += 1
+        return cls(words, {v: fifo_abi.ControlBlock.parse(raw)
+                           for v, raw in sorted(control_blocks.items())})
+
+    def bitmaps(self) -> tuple[int, int]:
+        """(PENDING, MASKED) of every port as 2-level-style bitmaps, port *p* = bit *p*."""
+        pending = mask = 0
+        for p, w in enumerate(self.words):
+            if w >> fifo_abi.EVTCHN_FIFO_PENDING & 1:
+                pending |= 1 << p
+            if w >> fifo_abi.EVTCHN_FIFO_MASKED & 1:
+                mask |= 1 << p
+        return pending, mask
+
+
+@dataclass(slots=True)
 class Snapshot:
     """State of ``shared_info`` and each vCPU's ``vcpu_info`` at one probe hit."""
 
@@ -127,6 +221,12 @@ class Snapshot:
     notify: dict[int, int] = field(default_factory=dict)  # port -> notify vCPU
     #: regions that could not be read at this hit (their fields above are unknown, not 0)
     missing: tuple[str, ...] = ()
+    #: the FIFO ABI's event words and control blocks (None: a 2-level snapshot)
+    fifo: FifoState | None = None
+
+    @property
+    def abi(self) -> str:
+        return "2l" if self.fifo is None else "fifo"
 
     @property
     def has_shared_info(self) -> bool:
@@ -142,7 +242,7 @@ class Snapshot:
 
     @property
     def nr_ports(self) -> int:
-        return self.structs.nr_ports
+        return self.structs.nr_ports if self.fifo is None else self.fifo.nr_ports
 
     @property
     def interrupts_enabled(self) -> bool | None:
@@ -167,9 +267,27 @@ class Snapshot:
         return bool(v.evtchn_pending_sel >> (port // self.bits_per_word) & 1)
 
     def port_state(self, port: int) -> PortState:
+        if self.fifo is not None:
+            return self._fifo_port_state(port, self.fifo.queues())
         return PortState(port=port, pending=self.is_pending(port), masked=self.is_masked(port),
                          selector=self.selector_bit(port), notify_vcpu=self.notify.get(port),
                          label=self.labels.get(port))
+
+    def _fifo_port_state(self, port: int, queues: dict[int, tuple[int, int, int]]
+                         ) -> PortState:
+        assert self.fifo is not None
+        raw = self.fifo.word(port)
+        where = queues.get(port)
+        if raw is None:
+            return PortState(port=port, pending=False, masked=True, fifo="?",
+                             notify_vcpu=self.notify.get(port), label=self.labels.get(port))
+        w = fifo_abi.EventWord(raw)
+        return PortState(port=port, pending=w.pending, masked=w.masked,
+                         fifo=fifo_abi.print_state(raw).strip(), busy=w.busy, linked=w.linked,
+                         link=w.link if w.linked else None,
+                         priority=None if where is None else where[1],
+                         queue_head=None if where is None else where[2],
+                         notify_vcpu=self.notify.get(port), label=self.labels.get(port))
 
     def interesting_ports(self, limit_unmasked: int = 64) -> list[int]:
         """Ports worth a line: pending, labelled, or unmasked (when few are unmasked).
@@ -186,8 +304,11 @@ class Snapshot:
         return sorted(p for p in ports if p < self.nr_ports)
 
     def port_table(self, ports: list[int] | None = None) -> list[PortState]:
-        return [self.port_state(p) for p in (self.interesting_ports() if ports is None
-                                               else ports)]
+        wanted = self.interesting_ports() if ports is None else ports
+        if self.fifo is not None:
+            queues = self.fifo.queues()
+            return [self._fifo_port_state(p, queues) for p in wanted]
+        return [self.port_state(p) for p in wanted]
 
     def pending_unmasked(self) -> int:
         return self.evtchn_pending & ~self.evtchn_mask
@@ -206,6 +327,12 @@ class Snapshot:
                 f"  vcpu {v.vcpu}: evtchn_upcall_pending={v.evtchn_upcall_pending} "
                 f"evtchn_upcall_mask={mask} evtchn_pending_sel={v.evtchn_pending_sel:#x} "
                 f"system_time={v.time.get('system_time', 0)} ({v.source})")
+        if self.fifo is not None:
+            for v, cb in sorted(self.fifo.control_blocks.items()):
+                heads = " ".join(f"head[{q}]={h}" for q, h in enumerate(cb.head) if h)
+                lines.append(f"  vcpu {v}: control_block ready={cb.ready:#x} {heads or 'heads=0'}")
+            lines.append(f"  event array: {self.fifo.nr_ports // fifo_abi.EVENT_WORDS_PER_PAGE}"
+                         f" page(s), {self.fifo.nr_ports} ports")
         for name in self.missing:
             lines.append(f"  {name}: NOT READ at this hit (its fields are unknown)")
         if not self.has_shared_info:
@@ -231,6 +358,10 @@ class Snapshot:
                                                         & ((1 << self.nr_ports) - 1))],
             "watch": {k: v.hex() for k, v in self.watch.items()},
             "missing": list(self.missing),
+            **({} if self.fifo is None else {"fifo": {
+                "event_array_ports": self.fifo.nr_ports,
+                "control_blocks": {str(v): {"ready": cb.ready, "head": list(cb.head)}
+                                   for v, cb in sorted(self.fifo.control_blocks.items())}}}),
         }
 
 

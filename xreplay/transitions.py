@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from xreplay.abi import fifo as fifo_abi
 from xreplay.abi import iter_bits
-from xreplay.snapshot import Snapshot
+from xreplay.snapshot import FifoState, Snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,11 +25,14 @@ class BitChange:
 
     def describe(self, labels: dict[int, str] | None = None) -> str:
         arrow = "0->1" if self.set else "1->0"
-        if self.field in ("evtchn_pending", "evtchn_mask"):
+        if self.field in ("evtchn_pending", "evtchn_mask") or self.field.startswith(
+                "event_array."):
             label = (labels or {}).get(self.index)
             where = f"port {self.index}" + (f" ({label})" if label else "")
         elif self.field == "evtchn_pending_sel":
             where = f"vcpu {self.vcpu} selector word {self.index}"
+        elif self.field == "control_block.ready":
+            where = f"vcpu {self.vcpu} queue {self.index}"
         else:
             where = f"vcpu {self.vcpu}"
         return f"{self.field} {where} {arrow}"
@@ -42,15 +46,42 @@ def _bits(field: str, old: int, new: int, vcpu: int | None = None) -> list[BitCh
     return [BitChange(field, b, bool(new >> b & 1), vcpu) for b in iter_bits(flipped)]
 
 
+_WORD_BITS = (("PENDING", fifo_abi.EVTCHN_FIFO_PENDING), ("MASKED", fifo_abi.EVTCHN_FIFO_MASKED),
+              ("LINKED", fifo_abi.EVTCHN_FIFO_LINKED), ("BUSY", fifo_abi.EVTCHN_FIFO_BUSY))
+
+
+def _fifo_changes(a: FifoState, b: FifoState) -> list[BitChange]:
+    """A FIFO guest's event-word bits (``event_array.PENDING`` …, by port) and control-block
+    ``ready`` bits (by queue) that differ; LINK and ``head`` values are in the port table."""
+    out = []
+    moved = [p for p, (wa, wb) in enumerate(zip(a.words, b.words, strict=False)) if wa != wb]
+    for name, bit in _WORD_BITS:
+        for p in moved:
+            flipped = (a.words[p] ^ b.words[p]) >> bit & 1
+            if flipped:
+                out.append(BitChange(f"event_array.{name}", p, bool(b.words[p] >> bit & 1)))
+    for v in sorted(set(a.control_blocks) & set(b.control_blocks)):
+        out += _bits("control_block.ready", a.control_blocks[v].ready,
+                     b.control_blocks[v].ready, v)
+    return out
+
+
 def bit_changes(a: Snapshot, b: Snapshot) -> list[BitChange]:
     """Every bit that differs from ``a`` to ``b``: ports first, then each vCPU."""
-    out = _bits("evtchn_pending", a.evtchn_pending, b.evtchn_pending)
-    out += _bits("evtchn_mask", a.evtchn_mask, b.evtchn_mask)
+    # the replay passes its 2-level model (Evtchn2L) here too: it has no FIFO state
+    fa, fb = getattr(a, "fifo", None), getattr(b, "fifo", None)
+    fifo = fa is not None and fb is not None
+    if fa is not None and fb is not None:
+        out = _fifo_changes(fa, fb)
+    else:
+        out = _bits("evtchn_pending", a.evtchn_pending, b.evtchn_pending)
+        out += _bits("evtchn_mask", a.evtchn_mask, b.evtchn_mask)
     for v in sorted(set(a.vcpus) | set(b.vcpus)):
         va, vb = a.vcpus.get(v), b.vcpus.get(v)
         if va is None or vb is None:
             continue
-        out += _bits("evtchn_pending_sel", va.evtchn_pending_sel, vb.evtchn_pending_sel, v)
+        if not fifo:  # FIFO guests leave evtchn_pending_sel alone
+            out += _bits("evtchn_pending_sel", va.evtchn_pending_sel, vb.evtchn_pending_sel, v)
         if va.evtchn_upcall_pending != vb.evtchn_upcall_pending:
             out.append(BitChange("evtchn_upcall_pending", 0, bool(vb.evtchn_upcall_pending), v))
         if va.evtchn_upcall_mask != vb.evtchn_upcall_mask and vb.evtchn_upcall_mask is not None:

@@ -1,4 +1,4 @@
-"""Xen guest ABI: construct layouts per arch and 2-level port arithmetic."""
+"""Xen guest ABI: per-arch layouts, 2-level port math (FIFO: :mod:`xreplay.abi.fifo`)."""
 
 from xreplay.abi.layouts import ARCHES, XenStructs, canonical_arch, layout
 from xreplay.abi.ports import (

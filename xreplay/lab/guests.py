@@ -48,6 +48,13 @@ GUEST_KINDS: tuple[str, ...] = get_args(GuestKind)
 VARIANTS: tuple[str, ...] = ("correct", "lost-upcall", "unmask-no-reraise", "ffs-off-by-one")
 """``variant=`` values; each has exactly one bug (``correct`` has none)."""
 
+FIFO_VARIANTS: tuple[str, ...] = ("fifo", "fifo-lost-link")
+"""Variants on the FIFO event-channel ABI (``lab_event_array``, ``lab_control_block``):
+``fifo`` is correct, ``fifo-lost-link`` clears LINKED with a plain store (a lost link)."""
+
+FIFO_REGIONS = {"control_block": "lab_control_block", "event_array": "lab_event_array"}
+"""The FIFO variants' shared memory, by symbol (one event-array page, vCPU 0's block)."""
+
 LAB_PROBES: dict[str, str] = {
     "upcall": "evtchn_upcall_handler",
     "bottom-half": "evtchn_demux_pending",
@@ -164,8 +171,9 @@ def _check_kind(kind: str) -> None:
 
 
 def _check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise XReplayError(f"unknown lab variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    if variant not in VARIANTS + FIFO_VARIANTS:
+        raise XReplayError(f"unknown lab variant {variant!r}: use one of "
+                           f"{', '.join(VARIANTS + FIFO_VARIANTS)}")
 
 
 def default_cache_dir() -> Path:

@@ -19,8 +19,11 @@ the :class:`~xreplay.record.RecordOptions` fields for a Linux guest on the 2-lev
 
 A map cannot say which event-channel ABI the running guest chose: Linux uses FIFO unless
 booted with ``xen.fifo_events=0``, and then the 2-level bitmaps are never touched.
-:func:`inspect_guest` stops once in the guest and reads ``evtchn_ops`` to tell; recording a
-FIFO guest is refused with an :class:`~xreplay.errors.XReplayError`.
+:func:`inspect_guest` stops once in the guest and reads ``evtchn_ops`` to tell.  A FIFO
+guest (``drivers/xen/events/events_fifo.c``) is recorded through the same map: the bottom
+half is ``evtchn_fifo_handle_events``, each vCPU's control block is the page the per-cpu
+pointer ``cpu_control_block`` names, and the event array is the ``event_array[]`` page
+pointers, of which only the first ``event_array_pages`` (read at the check) are recorded.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xreplay.abi.fifo import MAX_EVENT_ARRAY_PAGES
 from xreplay.errors import XReplayError
 from xreplay.xrr import ProbeSpec
 
@@ -41,6 +45,10 @@ from xreplay.xrr import ProbeSpec
 #: ``xen_evtchn_do_upcall`` is the worker every entry calls.
 UPCALL_SYMBOLS = ("__xen_evtchn_do_upcall", "xen_evtchn_do_upcall", "xen_hvm_evtchn_do_upcall")
 BOTTOM_HALF_SYMBOL = "evtchn_2l_handle_events"
+FIFO_BOTTOM_HALF_SYMBOL = "evtchn_fifo_handle_events"
+#: events_fifo.c's statics: the page pointers, how many are in use, the per-cpu block
+FIFO_SYMBOLS = ("event_array", "event_array_pages", "cpu_control_block",
+                FIFO_BOTTOM_HALF_SYMBOL)
 #: PV Linux idles through xen_safe_halt -> SCHEDOP_block: the "about to block" point.
 BLOCK_SYMBOL = "xen_safe_halt"
 #: PVH/HVM Linux keeps the native irq pv-ops, so it idles through default_idle ->
@@ -111,6 +119,10 @@ class LinuxSymbols:
     evtchn_ops: int | None = None  # &evtchn_ops (a pointer)
     evtchn_ops_2l: int | None = None
     evtchn_ops_fifo: int | None = None
+    fifo_bottom_half: int | None = None  # evtchn_fifo_handle_events
+    event_array: int | None = None  # &event_array[0] (event_word_t *[MAX_EVENT_ARRAY_PAGES])
+    event_array_pages: int | None = None  # &event_array_pages (unsigned int)
+    cpu_control_block: int | None = None  # per-cpu offset of the control-block pointer
     source: str = ""
     extra: Mapping[str, int] = field(default_factory=dict, repr=False)  # the whole map
 
@@ -141,7 +153,29 @@ class LinuxSymbols:
             start_info_ptr=syms.get("xen_start_info"),
             domain_type=syms.get("xen_domain_type"), evtchn_ops=syms.get("evtchn_ops"),
             evtchn_ops_2l=syms.get("evtchn_ops_2l"),
-            evtchn_ops_fifo=syms.get("evtchn_ops_fifo"), source=source, extra=dict(syms))
+            evtchn_ops_fifo=syms.get("evtchn_ops_fifo"),
+            fifo_bottom_half=syms.get(FIFO_BOTTOM_HALF_SYMBOL),
+            event_array=syms.get("event_array"),
+            event_array_pages=syms.get("event_array_pages"),
+            cpu_control_block=syms.get("cpu_control_block"), source=source, extra=dict(syms))
+
+    @property
+    def has_fifo(self) -> bool:
+        return None not in (self.fifo_bottom_half, self.event_array, self.event_array_pages,
+                            self.cpu_control_block)
+
+    def control_block_expr(self, cpu: int, safe: bool = False) -> str:
+        """``per_cpu(cpu_control_block, cpu)``: the vCPU's FIFO control block."""
+        assert self.cpu_control_block is not None
+        base = self.per_cpu_base_expr(cpu, safe)
+        if safe:
+            return f"$xr_u64({base} + {self.cpu_control_block:#x})"
+        return f"*(unsigned long *)({base} + {self.cpu_control_block:#x})"
+
+    def event_page_expr(self, page: int, safe: bool = False) -> str:
+        """``event_array[page]``: one page of event words."""
+        assert self.event_array is not None
+        return _deref(self.event_array + 8 * page, safe)
 
     @property
     def hvm_block(self) -> int | None:
@@ -199,12 +233,16 @@ class LinuxSymbols:
         return expr
 
     def probes(self, block: bool = True, extra: Mapping[str, int] | None = None,
-               hvm: bool = False) -> list[ProbeSpec]:
-        """Upcall, bottom half, block (if wanted and present), then ``extra`` (name ->
-        address, role ``other``). ``hvm``: a PVH/HVM guest, which blocks in
-        :data:`HVM_BLOCK_SYMBOLS` instead of xen_safe_halt."""
+               hvm: bool = False, abi: str = "2l") -> list[ProbeSpec]:
+        """Upcall, bottom half (the ``abi``'s), block (if wanted and present), then
+        ``extra`` (name -> address, role ``other``). ``hvm``: a PVH/HVM guest, which blocks
+        in :data:`HVM_BLOCK_SYMBOLS` instead of xen_safe_halt."""
+        bh = self.bottom_half
+        if abi == "fifo":
+            assert self.fifo_bottom_half is not None
+            bh = self.fifo_bottom_half
         out = [ProbeSpec("upcall", f"*{self.upcall:#x}", "upcall"),
-               ProbeSpec("bottom-half", f"*{self.bottom_half:#x}", "bottom-half")]
+               ProbeSpec("bottom-half", f"*{bh:#x}", "bottom-half")]
         where = self.hvm_block if hvm else self.block
         if block and where is not None:
             out.append(ProbeSpec("block", f"*{where:#x}", "block"))
@@ -229,7 +267,8 @@ def _symbols(symbols: str | Path | LinuxSymbols) -> LinuxSymbols:
 def linux_profile(symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] = (0,),
                   domain: str | None = None, *, block: bool = True,
                   extra: Iterable[str] = (), shared_info_ma: int | None = None,
-                  shared_info_va: int | None = None, hvm: bool = False) -> dict[str, Any]:
+                  shared_info_va: int | None = None, hvm: bool = False, abi: str = "2l",
+                  fifo_pages: int = 1) -> dict[str, Any]:
     """RecordOptions keyword arguments for a Linux guest, from its symbol map.
 
     ``domain`` (``dom0``/``domu``) is for whole-machine stubs such as QEMU's: hits in other
@@ -245,8 +284,21 @@ def linux_profile(symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] = (0,
     without it the pointer is dereferenced wherever the machine is stopped, which fails
     if that is not a guest running this kernel (for PV Linux any such domain gives the
     same fixmap address).
+
+    ``abi="fifo"`` records a FIFO guest: the FIFO bottom half, each vCPU's control block
+    and the first ``fifo_pages`` event-array pages (Linux's ``event_array_pages`` at the
+    check), all re-read at every hit like the vcpu_info.
     """
     s = _symbols(symbols)
+    if abi not in ("2l", "fifo"):
+        raise XReplayError(f"unknown event-channel ABI {abi!r}: use 2l or fifo")
+    if abi == "fifo" and not s.has_fifo:
+        lacking = ", ".join(n for n in FIFO_SYMBOLS if n not in s.extra)
+        raise XReplayError(f"{s.source} lacks {lacking} (not a kernel with events_fifo.c): "
+                           "cannot record a FIFO guest")
+    if abi == "fifo" and not 1 <= fifo_pages <= MAX_EVENT_ARRAY_PAGES:
+        raise XReplayError(f"event_array_pages={fifo_pages}: expected 1-{MAX_EVENT_ARRAY_PAGES}"
+                           " (the guest has not set up FIFO yet, or the read was wrong)")
     extra_addrs = {}
     for name in extra:
         if name not in s.extra:
@@ -256,9 +308,16 @@ def linux_profile(symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] = (0,
     if any(c < 0 for c in cpus):
         raise XReplayError(f"bad vCPU list {cpus}")
     where = f" ({domain})" if domain else ""
+    fifo: dict[str, Any] = {}
+    if abi == "fifo":
+        fifo = {"fifo_control_block": {c: s.control_block_expr(c, safe=True) for c in cpus},
+                "fifo_event_pages": [s.event_page_expr(i, safe=True)
+                                     for i in range(fifo_pages)]}
+    bh_name = FIFO_BOTTOM_HALF_SYMBOL if abi == "fifo" else BOTTOM_HALF_SYMBOL
     return {
+        **fifo,
         "arch": "x86_64",
-        "probes": s.probes(block, extra_addrs, hvm=hvm),
+        "probes": s.probes(block, extra_addrs, hvm=hvm, abi=abi),
         "shared_info": (s.shared_info_expr if shared_info_va is None
                         else f"{shared_info_va:#x}"),
         "vcpu_info": {c: s.vcpu_info_expr(c, safe=True) for c in cpus},
@@ -272,8 +331,8 @@ def linux_profile(symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] = (0,
         # CPU, which is what gdb's thread number would give on a whole-machine stub.
         "vcpu_expr": (f"*(unsigned int *)((unsigned long)$gs_base + {s.extra['xen_vcpu_id']:#x})"
                       if "xen_vcpu_id" in s.extra else None),
-        "description": f"Linux guest{where} via {s.upcall_name} / {BOTTOM_HALF_SYMBOL}, "
-                       f"symbols from {s.source}",
+        "description": f"Linux guest{where} via {s.upcall_name} / {bh_name}"
+                       f"{' (FIFO ABI)' if abi == 'fifo' else ''}, symbols from {s.source}",
     }
 
 
@@ -284,11 +343,15 @@ def apply(options: Any, symbols: str | Path | LinuxSymbols, vcpus: Iterable[int]
 
     ``vcpus`` defaults to ``options.vcpus``. Labels the user gave win over the profile's;
     ``facts`` (from :func:`inspect_guest`) adds the xenstore/console labels and the upcall
-    delivery mechanism.
+    delivery mechanism, and picks the ABI: a FIFO guest gets the FIFO regions and bottom
+    half.  Without facts the guest is taken to be 2-level.
     """
+    fifo = facts is not None and facts.abi == "fifo"
     kw = linux_profile(symbols, options.vcpus if vcpus is None else vcpus, domain, block=block,
                        extra=extra, shared_info_va=facts.shared_info_va if facts else None,
-                       hvm=facts is not None and facts.domain_type == "hvm")
+                       hvm=facts is not None and facts.domain_type == "hvm",
+                       abi="fifo" if fifo else "2l",
+                       fifo_pages=(facts.fifo_pages or 0) if fifo and facts else 1)
     for key, value in kw.items():
         if key == "extra_gdb_commands":
             value = [*options.extra_gdb_commands,
@@ -314,8 +377,9 @@ def apply_cli(options: Any, symbols: str | Path, *, domain: str | None = None,
     pointer, ``--dedupe/--no-dedupe`` (``dedupe``) the profile's de-duplication.
 
     Unless ``check`` is False (or ``--launch`` starts the target, so it is not running
-    yet), the guest is stopped once first (:func:`inspect_guest`): a FIFO guest is
-    refused, and the xenstore/console labels and the delivery mechanism are filled in.
+    yet), the guest is stopped once first (:func:`inspect_guest`): its ABI (2-level or
+    FIFO) picks the regions and bottom half, and the xenstore/console labels and the
+    delivery mechanism are filled in.  Unchecked, the guest is taken to be 2-level.
     ``session`` runs that check through an attached gdb (see :func:`check_on_attach`).
     """
     user_probes = list(options.probes)
@@ -325,7 +389,8 @@ def apply_cli(options: Any, symbols: str | Path, *, domain: str | None = None,
     facts = None
     if check and options.target and not options.launch:
         facts = inspect_guest(options.target, syms, domain, options.vcpus, timeout=timeout,
-                              gdb=options.gdb, machine_addresses=False, session=session)
+                              gdb=options.gdb, machine_addresses=False, session=session,
+                              require_2level=False)
     apply(options, syms, options.vcpus, domain, facts=facts)
     roles = {p.role for p in user_probes if p.role != "other"}
     options.probes = [p for p in options.probes if p.role not in roles] + user_probes
@@ -378,6 +443,11 @@ class GuestFacts:
     vcpu_info_ma: dict[int, int] = field(default_factory=dict)
     cr3: int | None = None
     thread: int | None = None
+    fifo_pages: int | None = None  # FIFO: event_array_pages at the check
+    event_page_va: list[int] = field(default_factory=list)  # FIFO: event_array[0..pages)
+    control_block_va: dict[int, int] = field(default_factory=dict)  # FIFO: per vCPU
+    event_page_ma: list[int] = field(default_factory=list)
+    control_block_ma: dict[int, int] = field(default_factory=dict)
 
     @property
     def is_dom0(self) -> bool | None:
@@ -414,9 +484,11 @@ def inspect_guest(target: str, symbols: str | Path | LinuxSymbols, domain: str |
                   session: Any = None) -> GuestFacts:
     """Stop once at the guest's upcall, read what the map cannot tell, detach.
 
-    Raises :class:`XReplayError` when the guest uses the FIFO ABI (``require_2level``) or
-    does not take an upcall within ``timeout`` seconds. ``machine_addresses`` also
-    translates the vcpu_info addresses through the guest's page tables (QEMU only).
+    Raises :class:`XReplayError` when the guest uses the FIFO ABI and ``require_2level``
+    (callers that can only read 2-level state) or does not take an upcall within
+    ``timeout`` seconds; a FIFO guest's event-array pages and control blocks are located.
+    ``machine_addresses`` also translates the vcpu_info (and FIFO) addresses through the
+    guest's page tables (QEMU only).
     ``session`` borrows an attached gdb (the recorder's) instead of connecting: a stub that
     serves one connection (gdbsx, ``gdbserver --once``) is then not used up by the check.
     """
@@ -457,15 +529,28 @@ def inspect_guest(target: str, symbols: str | Path | LinuxSymbols, domain: str |
         for cpu in sorted(set(vcpus)):
             facts.vcpu_info_va[cpu] = peek.u64(peek.u64(s.per_cpu_offset + 8 * cpu)
                                                + s.xen_vcpu)
+        if abi == "fifo" and s.has_fifo:
+            assert s.event_array_pages is not None and s.event_array is not None
+            assert s.cpu_control_block is not None
+            facts.fifo_pages = peek.u32(s.event_array_pages)
+            facts.event_page_va = [peek.u64(s.event_array + 8 * i)
+                                   for i in range(min(facts.fifo_pages,
+                                                      MAX_EVENT_ARRAY_PAGES))]
+            for cpu in sorted(set(vcpus)):
+                facts.control_block_va[cpu] = peek.u64(
+                    peek.u64(s.per_cpu_offset + 8 * cpu) + s.cpu_control_block)
         if machine_addresses:
             facts.cr3 = peek.eval_int("(unsigned long)$cr3")
             for cpu, va in facts.vcpu_info_va.items():
                 facts.vcpu_info_ma[cpu] = peek.translate(facts.cr3, va)
+            facts.event_page_ma = [peek.translate(facts.cr3, va) for va in facts.event_page_va]
+            for cpu, va in facts.control_block_va.items():
+                facts.control_block_ma[cpu] = peek.translate(facts.cr3, va)
             if facts.shared_info_ma is None:
                 facts.shared_info_ma = peek.translate(facts.cr3, shinfo_va)
     if require_2level and abi == "fifo":
         raise XReplayError(
-            "the guest uses the FIFO event-channel ABI (evtchn_ops == &evtchn_ops_fifo): its "
-            "2-level bitmaps in shared_info are unused, so a recording would show nothing. "
-            "Boot the guest with xen.fifo_events=0 to record it")
+            "the guest uses the FIFO event-channel ABI (evtchn_ops == &evtchn_ops_fifo) and "
+            "this step reads only the 2-level bitmaps: record it with xreplay record "
+            "--symbols (which records FIFO guests), or boot it with xen.fifo_events=0")
     return facts

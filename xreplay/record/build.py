@@ -12,6 +12,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xreplay.abi.fifo import MAX_EVENT_ARRAY_PAGES
 from xreplay.errors import XReplayError
 from xreplay.profiles.presets import preset
 from xreplay.record.options import RecordOptions, WatchSpec
@@ -36,6 +37,8 @@ class RecordChoices:
     probes: dict[str, str] = field(default_factory=dict)
     shared_info: str | None = None
     vcpu_info: list[str] = field(default_factory=list)  # [VCPU=]EXPR
+    fifo_control_block: list[str] = field(default_factory=list)  # [VCPU=]EXPR
+    fifo_event_pages: list[str] = field(default_factory=list)  # EXPR per page, in order
     watch: list[str] = field(default_factory=list)
     labels: dict[int, str] = field(default_factory=dict)
     notify: dict[int, int] = field(default_factory=dict)
@@ -97,12 +100,21 @@ def build_options(c: RecordChoices) -> RecordOptions:
         watch.insert(0, WatchSpec(SHADOW_REGION, f"&{g.shadow}", 0))
     vinfo = _vcpu_info(c.vcpu_info)
     vcpus = _vcpu_list(c.vcpus)
+    blocks = _vcpu_info(c.fifo_control_block)
+    if bool(blocks) != bool(c.fifo_event_pages):
+        raise XReplayError("a FIFO guest needs both --fifo-control-block (one per vCPU) and "
+                           "--fifo-event-page (each event-array page in use)")
+    if len(c.fifo_event_pages) > MAX_EVENT_ARRAY_PAGES:
+        raise XReplayError(f"{len(c.fifo_event_pages)} --fifo-event-page: the FIFO event "
+                           f"array has at most {MAX_EVENT_ARRAY_PAGES} pages")
     options = RecordOptions(
         output=c.output, arch=c.arch, target=c.target,
         launch=shlex.split(c.launch) if c.launch else None, elf=c.elf, probes=probes,
         shared_info=c.shared_info or (g.shared_info if g else "HYPERVISOR_shared_info"),
         vcpu_info=vinfo, watch=watch, labels=dict(c.labels), notify=dict(c.notify),
-        vcpus=sorted(set(vcpus or [0]) | set(vinfo)), count=c.count, duration=c.duration,
+        fifo_control_block=blocks, fifo_event_pages=list(c.fifo_event_pages),
+        vcpus=sorted(set(vcpus or [0]) | set(vinfo) | set(blocks)), count=c.count,
+        duration=c.duration,
         hang_after=c.hang_after, kill_target=c.kill_target, gdb=c.gdb, dedupe=c.dedupe,
         filter=c.filter, vcpu_expr=c.vcpu_expr,
         target_kind="qemu" if c.qemu else None,
@@ -148,6 +160,10 @@ def command_line(o: RecordOptions) -> str:
     args += ["--shared-info", q(o.shared_info)]
     for vcpu, expr in sorted(o.vcpu_info.items()):
         args += ["--vcpu-info", q(f"{vcpu}={expr}")]
+    for vcpu, expr in sorted(o.fifo_control_block.items()):
+        args += ["--fifo-control-block", q(f"{vcpu}={expr}")]
+    for expr in o.fifo_event_pages:
+        args += ["--fifo-event-page", q(expr)]
     for w in o.watch:
         args += ["--watch", q(f"{w.name}={w.expr}" + (f":{w.size}" if w.size else ""))]
     args += [a for port, name in sorted(o.labels.items()) for a in ("--label", q(f"{port}={name}"))]

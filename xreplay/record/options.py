@@ -53,6 +53,10 @@ class RecordOptions:
     reeval_shared_info: bool = False  # likewise for shared_info (whole-machine stubs)
     vcpu_expr: str | None = None  # gdb expression for the guest's vCPU id (default: thread)
     watch: list[WatchSpec] = field(default_factory=list)
+    #: FIFO ABI guests: vCPU -> its control block's expression, and one expression per
+    #: event-array page in use (re-read at every hit when ``reeval_vcpu_info``)
+    fifo_control_block: dict[int, str] = field(default_factory=dict)
+    fifo_event_pages: list[str] = field(default_factory=list)
     labels: dict[int, str] = field(default_factory=dict)
     notify: dict[int, int] = field(default_factory=dict)  # port -> notify vCPU (Xen's n=)
     vcpus: list[int] = field(default_factory=lambda: [0])

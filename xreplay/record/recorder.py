@@ -34,6 +34,7 @@ from xreplay.record.options import EndReason, Progress, RecordOptions, RecordRes
 from xreplay.record.sink import RecordingSink
 from xreplay.record.target import LaunchedTarget, launch_log_path
 from xreplay.xrr import ProbeSpec, RecordingHeader, RegionSpec
+from xreplay.xrr.header import FIFO_KINDS, fifo_regions
 
 HANG_PROBE = "hang"
 #: gdb's architecture names -> guest ABI, where the name alone decides it.
@@ -228,6 +229,14 @@ class Recorder:
         for vcpu, expr in sorted(o.vcpu_info.items()):
             regions.append(RegionSpec(f"vcpu_info.{vcpu}", "vcpu_info",
                                       st.vcpu_info.sizeof(), expr, vcpu))
+        if o.fifo_control_block or o.fifo_event_pages:
+            if not (o.fifo_control_block and o.fifo_event_pages):
+                raise XReplayError("a FIFO recording needs both the control blocks and the "
+                                   "event-array pages")
+            exprs = {f"control_block.{v}": e for v, e in o.fifo_control_block.items()}
+            exprs |= {f"event_array.{i}": e for i, e in enumerate(o.fifo_event_pages)}
+            regions += fifo_regions(sorted(o.fifo_control_block), len(o.fifo_event_pages),
+                                    exprs)
         regions += [RegionSpec(w.name, "watch", w.size, w.expr) for w in o.watch]
         return regions
 
@@ -261,7 +270,8 @@ class Recorder:
             "socket": ch.path,
             "probes": [{"name": p.name, "location": p.location} for p in o.probes],
             "regions": [{"name": r.name, "expr": r.expr, "size": r.size,
-                         "reeval": (o.reeval_vcpu_info and r.kind == "vcpu_info")
+                         "reeval": (o.reeval_vcpu_info
+                                    and r.kind in ("vcpu_info", *FIFO_KINDS))
                          or (o.reeval_shared_info and r.kind == "shared_info")}
                         for r in self.regions],
             "flags_register": flags_register(self.arch),

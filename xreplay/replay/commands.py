@@ -88,7 +88,8 @@ def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | N
                    shadow: str | None, no_shadow: bool, stall: float,
                    explain_range: str | None, tables: int, no_info: bool,
                    no_last_writer: bool, rr_run: Path | None) -> None:
-    """Replay a recording through Xen's 2-level rules and report lost event deliveries."""
+    """Replay a recording through Xen's rules (2-level or FIFO, as recorded) and report lost
+    event deliveries."""
     from xreplay.replay.detectors import replay
     from xreplay.replay.diff import check_debugkeys, fetch, pick_domain
     from xreplay.xrr import XrrReader
@@ -240,6 +241,9 @@ def _explain(reader: Any, text: str) -> list[dict[str, Any]]:
     from xreplay.transitions import bit_changes
 
     lo, hi = parse_range(text)
+    if reader.header.abi == "fifo":
+        raise XReplayError(f"{reader.name}: --explain knows the 2-level rules only; this is a "
+                           "FIFO recording: use xreplay show --changes, or diff --at N M")
     h = reader.header
     w = Walk(h, ReplayOptions())
     names = [p.name for p in h.probes]

@@ -960,6 +960,9 @@ def replay(source: XrrReader | str | os.PathLike[str],
 
 
 def _replay_reader(reader: XrrReader, options: ReplayOptions | None) -> ReplayResult:
+    if reader.header.abi == "fifo":  # the FIFO rules live in their own modules
+        from xreplay.replay.fifo_detectors import replay_fifo
+        return replay_fifo(reader, options)
     h = reader.header
     r = Replayer(h, options)
     names = [spec.name for spec in h.regions]

@@ -292,9 +292,25 @@ def compare_states(a: Snapshot, b: Snapshot, label: str,
         pa, pb = a.port_state(p), b.port_state(p)
         if pa.pms != pb.pms:
             out.ports.append({"port": p, "label": labels.get(p), "a": pa.pms, "b": pb.pms})
+    fa, fb = getattr(a, "fifo", None), getattr(b, "fifo", None)
+    fifo = fa is not None and fb is not None
+    names = ("evtchn_upcall_pending", "evtchn_upcall_mask") + (
+        () if fifo else ("evtchn_pending_sel",))  # FIFO guests do not use the selector
+    if fa is not None and fb is not None:
+        for v in sorted(set(fa.control_blocks) | set(fb.control_blocks)):
+            ca, cb = fa.control_blocks.get(v), fb.control_blocks.get(v)
+            for q in range(16):
+                x = None if ca is None else ca.head[q]
+                y = None if cb is None else cb.head[q]
+                if x != y:
+                    out.vcpus.append({"vcpu": v, "field": f"control_block.head[{q}]",
+                                      "a": x, "b": y})
+            x, y = (None if ca is None else ca.ready), (None if cb is None else cb.ready)
+            if x != y:
+                out.vcpus.append({"vcpu": v, "field": "control_block.ready", "a": x, "b": y})
     for v in sorted(set(a.vcpus) | set(b.vcpus)):
         va, vb = a.vcpus.get(v), b.vcpus.get(v)
-        for name in ("evtchn_upcall_pending", "evtchn_upcall_mask", "evtchn_pending_sel"):
+        for name in names:
             x = None if va is None else getattr(va, name)
             y = None if vb is None else getattr(vb, name)
             if x != y:
@@ -376,7 +392,19 @@ def _open(source: XrrReader | str | os.PathLike[str], stack: ExitStack) -> XrrRe
 
 
 def _pass(reader: XrrReader, options: ReplayOptions | None) -> tuple[PatternSummary, Any, Any]:
-    """One walk of a recording on the delta path: its pattern, its replay, its last hit."""
+    """One walk of a recording on the delta path: its pattern, its replay, its last hit
+    (a FIFO recording walks its snapshots, judged on the FIFO rules)."""
+    if reader.header.abi == "fifo":
+        from xreplay.replay.fifo_detectors import FifoReplayer
+        frep = FifoReplayer(reader.header, options)
+        fpat = PatternSummary()
+        flast: int | None = None
+        for snap in reader.snapshots():
+            frep.feed(snap)
+            fpat.feed(snap.index, snap.vcpu, frep.role_of(snap))
+            flast = snap.index
+        fpat.finish(flast)
+        return fpat, frep.finish(reader.trailer, reader.problems), flast
     rep = Replayer(reader.header, options)
     pat = PatternSummary()
     for hit in reader.deltas():

@@ -15,11 +15,21 @@ from typing import Any
 
 from xreplay import __version__
 from xreplay.abi import canonical_arch, layout, nr_ports
+from xreplay.abi.fifo import (
+    CONTROL_BLOCK_SIZE,
+    EVTCHN_FIFO_NR_CHANNELS,
+    MAX_EVENT_ARRAY_PAGES,
+    PAGE_SIZE,
+)
 from xreplay.errors import RecordingFormatError, UsageError, XReplayError
 from xreplay.xrr import format as fmt
 
 PROBE_ROLES = ("upcall", "bottom-half", "block", "other")
-REGION_KINDS = ("shared_info", "vcpu_info", "watch")
+# fifo_* (FIFO ABI guests, format 1.0 and 2.0 alike: a region kind is header JSON only):
+# one fifo_control_block per vCPU (``vcpu`` set) and one fifo_event_page per event-array
+# page in use (``page`` set).  Readers that predate them refuse the file by kind.
+REGION_KINDS = ("shared_info", "vcpu_info", "watch", "fifo_control_block", "fifo_event_page")
+FIFO_KINDS = ("fifo_control_block", "fifo_event_page")
 
 
 @dataclass(frozen=True)
@@ -36,10 +46,21 @@ class RegionSpec:
     """A guest memory region stored with every snapshot."""
 
     name: str
-    kind: str  # shared_info | vcpu_info | watch
+    kind: str  # one of REGION_KINDS
     size: int
     expr: str = ""  # where the recorder read it from (address or gdb expression)
-    vcpu: int | None = None  # for vcpu_info regions
+    vcpu: int | None = None  # for vcpu_info and fifo_control_block regions
+    page: int | None = None  # for fifo_event_page regions: the event-array page index
+
+
+def fifo_regions(vcpus: list[int], pages: int, exprs: dict[str, str]) -> list[RegionSpec]:
+    """A FIFO guest's regions: each vCPU's control block, then the event-array pages in
+    use (``exprs`` maps region names to where the recorder reads them)."""
+    out = [RegionSpec(f"control_block.{v}", "fifo_control_block", CONTROL_BLOCK_SIZE,
+                      exprs.get(f"control_block.{v}", ""), v) for v in sorted(vcpus)]
+    out += [RegionSpec(f"event_array.{i}", "fifo_event_page", PAGE_SIZE,
+                       exprs.get(f"event_array.{i}", ""), None, i) for i in range(pages)]
+    return out
 
 
 @dataclass
@@ -76,8 +97,18 @@ class RecordingHeader:
         for vcpu, expr in sorted((vcpu_info_exprs or {}).items()):
             regions.append(RegionSpec(f"vcpu_info.{vcpu}", "vcpu_info",
                                       structs.vcpu_info.sizeof(), expr, vcpu))
+        fifo_pages = kw.pop("fifo_pages", 0)
+        if fifo_pages:
+            regions.extend(fifo_regions(vcpus or [0], fifo_pages,
+                                        kw.pop("fifo_exprs", None) or {}))
+        kw.pop("fifo_exprs", None)
         regions.extend(watch or [])
         return cls(arch=arch, probes=probes, regions=regions, vcpus=vcpus or [0], **kw)
+
+    @property
+    def abi(self) -> str:
+        """``"fifo"`` when the recording holds FIFO control blocks, else ``"2l"``."""
+        return "fifo" if any(r.kind in FIFO_KINDS for r in self.regions) else "2l"
 
     def probe_index(self, name: str) -> int:
         for i, p in enumerate(self.probes):
@@ -95,7 +126,9 @@ class RecordingHeader:
         """The header's JSON (free-form objects shared, not deep-copied: they may be big)."""
         return {
             "arch": self.arch, "probes": [asdict(p) for p in self.probes],
-            "regions": [asdict(r) for r in self.regions], "vcpus": list(self.vcpus),
+            # ``page`` only where set: 2-level headers stay byte-identical
+            "regions": [{k: v for k, v in asdict(r).items() if k != "page" or v is not None}
+                        for r in self.regions], "vcpus": list(self.vcpus),
             "target": dict(self.target), "labels": {str(k): v for k, v in self.labels.items()},
             "notify": {str(k): v for k, v in self.notify.items()},
             "delivery": dict(self.delivery), "created": self.created, "tool": self.tool,
@@ -190,6 +223,8 @@ class _HeaderParser:
                                     role))
 
         regions = self.regions(self.get(d, "regions", list, []), structs)
+        if any(r.kind in FIFO_KINDS for r in regions):
+            nports = EVTCHN_FIFO_NR_CHANNELS  # FIFO ports go up to 2^17 - 1
 
         vcpus_j = self.get(d, "vcpus", list, [0])
         if len(vcpus_j) > fmt.MAX_VCPUS:
@@ -242,10 +277,20 @@ class _HeaderParser:
                 if vcpu in registered:
                     raise self.bad(f"declares two vcpu_info regions for vCPU {vcpu}")
                 registered.add(vcpu)
-            elif vcpu is not None:
+            elif vcpu is not None or kind == "fifo_control_block":
                 vcpu = self.integer(vcpu, f"region {name!r} vcpu", 0, fmt.MAX_VCPUS)
+            page = r.get("page")
+            if kind == "fifo_event_page" or page is not None:
+                page = self.integer(page, f"FIFO region {name!r} page", 0,
+                                    MAX_EVENT_ARRAY_PAGES)
+            if kind == "fifo_event_page" and size != PAGE_SIZE:
+                raise self.bad(f"FIFO region {name!r} is {size} bytes, not a {PAGE_SIZE}-byte "
+                               "event-array page")
+            if kind == "fifo_control_block" and size < CONTROL_BLOCK_SIZE:
+                raise self.bad(f"FIFO region {name!r} is {size} bytes, smaller than struct "
+                               f"evtchn_fifo_control_block ({CONTROL_BLOCK_SIZE})")
             expr = self.text(r.get("expr", ""), f"region {name!r} expr", None)
-            regions.append(RegionSpec(name, kind, size, expr, vcpu))
+            regions.append(RegionSpec(name, kind, size, expr, vcpu, page))
         if sum(r.kind == "shared_info" for r in regions) != 1:
             raise self.bad("must declare exactly one shared_info region")
         return regions

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 from construct import ConstructError
 
 from xreplay.errors import RecordingFormatError, UsageError, XReplayError
-from xreplay.snapshot import Snapshot, SnapshotDecoder, VcpuState
+from xreplay.snapshot import FifoState, Snapshot, SnapshotDecoder, VcpuState
 from xreplay.xrr import format as fmt
 from xreplay.xrr.deltas import (
     Hit,
@@ -521,16 +521,26 @@ class XrrReader:
         shared = None
         watch: dict[str, bytes] = {}
         missing: list[str] = []
+        fifo_pages: dict[int, bytes] = {}
+        fifo_blocks: dict[int, bytes] = {}
         for i, (spec, data) in enumerate(zip(h.regions, rec.regions, strict=True)):
             if data is None or rec.unread >> i & 1:
                 missing.append(spec.name)
                 continue
             if spec.kind == "shared_info":
                 shared = data
+            elif spec.kind == "fifo_event_page" and spec.page is not None:
+                fifo_pages[spec.page] = data
+            elif spec.kind == "fifo_control_block" and spec.vcpu is not None:
+                fifo_blocks[spec.vcpu] = data
             elif spec.kind == "watch":
                 watch[spec.name] = data
         pending = mask = 0
-        if shared is not None:
+        fifo = None
+        if h.abi == "fifo":  # PENDING/MASKED live in the event words, not shared_info
+            fifo = FifoState.from_regions(fifo_pages, fifo_blocks)
+            pending, mask = fifo.bitmaps()
+        elif shared is not None:
             pending, mask = dec.bitmaps(shared)
         vcpus: dict[int, VcpuState] = {}
         for v, region in self._vcpu_plan:
@@ -559,7 +569,7 @@ class XrrReader:
                         probe=self._probe_names[rec.probe], vcpu=rec.vcpu,
                         pc=rec.pc, flags=rec.regflags, evtchn_pending=pending,
                         evtchn_mask=mask, vcpus=vcpus, hang=rec.hang, watch=watch,
-                        labels=h.labels, notify=h.notify, missing=tuple(missing))
+                        labels=h.labels, notify=h.notify, missing=tuple(missing), fifo=fifo)
 
     def snapshot_of_hit(self, hit: Hit) -> Snapshot:
         """The full :class:`Snapshot` at ``hit``, from :attr:`buffers` as they are now (call

@@ -24,6 +24,10 @@
  *                      is left pending, unmasked, without selector bit: deaf
  *   ffs-off-by-one     the bottom half's "find next port" uses libc's 1-based
  *                      ffs() as a 0-based index: see demux_word_ffs_bug()
+ *   fifo               the FIFO ABI (Linux's events_fifo.c consumption), correct
+ *   fifo-lost-link     the FIFO ABI with clear_linked() as a plain read and store:
+ *                      a LINK Xen sets between the two is wiped, and the queue's
+ *                      events behind it are never seen (see fifo_clear_linked())
  */
 #include <stdarg.h>
 
@@ -71,7 +75,11 @@ static const char *const variant_names[] = {
 	[LAB_LOST_UPCALL] = "lost-upcall",
 	[LAB_UNMASK_NO_RERAISE] = "unmask-no-reraise",
 	[LAB_FFS_OFF_BY_ONE] = "ffs-off-by-one",
+	[LAB_FIFO] = "fifo",
+	[LAB_FIFO_LOST_LINK] = "fifo-lost-link",
 };
+/* The guest's copy of each queue's head (Linux: per_cpu(cpu_queue).head[]). */
+LAB_DATA uint32_t lab_fifo_queue_head[LAB_FIFO_MAX_QUEUES];
 
 /* Ports the guest listens on (the console is bound but left masked). */
 static const uint32_t lab_listen_ports[] = {LAB_PORT_XENSTORE, LAB_PORT_TIMER, LAB_PORT_NETFRONT};
@@ -246,6 +254,72 @@ static void demux_word_ffs_bug(unsigned l1i)
 }
 
 /*
+ * clear_linked(): drop LINKED and LINK, return the LINK (the next port). Linux does it
+ * with cmpxchg, so a LINK Xen sets meanwhile is seen; fifo-lost-link reads the word and
+ * stores it back, and a LINK set in between (hv_race) is wiped.
+ */
+static uint32_t fifo_clear_linked(uint32_t *word, bool race)
+{
+	uint32_t w = __atomic_load_n(word, __ATOMIC_SEQ_CST);
+
+	if (race)
+		hv_race(); /* Xen on another CPU, between the read and the write */
+	if (lab_variant == LAB_FIFO_LOST_LINK) {
+		/* BUG: not atomic: whatever Xen wrote since the read is lost */
+		__atomic_store_n(word, w & ~(LAB_FIFO_LINKED | LAB_FIFO_LINK_MASK),
+				 __ATOMIC_SEQ_CST);
+		return w & LAB_FIFO_LINK_MASK;
+	}
+	while (!__atomic_compare_exchange_n(word, &w, w & ~(LAB_FIFO_LINKED | LAB_FIFO_LINK_MASK),
+					    false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+		;
+	return w & LAB_FIFO_LINK_MASK;
+}
+
+/* consume_one_event() (Linux events_fifo.c): take the head of queue q, mark it. */
+static bool fifo_consume_one(unsigned q, uint32_t *ready)
+{
+	uint32_t head = lab_fifo_queue_head[q], port, w;
+	bool marked = false;
+
+	if (head == 0)
+		head = READ_ONCE(lab_control_block.head[q]);
+	port = head;
+	if (port == 0 || port >= LAB_FIFO_WORDS) { /* nothing there: the bit was stale */
+		*ready &= ~(1u << q);
+		lab_fifo_queue_head[q] = 0;
+		return false;
+	}
+	head = fifo_clear_linked(&lab_event_array[port], q == LAB_FIFO_PRIO_DEFAULT);
+	if (head == 0)
+		*ready &= ~(1u << q);
+	w = __atomic_load_n(&lab_event_array[port], __ATOMIC_SEQ_CST);
+	if ((w & LAB_FIFO_PENDING) && !(w & LAB_FIFO_MASKED)) {
+		/* as the 2-level bottom half: mark, mask, clear (EVTCHNOP_unmask later) */
+		evtchn_callback_ml[port] = 1;
+		__atomic_fetch_or(&lab_event_array[port], LAB_FIFO_MASKED, __ATOMIC_SEQ_CST);
+		__atomic_fetch_and(&lab_event_array[port], ~LAB_FIFO_PENDING, __ATOMIC_SEQ_CST);
+		marked = true;
+	}
+	lab_fifo_queue_head[q] = head;
+	return marked;
+}
+
+/* __evtchn_fifo_handle_events(): take ready with xchg, consume every ready queue. */
+static bool fifo_demux_pending(void)
+{
+	uint32_t ready = __atomic_exchange_n(&lab_control_block.ready, 0, __ATOMIC_SEQ_CST);
+	bool some = false;
+
+	while (ready) {
+		unsigned q = (unsigned)__builtin_ctz(ready);
+		some |= fifo_consume_one(q, &ready);
+		ready |= __atomic_exchange_n(&lab_control_block.ready, 0, __ATOMIC_SEQ_CST);
+	}
+	return some;
+}
+
+/*
  * The bottom half of the thread's message, with a 0-based find-first-set
  * (Mini-OS __ffs). Returns true if it marked any port.
  */
@@ -258,6 +332,8 @@ LAB_PROBE bool evtchn_demux_pending(void)
 
 	lab_demux_count++;
 	WRITE_ONCE(vi->evtchn_upcall_pending, 0);
+	if (LAB_IS_FIFO)
+		return fifo_demux_pending();
 	pending_l1 = __atomic_exchange_n(&vi->evtchn_pending_sel, 0, __ATOMIC_SEQ_CST);
 	while (pending_l1 != 0) {
 		unsigned l1i = lab_ctz(pending_l1);
@@ -383,8 +459,8 @@ static void usage_error(const char *what, const char *tok, unsigned n)
 	lab_printf("LAB-ERROR %s: '", what);
 	for (unsigned i = 0; i < n; i++)
 		plat_putc(tok[i]);
-	lab_printf("' (usage: variant=correct|lost-upcall|unmask-no-reraise|ffs-off-by-one "
-		   "seed=N events=N)\n");
+	lab_printf("' (usage: variant=correct|lost-upcall|unmask-no-reraise|ffs-off-by-one"
+		   "|fifo|fifo-lost-link seed=N events=N)\n");
 	plat_flush();
 	plat_exit(2);
 }
@@ -454,6 +530,8 @@ void lab_main(const char *cmdline)
 	/* Solo5 evtchn_init(): mask everything; then listen on 1, 3, 4 (console stays masked). */
 	for (unsigned w = 0; w < LAB_BPW; w++)
 		s->evtchn_mask[w] = ~(lab_ulong_t)0;
+	for (unsigned p = 0; p < LAB_FIFO_WORDS; p++) /* FIFO: Linux masks every event too */
+		lab_event_array[p] = LAB_FIFO_MASKED;
 	hv_init(lab_seed, lab_events);
 	for (unsigned i = 0; i < LAB_NLISTEN; i++)
 		evtchn_unmask(lab_listen_ports[i]);

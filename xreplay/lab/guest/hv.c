@@ -53,6 +53,8 @@
 #define TAIL_SPACING_SPAN 20u
 #define WINDOW_HIT_MIN 100u /* the sleep whose window gets an event: MIN + [0, SPAN) */
 #define WINDOW_HIT_SPAN 200u
+#define RACE_HIT_MIN 20u /* the FIFO consume whose word race gets an event: MIN + [0, SPAN) */
+#define RACE_HIT_SPAN 60u
 
 enum { SRC_TIMER, SRC_XENSTORE, SRC_CONSOLE, SRC_NETFRONT, SRC_TAIL, NSRC };
 
@@ -68,6 +70,12 @@ static struct hv_source hv_src[NSRC];
 static uint64_t hv_vtime;
 static uint32_t hv_main_quota, hv_tail_quota, hv_produced;
 static uint32_t hv_windows, hv_window_hit;
+static uint32_t hv_races, hv_race_hit;
+static uint32_t hv_fifo_tail[LAB_FIFO_MAX_QUEUES]; /* Xen's own, not in the guest's view */
+
+/* The FIFO ABI's shared memory (EVTCHNOP_init_control / EVTCHNOP_expand_array). */
+LAB_DATA uint32_t lab_event_array[LAB_FIFO_WORDS] __attribute__((aligned(4096)));
+LAB_DATA struct lab_fifo_control_block lab_control_block __attribute__((aligned(64)));
 
 /* Backend ring producers (a guest handler consumes up to these). */
 LAB_DATA uint32_t lab_backend_prod[LAB_TRACKED_PORTS];
@@ -107,6 +115,58 @@ static void vcpu_mark_events_pending(void)
 	plat_raise_upcall(); /* hvm_assert_evtchn_irq() -> vlapic_set_irq() */
 }
 
+static uint32_t fifo_priority(uint32_t port)
+{
+	return port == LAB_PORT_TIMER ? LAB_FIFO_PRIO_TIMER : LAB_FIFO_PRIO_DEFAULT;
+}
+
+/* evtchn_fifo_set_link(): LINK the tail word to `port` iff it is still LINKED. */
+static bool fifo_set_link(uint32_t tail, uint32_t port)
+{
+	uint32_t *word = &lab_event_array[tail];
+	uint32_t w = __atomic_load_n(word, __ATOMIC_SEQ_CST);
+
+	for (;;) {
+		if (!(w & LAB_FIFO_LINKED))
+			return false; /* the guest consumed it: the queue is empty */
+		uint32_t n = (w & ~(LAB_FIFO_BUSY | LAB_FIFO_LINK_MASK)) | port;
+		if (__atomic_compare_exchange_n(word, &w, n, false, __ATOMIC_SEQ_CST,
+						__ATOMIC_SEQ_CST))
+			return true;
+	}
+}
+
+/* evtchn_fifo_set_pending() for vCPU 0, after PENDING is set (`was` = the word before). */
+static void fifo_link(uint32_t port)
+{
+	uint32_t *word = &lab_event_array[port];
+	uint32_t q = fifo_priority(port), w = __atomic_load_n(word, __ATOMIC_SEQ_CST);
+
+	if (w & (LAB_FIFO_MASKED | LAB_FIFO_LINKED))
+		return; /* masked: linked at EVTCHNOP_unmask; linked: already queued */
+	if (__atomic_fetch_or(word, LAB_FIFO_LINKED, __ATOMIC_SEQ_CST) & LAB_FIFO_LINKED)
+		return;
+	if (hv_fifo_tail[q] == port)
+		hv_fifo_tail[q] = 0;
+	bool linked = hv_fifo_tail[q] && fifo_set_link(hv_fifo_tail[q], port);
+	if (!linked)
+		WRITE_ONCE(lab_control_block.head[q], port);
+	hv_fifo_tail[q] = port;
+	if (!linked && !(__atomic_fetch_or(&lab_control_block.ready, 1u << q, __ATOMIC_SEQ_CST) &
+			 (1u << q)))
+		vcpu_mark_events_pending();
+}
+
+static void hv_fifo_set_pending(uint32_t port)
+{
+	uint32_t was = __atomic_fetch_or(&lab_event_array[port], LAB_FIFO_PENDING,
+					 __ATOMIC_SEQ_CST);
+
+	if (!(was & LAB_FIFO_PENDING) && port < LAB_TRACKED_PORTS)
+		lab_hv_pending_edges[port]++;
+	fifo_link(port);
+}
+
 /* evtchn_2l_set_pending() for vCPU 0. */
 static void hv_set_pending(uint32_t port)
 {
@@ -133,6 +193,14 @@ LAB_PROBE void evtchn_unmask(uint32_t port)
 	lab_shared_info_t *s = LAB_SHPAGE;
 	unsigned w = port / LAB_BPW, bit = port % LAB_BPW;
 
+	if (LAB_IS_FIFO) { /* evtchn_fifo_unmask(): clear MASKED, relink if PENDING */
+		if (port >= LAB_FIFO_WORDS)
+			return;
+		__atomic_fetch_and(&lab_event_array[port], ~LAB_FIFO_MASKED, __ATOMIC_SEQ_CST);
+		if (__atomic_load_n(&lab_event_array[port], __ATOMIC_SEQ_CST) & LAB_FIFO_PENDING)
+			fifo_link(port);
+		return;
+	}
 	if (port >= LAB_NR_PORTS)
 		return;
 	if (sync_test_and_clear_bit(bit, &s->evtchn_mask[w]) &&
@@ -159,7 +227,13 @@ static void hv_fire(int i)
 	struct hv_source *s = &hv_src[i < NSRC ? i : 0];
 
 	lab_backend_prod[s->port]++;
-	hv_set_pending(s->port);
+	if (LAB_IS_FIFO) { /* evtchn_fifo_set_pending() */
+		if (s->port < LAB_TRACKED_PORTS)
+			lab_hv_set_pending[s->port]++;
+		hv_fifo_set_pending(s->port);
+	} else {
+		hv_set_pending(s->port);
+	}
 	switch (i) {
 	case SRC_TIMER:
 		s->next += TIMER_PERIOD;
@@ -230,6 +304,41 @@ void hv_window(void)
 	}
 }
 
+/*
+ * FIFO variants: the guest reads an event word and writes it back (clear_linked). At the
+ * K-th such gap on the default queue, K = RACE_HIT_MIN + (seeded value in [0, SPAN)), the
+ * next xenstore reply lands in it: Xen links it behind the word being consumed. A guest
+ * that writes back with a plain store (fifo-lost-link) wipes that LINK; cmpxchg sees it.
+ */
+void hv_race(void)
+{
+	struct hv_source *s = &hv_src[SRC_XENSTORE];
+
+	if (++hv_races != hv_race_hit || s->next == HV_NEVER)
+		return;
+	s->next = hv_vtime;
+	hv_fire(SRC_XENSTORE);
+}
+
+/* Xen's FIFO 's' column (evtchn_fifo_print_state): "%c %-4u", "%c -   " or "?     ". */
+static void hv_print_fifo_state(uint32_t port)
+{
+	uint32_t w = READ_ONCE(lab_event_array[port]);
+	char busy = (w & LAB_FIFO_BUSY) ? 'B' : ' ';
+
+	if (w & LAB_FIFO_LINKED) {
+		uint32_t link = w & LAB_FIFO_LINK_MASK;
+		int digits = 1;
+		for (uint32_t v = link; v >= 10; v /= 10)
+			digits++;
+		lab_printf("%s %u", busy == 'B' ? "B" : " ", link);
+		for (; digits < 4; digits++)
+			plat_putc(' ');
+	} else {
+		lab_printf("%s -   ", busy == 'B' ? "B" : " ");
+	}
+}
+
 /* 'e' debug key, format of domain_dump_evtchn_info() (xen/common/event_channel.c). */
 static void hv_dump_evtchn(void)
 {
@@ -242,10 +351,18 @@ static void hv_dump_evtchn(void)
 	lab_printf("(XEN)     port [p/m/s]\n");
 	for (uint32_t port = 1; port <= LAB_PORT_NETFRONT; port++) {
 		unsigned w = port / LAB_BPW, bit = port % LAB_BPW;
-		lab_printf("(XEN)     %4u [%u/%u/%u]: ", port,
-			   (unsigned)sync_test_bit(bit, &s->evtchn_pending[w]),
-			   (unsigned)sync_test_bit(bit, &s->evtchn_mask[w]),
-			   (unsigned)sync_test_bit(w, &vi->evtchn_pending_sel));
+		if (LAB_IS_FIFO) {
+			uint32_t ew = READ_ONCE(lab_event_array[port]);
+			lab_printf("(XEN)     %4u [%u/%u/", port, (unsigned)!!(ew & LAB_FIFO_PENDING),
+				   (unsigned)!!(ew & LAB_FIFO_MASKED));
+			hv_print_fifo_state(port);
+			lab_printf("]: ");
+		} else {
+			lab_printf("(XEN)     %4u [%u/%u/%u]: ", port,
+				   (unsigned)sync_test_bit(bit, &s->evtchn_pending[w]),
+				   (unsigned)sync_test_bit(bit, &s->evtchn_mask[w]),
+				   (unsigned)sync_test_bit(w, &vi->evtchn_pending_sel));
+		}
 		if (port == LAB_PORT_TIMER)
 			lab_printf("s=5 n=0 x=0 v=0\n");
 		else /* interdomain, remote ports as in the report */
@@ -295,6 +412,10 @@ void hv_init(uint64_t seed, uint32_t events)
 	struct hv_source k = {.rng = seed ^ 0x5eedull};
 	hv_window_hit = WINDOW_HIT_MIN + rnd(&k, WINDOW_HIT_SPAN);
 	hv_windows = 0;
+	hv_race_hit = RACE_HIT_MIN + rnd(&k, RACE_HIT_SPAN);
+	hv_races = 0;
+	for (unsigned q = 0; q < LAB_FIFO_MAX_QUEUES; q++)
+		hv_fifo_tail[q] = 0;
 	hv_tail_quota = events / 4 < TAIL_MAX ? events / 4 : TAIL_MAX;
 	hv_main_quota = events - hv_tail_quota;
 	for (int i = 0; i < NSRC; i++) {

@@ -57,7 +57,32 @@ enum lab_variant {
 	LAB_LOST_UPCALL,
 	LAB_UNMASK_NO_RERAISE,
 	LAB_FFS_OFF_BY_ONE,
+	LAB_FIFO,           /* the FIFO ABI, correct */
+	LAB_FIFO_LOST_LINK, /* the FIFO ABI, clear_linked() without cmpxchg */
 };
+#define LAB_IS_FIFO (lab_variant >= LAB_FIFO)
+
+/*
+ * FIFO ABI (xen/include/public/event_channel.h): one event-array page of event_word_t
+ * (PENDING 31, MASKED 30, LINKED 29, BUSY 28, 17-bit LINK) and vCPU 0's control block.
+ * Declared here with the header's layout (tests check it against the header).
+ */
+#define LAB_FIFO_PENDING (1u << 31)
+#define LAB_FIFO_MASKED (1u << 30)
+#define LAB_FIFO_LINKED (1u << 29)
+#define LAB_FIFO_BUSY (1u << 28)
+#define LAB_FIFO_LINK_MASK ((1u << 17) - 1)
+#define LAB_FIFO_MAX_QUEUES 16u
+#define LAB_FIFO_WORDS 1024u /* PAGE_SIZE / sizeof(event_word_t) */
+#define LAB_FIFO_PRIO_TIMER 0u /* Linux raises VIRQ_TIMER to XEN_IRQ_PRIORITY_MAX */
+#define LAB_FIFO_PRIO_DEFAULT 7u
+struct lab_fifo_control_block {
+	uint32_t ready;
+	uint32_t _rsvd;
+	uint32_t head[LAB_FIFO_MAX_QUEUES];
+};
+extern uint32_t lab_event_array[LAB_FIFO_WORDS];
+extern struct lab_fifo_control_block lab_control_block;
 
 /* Symbols a debugger uses: keep them global, out of line and never cloned. */
 #define LAB_PROBE __attribute__((noipa, used, externally_visible))
@@ -111,6 +136,7 @@ void hv_init(uint64_t seed, uint32_t events);
 void hv_spend(uint32_t ticks);
 void hv_window(void);
 bool hv_vcpu_block(void);
+void hv_race(void); /* FIFO: Xen runs between the guest's read and write of a word */
 uint64_t hv_now(void);
 
 /* ---- lab console / entry (guest.c) ---- */

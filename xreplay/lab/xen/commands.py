@@ -98,6 +98,9 @@ def setup_cmd(cache_dir: Path | None, refresh: bool, no_install: bool, stub: str
 )
 @click.option("--domu-vcpus", type=click.IntRange(1, MAX_DOMU_VCPUS), default=1,
               show_default=True, help="vCPUs of the domU (dom0 keeps one; QEMU has two CPUs).")
+@click.option("--evtchn", type=click.Choice(["2l", "fifo"]), default="2l", show_default=True,
+              help="The domU's event-channel ABI: 2l boots it with xen.fifo_events=0, fifo "
+                   "on Linux's default FIFO ABI.")
 @click.option("--stub", type=click.Choice(STUB_KINDS), default="qemu", show_default=True,
               help="gdbsx: boot Xen built with CONFIG_GDBSX (built and cached on first use) "
               "and forward a host port to gdbsx in dom0; QEMU's stub stays available.")
@@ -109,6 +112,7 @@ def up_cmd(
     cache_dir: Path | None,
     domu: str,
     domu_vcpus: int,
+    evtchn: str,
     stub: str,
     timeout: float,
     foreground: bool,
@@ -117,7 +121,7 @@ def up_cmd(
     """Boot the lab and leave it running; print the gdb address, symbol map and PID."""
     stage_setup(cache_dir, install_tools=False, progress=_say)
     the_lab = Lab(run_dir, cache_dir=cache_dir, domu=domu, domu_vcpus=domu_vcpus,
-                  boot_timeout=timeout, progress=_say, stub=stub)
+                  evtchn=evtchn, boot_timeout=timeout, progress=_say, stub=stub)
     the_lab.start()
     st = the_lab.state
     assert st is not None
@@ -157,7 +161,8 @@ def _print_state(st: LabState) -> None:
         ("symbol map", st.symbol_map or "-"),
         ("QEMU pid", f"{st.pid}  (stop: {down}, or kill {st.pid})"),
         ("domU", f"domid {st.domid} ({st.domu}, {st.domu_vcpus} vCPU"
-                 f"{'s' if st.domu_vcpus > 1 else ''})" if st.domid is not None else st.domu),
+                 f"{'s' if st.domu_vcpus > 1 else ''}, {st.domu_evtchn} event channels)"
+                 if st.domid is not None else st.domu),
         ("dom0 shell", "xreplay lab exec 'xl list'  (needs the machine running, not in gdb)"),
         ("serial log", st.serial_log),
         ("serial in", f"{st.serial_socket}  (unix socket: Xen's console, input goes to dom0)"),

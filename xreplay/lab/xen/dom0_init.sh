@@ -3,7 +3,9 @@
 # Starts the minimal Xen toolstack (xenstored, xen-init-dom0, xenconsoled), a command
 # server for the host (nc on 7000, reached through QEMU user-net hostfwd), then creates the
 # domU chosen by the kernel argument xreplay.domu=pv|pvh|none, with xreplay.domu_vcpus=N
-# vCPUs (an `xl create` key=value override of the config's vcpus). Progress lines start with
+# vCPUs (an `xl create` key=value override of the config's vcpus) and, with
+# xreplay.domu_evtchn=fifo, Linux's default FIFO event channels (/domu/<kind>-fifo.cfg,
+# no xen.fifo_events=0). Progress lines start with
 # XREPLAY- and go to hvc0, i.e. Xen's serial console, where the host watches for them.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin:/usr/lib/xen-4.17/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
@@ -25,14 +27,16 @@ echo "XREPLAY-DOM0-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
 
 DOMU=pv
 VCPUS=1
+CFG=
 for a in $(cat /proc/cmdline); do
   case $a in
     xreplay.domu=*) DOMU=${a#xreplay.domu=};;
+    xreplay.domu_evtchn=fifo) CFG=-fifo;;
     xreplay.domu_vcpus=*) VCPUS=${a#xreplay.domu_vcpus=};;
   esac
 done
 if [ "$DOMU" != none ]; then
-  out=$(xl create "/domu/$DOMU.cfg" "vcpus=$VCPUS" 2>&1); rc=$?
+  out=$(xl create "/domu/$DOMU$CFG.cfg" "vcpus=$VCPUS" 2>&1); rc=$?
   echo "$out"
   domid=$(xl domid domu 2>/dev/null)
   if [ $rc -ne 0 ] || [ -z "$domid" ]; then

@@ -38,22 +38,28 @@ DOM0_USR_BIN = ("xenstore", "xenstore-ls", "xenstore-read", "xenstore-write", "x
 
 #: Linux 6.1 picks the FIFO ABI by default; the 2-level bitmaps are only used with this.
 DOMU_EXTRA = "console=hvc0 quiet xen.fifo_events=0"
+#: ``lab up --evtchn fifo``: Linux's default ABI (``/domu/<kind>-fifo.cfg``).
+DOMU_EXTRA_FIFO = "console=hvc0 quiet"
+EVTCHN_ABIS = ("2l", "fifo")
 DOMU_MEMORY_MB = 128
 DOMU_NAME = "domu"
 #: Where the dom0 command server listens (inside dom0; the host reaches it by hostfwd).
 DOM0_CMD_PORT = 7000
 
 
-def domu_config(kind: str) -> str:
-    """The ``xl`` config of the lab's domU; ``kind`` is ``pv`` or ``pvh``."""
+def domu_config(kind: str, evtchn: str = "2l") -> str:
+    """The ``xl`` config of the lab's domU; ``kind`` is ``pv`` or ``pvh``, ``evtchn`` the
+    event-channel ABI its Linux uses (``2l``: booted with xen.fifo_events=0)."""
     if kind not in ("pv", "pvh"):
         raise XReplayError(f"unknown domU type {kind!r}: use pv or pvh")
+    if evtchn not in EVTCHN_ABIS:
+        raise XReplayError(f"unknown event-channel ABI {evtchn!r}: use 2l or fifo")
     lines = [
         f'name = "{DOMU_NAME}"',
         f'type = "{kind}"',
         'kernel = "/domu/vmlinuz"',
         'ramdisk = "/domu/initrd.gz"',
-        f'extra = "{DOMU_EXTRA}"',
+        f'extra = "{DOMU_EXTRA if evtchn == "2l" else DOMU_EXTRA_FIFO}"',
         f"memory = {DOMU_MEMORY_MB}",
         "vcpus = 1",  # dom0_init.sh overrides it from xreplay.domu_vcpus=N (xl key=value)
         'on_crash = "preserve"',
@@ -237,6 +243,8 @@ def build_dom0_initramfs(stage: Stage, out: Path, domu_initrd: Path) -> Path:
         tree.copy(domu_initrd, "domu/initrd.gz", 0o644)
         tree.write("domu/pv.cfg", domu_config("pv"))
         tree.write("domu/pvh.cfg", domu_config("pvh"))
+        tree.write("domu/pv-fifo.cfg", domu_config("pv", "fifo"))
+        tree.write("domu/pvh-fifo.cfg", domu_config("pvh", "fifo"))
         tree.write("bin/xreplay-cmd", script_text("dom0_cmd.sh"), 0o755)
         tree.write("init", script_text("dom0_init.sh"), 0o755)
         return tree.pack(out)

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 from xreplay.errors import XReplayError
-from xreplay.lab.xen.initramfs import DOM0_CMD_PORT, build_images
+from xreplay.lab.xen.initramfs import DOM0_CMD_PORT, EVTCHN_ABIS, build_images
 from xreplay.lab.xen.stage import Progress, Stage, default_cache_dir, quiet
 from xreplay.profiles.linux import read_system_map
 
@@ -167,6 +167,7 @@ class LabState:
     symbol_map: str | None = None
     domid: int | None = None
     domu_vcpus: int = 1  # the default keeps state files of older labs loadable
+    domu_evtchn: str = "2l"  # the domU's event-channel ABI: 2l or fifo (lab up --evtchn)
     started_at: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     stub: str = "qemu"  # "gdbsx": Xen built with gdbsx, gdbsx reachable on gdbsx_port
@@ -205,6 +206,7 @@ class Lab:
         cache_dir: Path | None = None,
         domu: str = "pv",
         domu_vcpus: int = 1,
+        evtchn: str = "2l",
         smp: int = 2,
         memory_mb: int = 2048,
         boot_timeout: float = 300.0,
@@ -219,6 +221,9 @@ class Lab:
             raise XReplayError(f"unknown domU type {domu!r}: use one of {', '.join(DOMU_KINDS)}")
         if not 1 <= domu_vcpus <= MAX_DOMU_VCPUS:
             raise XReplayError(f"domU vCPUs must be 1..{MAX_DOMU_VCPUS}, not {domu_vcpus}")
+        if evtchn not in EVTCHN_ABIS:
+            raise XReplayError(f"unknown event-channel ABI {evtchn!r}: use 2l or fifo")
+        self.evtchn = evtchn
         self.run_dir = Path(run_dir) if run_dir else default_run_dir()
         self.cache_dir = cache_dir
         self.domu = domu
@@ -323,7 +328,8 @@ class Lab:
                 f"the lab in {run_dir} is not running (QEMU pid {state.pid} is gone): "
                 "`xreplay lab up` starts one"
             )
-        lab = cls(run_dir, domu=state.domu, domu_vcpus=state.domu_vcpus, stub=state.stub)
+        lab = cls(run_dir, domu=state.domu, domu_vcpus=state.domu_vcpus,
+                  evtchn=state.domu_evtchn, stub=state.stub)
         lab.state = state
         return lab
 
@@ -393,7 +399,7 @@ class Lab:
         """QEMU's command line; paths are relative to the run dir (QEMU's cwd), which keeps
         unix socket paths short and the multiboot module string free of commas."""
         dom0_args = (f"{self.dom0_args} xreplay.domu={self.domu} "
-                     f"xreplay.domu_vcpus={self.domu_vcpus}")
+                     f"xreplay.domu_vcpus={self.domu_vcpus} xreplay.domu_evtchn={self.evtchn}")
         return [
             "qemu-system-x86_64",
             "-accel", "tcg,thread=multi", "-cpu", "max", "-machine", "q35",
@@ -442,6 +448,7 @@ class Lab:
         self.state = LabState(
             run_dir=str(self.run_dir.resolve()), pid=proc.pid, gdb_port=gdb_port,
             cmd_port=cmd_port, domu=self.domu, kver=stage.kver, domu_vcpus=self.domu_vcpus,
+            domu_evtchn=self.evtchn,
             serial_log=str((self.run_dir / "serial.log").resolve()),
             serial_socket=str((self.run_dir / "serial.sock").resolve()),
             monitor_socket=str((self.run_dir / "monitor.sock").resolve()),

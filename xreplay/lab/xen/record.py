@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xreplay.abi import fifo as fifo_abi
 from xreplay.debugkeys import DomainEvtchnDump, PortDiff, compare, latest, parse
 from xreplay.errors import XReplayError
 from xreplay.lab.xen.lab import Lab
@@ -32,7 +33,7 @@ from xreplay.lab.xen.stage import Progress, quiet
 from xreplay.profiles.linux import GuestFacts, LinuxSymbols, apply, inspect_guest
 from xreplay.profiles.peek import StubPeek
 from xreplay.record import Recorder, RecordOptions, RecordResult
-from xreplay.snapshot import PortState, Snapshot, SnapshotDecoder, VcpuState
+from xreplay.snapshot import FifoState, PortState, Snapshot, SnapshotDecoder, VcpuState
 from xreplay.xrr import ProbeSpec, RecordingHeader, XrrWriter
 
 #: VIRQ numbers (xen/include/public/xen.h) as labels.
@@ -144,7 +145,8 @@ def lab_record_options(lab: Lab, output: Path, *, domain: str = "domu",
                        count: int | None = None, duration: float | None = None,
                        hang_after: float | None = None, stub: str | None = None,
                        ) -> tuple[RecordOptions, GuestFacts]:
-    """RecordOptions for one of the lab's Linux guests, checked live (2-level ABI).
+    """RecordOptions for one of the lab's Linux guests, checked live (2-level or FIFO: the
+    guest's ``evtchn_ops`` picks the regions and the bottom half).
 
     Reads the port bindings from dom0 first (the machine must run for that), then stops
     once in the guest (:func:`inspect_guest`). ``vcpus`` defaults to all of the guest's
@@ -162,7 +164,7 @@ def lab_record_options(lab: Lab, output: Path, *, domain: str = "domu",
         return _gdbsx_record_options(lab, output, domain, vcpus, syms, bindings, block=block,
                                      extra=extra, count=count, duration=duration,
                                      hang_after=hang_after)
-    facts = inspect_guest(lab.gdb_address, syms, domain, vcpus)
+    facts = inspect_guest(lab.gdb_address, syms, domain, vcpus, require_2level=False)
     options = RecordOptions(
         output=Path(output), target=lab.gdb_address, count=count, duration=duration,
         hang_after=hang_after, target_kind="qemu")
@@ -269,6 +271,11 @@ class CrossCheck:
                 lines.append(f"          shared_info->vcpu_info[{v}] (stale copy): "
                              f"upcall_pending={stale.evtchn_upcall_pending} "
                              f"pending_sel={stale.evtchn_pending_sel:#x}")
+        if self.snapshot.fifo is not None:
+            for v, cb in sorted(self.snapshot.fifo.control_blocks.items()):
+                heads = " ".join(f"head[{q}]={h}" for q, h in enumerate(cb.head) if h)
+                lines.append(f"  vcpu {v}: ours control_block ready={cb.ready:#x} "
+                             f"{heads or 'heads=0'}")
         lines += [f"  DIFF {d.describe()}" for d in self.diffs]
         lines += [f"  DIFF {p}" for p in self.vcpu_problems + self.binding_problems]
         return "\n".join(lines)
@@ -360,8 +367,10 @@ def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
     if via_gdbsx:
         from xreplay.lab.xen.gdbsx import start_gdbsx
     if facts is None:
-        facts = (inspect_guest(start_gdbsx(lab), syms, None, cpus, machine_addresses=False)
-                 if via_gdbsx else inspect_guest(lab.gdb_address, syms, "domu", cpus))
+        facts = (inspect_guest(start_gdbsx(lab), syms, None, cpus, machine_addresses=False,
+                               require_2level=False)
+                 if via_gdbsx else inspect_guest(lab.gdb_address, syms, "domu", cpus,
+                                                 require_2level=False))
     if via_gdbsx:
         if any(c not in facts.vcpu_info_va for c in cpus):
             raise XReplayError("no virtual addresses for the domU's vcpu_info: "
@@ -369,6 +378,13 @@ def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
     elif facts.shared_info_ma is None or any(c not in facts.vcpu_info_ma for c in cpus):
         raise XReplayError("no machine addresses for the domU's shared_info / vcpu_info: "
                            "inspect_guest(..., machine_addresses=True) is needed")
+    fifo = facts.abi == "fifo"
+    fifo_pages, fifo_blocks = ((facts.event_page_va, facts.control_block_va) if via_gdbsx
+                               else (facts.event_page_ma, facts.control_block_ma))
+    if fifo and (not fifo_pages or any(c not in fifo_blocks for c in cpus)):
+        raise XReplayError("the domU uses FIFO event channels but its event-array pages or "
+                           "control blocks were not located (inspect_guest on a kernel with "
+                           "events_fifo.c; machine_addresses=True for QEMU's stub)")
     bindings = parse_lsevtchn(lab.dom0(f"lsevtchn {domid}", timeout=30))
     debug_ports = {p for p, b in bindings.items() if b.virq == VIRQ_DEBUG}
     timer_ports = {p for p, b in bindings.items() if b.virq == VIRQ_TIMER}
@@ -383,12 +399,16 @@ def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
         unreadable: XReplayError | None = None
         try:
             before = _settle(lab, domid, timer_ports, settle)
+            fifo_raw = None
             if via_gdbsx:
                 try:
                     with StubPeek(start_gdbsx(lab)) as peek:
                         shared = peek.read(facts.shared_info_va, decoder.shared_info_size)
                         live = {c: peek.read(facts.vcpu_info_va[c], decoder.vcpu_info_size)
                                 for c in cpus}
+                        if fifo:
+                            fifo_raw = _read_fifo(peek, facts.event_page_va,
+                                                  facts.control_block_va, cpus)
                 except XReplayError as exc:
                     if attempt == attempts:
                         raise
@@ -398,6 +418,9 @@ def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
                     shared = peek.read(facts.shared_info_ma, decoder.shared_info_size)
                     live = {c: peek.read(facts.vcpu_info_ma[c], decoder.vcpu_info_size)
                             for c in cpus}
+                    if fifo:
+                        fifo_raw = _read_fifo(peek, facts.event_page_ma,
+                                              facts.control_block_ma, cpus)
             if unreadable is None:
                 after = _e_dump(lab, domid)
                 # 'q' prints upcall_pend/upcall_mask, then raises VIRQ_DEBUG in every guest;
@@ -419,7 +442,7 @@ def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
             break
         progress(f"domain {domid} moved while paused ({', '.join(moved + moved_q)}): "
                  "trying again")
-    check = _compare(domid, before, after, shared, live, decoder, bindings, facts)
+    check = _compare(domid, before, after, shared, live, decoder, bindings, facts, fifo_raw)
     check.attempts = attempt
     check.xen_vcpus = parse_q_vcpus(q_text, domid)
     if moved_q:
@@ -434,14 +457,23 @@ def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
                 f"ours={st.evtchn_upcall_pending}/{st.evtchn_upcall_mask}")
     check.seconds = time.monotonic() - t0
     if output is not None:
-        _write_paused(Path(output), check, shared, live, lab)
+        _write_paused(Path(output), check, shared, live, lab, fifo_raw)
     return check
+
+
+def _read_fifo(peek: StubPeek, pages: list[int], blocks: dict[int, int], cpus: list[int]
+               ) -> tuple[dict[int, bytes], dict[int, bytes]]:
+    """A FIFO domU's event-array pages and control blocks, at the addresses given."""
+    return ({i: peek.read(a, fifo_abi.PAGE_SIZE) for i, a in enumerate(pages)},
+            {c: peek.read(blocks[c], fifo_abi.CONTROL_BLOCK_SIZE) for c in cpus})
 
 
 def _compare(domid: int, before: DomainEvtchnDump, after: DomainEvtchnDump, shared: bytes,
              live: dict[int, bytes], decoder: SnapshotDecoder, bindings: dict[int, Binding],
-             facts: GuestFacts) -> CrossCheck:
-    pending, mask = decoder.bitmaps(shared)
+             facts: GuestFacts, fifo_raw: tuple[dict[int, bytes], dict[int, bytes]] | None = None,
+             ) -> CrossCheck:
+    fifo = None if fifo_raw is None else FifoState.from_regions(*fifo_raw)
+    pending, mask = decoder.bitmaps(shared) if fifo is None else fifo.bitmaps()
     vcpus = {c: decoder.vcpu_state(c, raw, "registered") for c, raw in live.items()}
     stale = {}
     for c in live:
@@ -451,7 +483,7 @@ def _compare(domid: int, before: DomainEvtchnDump, after: DomainEvtchnDump, shar
     notify = {p: b.vcpu for p, b in bindings.items()}
     snap = Snapshot(arch=ARCH, index=0, t_ns=0, probe="paused", vcpu=0, pc=0, flags=None,
                     evtchn_pending=pending, evtchn_mask=mask, vcpus=vcpus,
-                    labels=port_labels(bindings, facts), notify=notify)
+                    labels=port_labels(bindings, facts), notify=notify, fifo=fifo)
     listed = {p.port for p in before.ports}
     ports = sorted(listed | {p for p in range(1, snap.nr_ports) if snap.is_pending(p)})
     ours = [snap.port_state(p) for p in ports]
@@ -470,23 +502,35 @@ def _compare(domid: int, before: DomainEvtchnDump, after: DomainEvtchnDump, shar
 
 
 def _write_paused(path: Path, check: CrossCheck, shared: bytes, live: dict[int, bytes],
-                  lab: Lab) -> None:
+                  lab: Lab, fifo_raw: tuple[dict[int, bytes], dict[int, bytes]] | None = None,
+                  ) -> None:
     """The paused state as a one-snapshot recording (``xreplay show`` renders it)."""
     facts = check.facts
     assert facts is not None
     if facts.shared_info_ma is not None and all(c in facts.vcpu_info_ma for c in live):
         how, si = "machine address", facts.shared_info_ma
         vi = facts.vcpu_info_ma
+        pages, cbs = facts.event_page_ma, facts.control_block_ma
     else:  # read through gdbsx, by guest virtual address
         how, si, vi = "gdbsx, virtual address", facts.shared_info_va, facts.vcpu_info_va
+        pages, cbs = facts.event_page_va, facts.control_block_va
     header = RecordingHeader.for_arch(
         ARCH, [ProbeSpec("paused", f"xl pause {check.domid} (read by {how})")],
         vcpus=sorted(live), shared_info_expr=f"{how} {si:#x}",
         vcpu_info_exprs={c: f"{how} {vi[c]:#x}" for c in live},
+        fifo_pages=len(fifo_raw[0]) if fifo_raw else 0,
+        fifo_exprs={**{f"control_block.{c}": f"{how} {a:#x}" for c, a in cbs.items()},
+                    **{f"event_array.{i}": f"{how} {a:#x}" for i, a in enumerate(pages)}},
         labels=check.snapshot.labels, notify=check.snapshot.notify,
         target={"kind": "xen-lab", "address": lab.gdb_address,
                 "description": f"xreplay Xen 4.17 lab, domU {check.domid} paused"})
     with XrrWriter(path, header) as w:
-        w.append(probe=0, vcpu=0, pc=0, regions=[shared, *(live[c] for c in sorted(live))])
+        fifo_regions: list[bytes] = []
+        if fifo_raw:
+            pages, blocks = fifo_raw
+            fifo_regions = [*(blocks[c] for c in sorted(live)),
+                            *(pages[i] for i in sorted(pages))]
+        w.append(probe=0, vcpu=0, pc=0,
+                 regions=[shared, *(live[c] for c in sorted(live)), *fifo_regions])
         w.note("xen-e-dump", domid=check.domid, text=check.dump.render(),
                agrees=check.agrees, diffs=[d.describe() for d in check.diffs])
