@@ -52,6 +52,7 @@ class RecordChoices:
     domain: str | None = None
     guest_check: bool = True
     gdb: str = "gdb"
+    hit_loop: str = "auto"
 
 
 def _vcpu_info(texts: list[str]) -> dict[int, str]:
@@ -103,7 +104,7 @@ def build_options(c: RecordChoices) -> RecordOptions:
         vcpu_info=vinfo, watch=watch, labels=dict(c.labels), notify=dict(c.notify),
         vcpus=sorted(set(vcpus or [0]) | set(vinfo)), count=c.count, duration=c.duration,
         hang_after=c.hang_after, kill_target=c.kill_target, gdb=c.gdb, dedupe=c.dedupe,
-        filter=c.filter, vcpu_expr=c.vcpu_expr,
+        filter=c.filter, vcpu_expr=c.vcpu_expr, hit_loop=c.hit_loop,
         target_kind="qemu" if c.qemu else None,
         description=f"{g.name} guest ({g.summary})" if g else "")
     if profile == "linux":
@@ -155,5 +156,7 @@ def command_line(o: RecordOptions) -> str:
             args += [flag, q(str(value))]
     if o.kill_target is not None:
         args.append("--kill" if o.kill_target else "--detach")
+    if o.hit_loop != "auto":
+        args += ["--hit-loop", o.hit_loop]
     args += ["-o", q(str(o.output))]
     return " ".join(args)

@@ -39,6 +39,9 @@ SIGINT, SIGTRAP = 2, 5
 #: gdb's numbers (the remote protocol's) of the signals the agent path calls a crash
 CRASH_SIGNALS = {11: "SIGSEGV", 6: "SIGABRT", 7: "SIGBUS", 4: "SIGILL", 8: "SIGFPE"}
 X86_DEBUG_REGISTERS = 4
+#: eflags.RF: the resume flag Linux sets after an instruction breakpoint in a debug register
+#: so the thread continues past it; the guest's own code never sees it, so it is not stored
+X86_RF = 1 << 16
 
 
 @dataclass
@@ -392,15 +395,19 @@ class DirectLoop:
         vcpu = self._vcpu(thread)
         stored = True
         if self.p.dedupe:
-            key = (pid, pc, regs.get("sp"), regs.get("flags"), tuple(regions))
+            key = (pid, pc, regs.get("sp"), regs.get("flags") if not self.hardware else
+                   (regs.get("flags") or 0) & ~X86_RF, tuple(regions))
             if self.last.get(vcpu) == key:
                 self.duplicates += 1
                 stored = False
             else:
                 self.last[vcpu] = key
+        flags = regs.get("flags")
+        if flags is not None and self.hardware:
+            flags &= ~X86_RF  # set by the kernel for the resume past the debug register hit
         if stored:
-            self.h.on_snapshot((self.hits, pid, vcpu, pc, regs.get("sp"), regs.get("flags"),
-                                False, regions))
+            self.h.on_snapshot((self.hits, pid, vcpu, pc, regs.get("sp"), flags, False,
+                                regions))
             self.hits += 1
         if self.p.count and self.hits >= self.p.count:
             if tail:
