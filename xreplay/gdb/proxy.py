@@ -67,15 +67,25 @@ class StubProxy:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 s.settimeout(None)
             self.gdb_sock, self.stub_sock = conn, up
+            self.noack, self._noack_asked, self.packet_size = False, False, None
             return True
         return False
 
     def _run(self) -> None:
+        """Relay each connection gdb makes (it reconnects, e.g. to retry QEMU with the
+        register set QEMU's stub sends) until :meth:`close`."""
         try:
-            if not self._accept():
-                return
-            assert self.gdb_sock is not None and self.stub_sock is not None
-            g, s = self.gdb_sock, self.stub_sock
+            while self._accept():
+                self._relay()
+                self._close_both()
+        finally:
+            self._idle.set()
+            self._close_both()
+
+    def _relay(self) -> None:
+        assert self.gdb_sock is not None and self.stub_sock is not None
+        g, s = self.gdb_sock, self.stub_sock
+        try:
             while not self._stop.is_set():
                 if self._paused.is_set():
                     self._idle.set()
@@ -96,9 +106,6 @@ class StubProxy:
                         g.sendall(data)
         except OSError as e:
             self.error = f"relay between gdb and the gdbstub failed: {e}"
-        finally:
-            self._idle.set()
-            self._close_both()
 
     def _from_gdb(self, data: bytes) -> None:
         self.gdb_packets += data.count(b"$")
