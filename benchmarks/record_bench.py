@@ -666,6 +666,20 @@ def record_benchmark(hits: int = DEFAULT_HITS, runs: int = 3, slow_hits: int | N
     return methods
 
 
+def goals(methods: list[Method], wanted: dict[str, tuple[float, float]]) -> str:
+    """One line per method: its ratio to raw-rsp against issue 13's goal and moonshot."""
+    base = next(m for m in methods if m.name == BASELINE).median_rate()
+    lines = []
+    for m in methods:
+        if m.name in wanted and base:
+            goal, moon = wanted[m.name]
+            r = m.median_rate() / base
+            lines.append(f"goal: {m.name}/raw-rsp = {r:.2f} (goal >= {goal}: "
+                         f"{'met' if r >= goal else 'NOT met'}; moonshot >= {moon}: "
+                         f"{'met' if r >= moon else 'not met'})")
+    return "\n".join(lines)
+
+
 @register("record", "snapshots/s of xreplay record vs a raw RSP client and pygdbmi loops")
 def main(args: BenchArgs) -> bool:
     from xreplay.errors import XReplayError
@@ -676,6 +690,7 @@ def main(args: BenchArgs) -> bool:
     methods = record_benchmark(hits, args.runs)
     print(table(methods, BASELINE, "\nrecord, gdbserver target (snapshots/s; ratios against "
                 "raw-rsp measured in the same run):"))
+    print(goals(methods, {"xreplay": (1.0, 2.5)}))
     ok = all(x.verified for m in methods for x in m.results)
     try:
         qemu_target = build_qemu_target()
@@ -690,4 +705,5 @@ def main(args: BenchArgs) -> bool:
                 "(snapshots/s; ratios against raw-rsp measured in the same run):"))
     print("duplicate stops dropped per run: " + "; ".join(
         f"{name} {dups[name]}" for name in QEMU_METHODS))
+    print(goals(qmethods, {"xreplay": (0.9, 2.5)}))
     return ok and all(x.verified for m in qmethods for x in m.results)

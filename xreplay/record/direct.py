@@ -72,11 +72,15 @@ class DirectPlan:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def follows(self) -> bool:
+        """A region is read through a pointer: a move is re-read before anything else."""
+        return any(r.pointer_at is not None for r in self.regions)
+
+    @property
     def pipelined(self) -> bool:
         """The resume goes in the hit's batch: gdbserver (no-ack, all-stop answers queued
         packets in order) and no pointer to follow (a moved region is re-read first)."""
-        return (not self.ack and self.stub is StubKind.GDBSERVER
-                and not any(r.pointer_at is not None for r in self.regions))
+        return not self.ack and self.stub is StubKind.GDBSERVER and not self.follows
 
     def describe(self, hardware_used: bool) -> str:
         bp = "hardware breakpoints, no step-over" if hardware_used else \
@@ -378,7 +382,8 @@ class DirectLoop:
                 tail = [b"z0,%x,1" % pc, self._step(thread), b"Z0,%x,1" % pc,
                         self._resume(None)]
             resume_in_batch = True
-        elif self.p.stub is StubKind.QEMU and not last_needed and sig == SIGTRAP:
+        elif (self.p.stub is StubKind.QEMU and not last_needed and sig == SIGTRAP
+              and not self.p.follows):
             # z0 of every probe address (the pc is not known before ``g``'s reply) + step
             tail = [*(b"z0,%x,1" % a for a in probe_addrs), self._step(thread)]
         self.c.send(*rpk, *flat, *tail)
