@@ -17,10 +17,13 @@ import json
 import os
 import re
 import shlex
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 from xreplay.abi import canonical_arch, layout
@@ -39,6 +42,8 @@ from xreplay.record.target import LaunchedTarget, launch_log_path
 from xreplay.xrr import ProbeSpec, RecordingHeader, RegionSpec
 
 HANG_PROBE = "hang"
+#: the GIL switch interval while the direct loop runs (CPython's default is 5 ms)
+SWITCH_INTERVAL = 0.0002
 #: gdb's architecture names -> guest ABI, where the name alone decides it.
 _GDB_ARCHES = {"i386:x86-64": "x86_64", "i386": "x86_32", "aarch64": "arm64", "arm": "arm32"}
 _CRASH_SIGNALS = ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE")
@@ -533,7 +538,13 @@ class Recorder:
         loop = None
         if sock is not None:
             conn = Connection(sock, ack=self.plan.ack)
-            hooks = direct.Hooks(self._on_snapshot, self._direct_checker(t0),
+            queue: SimpleQueue[tuple[Any, ...] | None] = SimpleQueue()
+
+            def enqueue(snap: tuple[Any, ...]) -> None:
+                self._last_hit = time.monotonic()
+                queue.put(snap)
+
+            hooks = direct.Hooks(enqueue, self._direct_checker(t0),
                                  self.sink.note, lambda: time.monotonic() - self._last_hit,
                                  o.interrupt_hang_after)
             loop = direct.DirectLoop(conn, self.plan, hooks)
@@ -552,11 +563,24 @@ class Recorder:
         self.hit_loop = self.plan.describe(loop.hardware)
         self.sink.note("hit-loop", path="direct", how=self.hit_loop, notes=self.plan.notes)
         there = True
+        # The file is written by a thread of its own: encoding a snapshot costs about as
+        # much CPU as the stub's round trip, and the loop waits on its socket meanwhile (the
+        # GIL is released there).  A short switch interval hands the GIL back to the loop
+        # as soon as the stub answers, instead of after 5 ms.
+        writer = threading.Thread(target=self._write_queued, args=(queue,),
+                                  name="xreplay-writer", daemon=True)
+        writer.start()
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL)
         try:
             reason, there = loop.run()
         except (RspError, OSError, ValueError) as e:
             reason, there = EndReason.TARGET_LOST, False
             self.sink.note("direct-loop-error", error=str(e))
+        finally:
+            queue.put(None)
+            writer.join()
+            sys.setswitchinterval(interval)
         if there:
             try:
                 loop.remove()
@@ -575,6 +599,10 @@ class Recorder:
                 with contextlib.suppress(XReplayError):
                     self.gdb.console_command(cmd)
         return reason, loop.crash_signal, loop.duplicates
+
+    def _write_queued(self, queue: SimpleQueue[tuple[Any, ...] | None]) -> None:
+        while (snap := queue.get()) is not None:
+            self._on_snapshot(snap)
 
     def _run_agent(self, t0: float) -> tuple[EndReason, str | None]:
         """The hits through the in-gdb agent: gdb runs the target, this loop watches."""
