@@ -12,7 +12,7 @@ DEBS := gdb gdbserver qemu-system-x86 libxen-dev gcc gcc-multilib libc6-dev-i386
         python3 python3-venv
 PYTEST_ARGS ?=
 
-.PHONY: setup deps venv demo test bench lint clean
+.PHONY: setup deps venv demo test bench fuzz lint clean
 
 setup: deps venv
 
@@ -41,6 +41,11 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks
+
+# Hostile inputs for every parser of a stranger's file; FUZZ_CASES per parser.
+FUZZ_CASES ?= 100000
+fuzz: venv
+	$(PY) -m benchmarks fuzz --hits $(FUZZ_CASES)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -13,7 +13,8 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-MODULES = ("benchmarks.record_bench", "benchmarks.replay_bench")
+MODULES = ("benchmarks.record_bench", "benchmarks.replay_bench", "benchmarks.gdbsx_bench",
+           "benchmarks.fuzz", "benchmarks.rr_bench")
 
 
 @dataclass
@@ -30,17 +31,19 @@ class Benchmark:
     name: str
     help: str
     run: Callable[[BenchArgs], bool]  # returns True when every stored result verified
+    default: bool = True  # part of a run that names no benchmark
 
 
 BENCHMARKS: dict[str, Benchmark] = {}
 
 
-def register(name: str, help: str) -> Callable[[Callable[[BenchArgs], bool]],
-                                               Callable[[BenchArgs], bool]]:
-    """Decorator: make ``fn(args) -> ok`` runnable as ``python -m benchmarks NAME``."""
+def register(name: str, help: str, *, default: bool = True
+             ) -> Callable[[Callable[[BenchArgs], bool]], Callable[[BenchArgs], bool]]:
+    """Decorator: make ``fn(args) -> ok`` runnable as ``python -m benchmarks NAME``
+    (and, with ``default``, by a bare ``python -m benchmarks``)."""
 
     def deco(fn: Callable[[BenchArgs], bool]) -> Callable[[BenchArgs], bool]:
-        BENCHMARKS[name] = Benchmark(name, help, fn)
+        BENCHMARKS[name] = Benchmark(name, help, fn, default)
         return fn
 
     return deco

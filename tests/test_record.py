@@ -65,7 +65,7 @@ def test_every_hit_is_recorded_in_order(counter: Path, tmp_path: Path) -> None:
 
 def test_hang_is_detected_and_snapshotted(counter: Path, tmp_path: Path) -> None:
     out = tmp_path / "h.xrr"
-    result = Recorder(options(counter, out, "50", "spin", hang_after=1.0,
+    result = Recorder(options(counter, out, "50", "spin", hang_after=3.0,
                               kill_target=True)).run()
     assert result.reason == "hang" and result.hang_snapshot == 50
     with XrrReader(out) as r:
@@ -115,8 +115,14 @@ def test_killed_target_leaves_a_readable_file(counter: Path, tmp_path: Path) -> 
 def test_interrupt_request_stops_cleanly(counter: Path, tmp_path: Path) -> None:
     out = tmp_path / "i.xrr"
     rec = Recorder(options(counter, out, "100000", "slow", kill_target=True))
-    timer = threading.Timer(1.5, rec.request_stop)
-    timer.start()
+
+    def stop_once_recording() -> None:
+        deadline = time.monotonic() + 60  # set-up is slow on a loaded machine
+        while rec.sink.count < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rec.request_stop()
+
+    threading.Thread(target=stop_once_recording, daemon=True).start()
     result = rec.run()
     assert result.reason == "interrupted" and result.snapshots > 0
     with XrrReader(out) as r:

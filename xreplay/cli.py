@@ -1,11 +1,16 @@
 """The ``xreplay`` command: a thin click shell over the library.
 
 Exit codes, as scripts expect (ruff's convention): 0 fine, 1 findings (replay/diff),
-2 bad input or environment, reported as one line on stderr.
+2 bad input or environment, reported as one line on stderr (``record`` adds its end
+reasons, 130 is Ctrl-C).  A bug in xreplay (an exception that is not an
+:class:`XReplayError`) is also exit 2, with one line asking for a report, so that a crash
+is never mistaken for findings.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,13 +18,17 @@ from typing import Any
 import click
 
 from xreplay import __version__
-from xreplay.errors import XReplayError
+from xreplay.errors import RecordingFormatError, XReplayError
 from xreplay.output import emit_json
 from xreplay.profiles.presets import PROFILE_NAMES
 
+BUG_REPORT_HINT = ("this is a bug in xreplay: please report it with the command line and "
+                   "the input file (XREPLAY_DEBUG=1 prints the traceback)")
+
 
 class XReplayGroup(click.Group):
-    """Turns :class:`XReplayError` into one line on stderr and exit status 2."""
+    """Turns :class:`XReplayError` into one line on stderr and exit status 2; so too any
+    other exception (a bug), with a request to report it."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -29,6 +38,18 @@ class XReplayGroup(click.Group):
             ctx.exit(2)
         except BrokenPipeError:
             ctx.exit(0)
+        except KeyboardInterrupt:
+            click.echo("xreplay: interrupted", err=True)
+            ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - the last guard: exit 2, never a traceback
+            if os.environ.get("XREPLAY_DEBUG"):
+                raise
+            text = str(e).splitlines()[0][:200] if str(e) else ""
+            click.echo(f"xreplay: internal error: {type(e).__name__}"
+                       f"{': ' + text if text else ''}; {BUG_REPORT_HINT}", err=True)
+            ctx.exit(2)
 
 
 @click.group(cls=XReplayGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -71,32 +92,48 @@ def show(file: Path, at: int | None, changes_range: str | None, as_json: bool) -
     if at is not None and changes_range is not None:
         raise XReplayError("--at and --changes are two views: give one of them")
     with XrrReader(file) as reader:
+        stopped = None
         if at is not None:
             snap = inspect.snapshot_at(reader, at)
+            # taken on a replay (record --from-rr): the guest position too
+            icount = reader.guest_times().get(at) if reader.header.replay else None
             if as_json:
-                emit_json(snap.to_json())
+                emit_json({**snap.to_json(), **({"icount": icount} if icount is not None
+                                                 else {})})
             else:
                 click.echo(snap.render())
+                if icount is not None:
+                    click.echo(f"  guest position: icount {icount} (replay of "
+                               f"{reader.header.replay.get('run')})")
         elif changes_range is not None:
             lo, hi = inspect.parse_range(changes_range)
-            rows = inspect.changes(reader, lo, hi)
-            if as_json:
-                emit_json({"file": str(file), "changes": rows})
-            else:
-                for row in rows:
+            rows: list[dict[str, Any]] = []
+            try:
+                for row in inspect.iter_changes(reader, lo, hi):
+                    if as_json:
+                        rows.append(row)
+                        continue
                     head = f"#{row['from']} -> #{row['to']} ({row['probe']}, vcpu {row['vcpu']})"
                     body = "; ".join(row["text"]) or "no event-channel bit changed"
                     watch = "".join(f"; {k}: {n} bytes" for k, n in row["watch"].items())
                     click.echo(f"{head}: {body}{watch}")
+            except RecordingFormatError as e:
+                stopped = e
+            if as_json:
+                emit_json({"file": str(file), "changes": rows,
+                           **({"stopped": {"offset": stopped.offset, "message": str(stopped)}}
+                              if stopped else {})})
         else:
             s = inspect.summary(reader)
-            first, last = s.pop("_first"), s.pop("_last")
+            first, last, stopped = s.pop("_first"), s.pop("_last"), s.pop("_stopped")
             if as_json:
                 emit_json(s)
             else:
                 _print_summary(s, first, last)
         for problem in reader.problems:
             click.echo(f"xreplay: warning: {problem}", err=True)
+        if stopped is not None:
+            raise stopped  # after what was read: the error line, exit 2
 
 
 def _print_summary(s: dict[str, Any], first: Any, last: Any) -> None:
@@ -106,6 +143,9 @@ def _print_summary(s: dict[str, Any], first: Any, last: Any) -> None:
                f"{'closed cleanly' if s['closed_cleanly'] else 'NOT closed cleanly'}")
     click.echo(f"  {s['snapshots']} snapshots over {s['duration_s']:.3f} s"
                + (f", {s['hang_snapshots']} taken at a hang" if s["hang_snapshots"] else ""))
+    if s.get("stopped"):
+        click.echo(f"  READ STOPPED at byte {s['stopped']['offset']}: damage; the summary "
+                   "covers the snapshots before it")
     for p in s["probes"]:
         click.echo(f"  probe {p['name']:<12} {p['role']:<12} {p['hits']:>8} hits  "
                    f"at {p['location']}")
@@ -216,6 +256,9 @@ def _record_epilog() -> str:
               "on gdbserver and QEMU, unless --filter/--vcpu-expr or a re-evaluated region "
               "need gdb at each hit; else the in-gdb agent), agent, or direct (refuse "
               "otherwise).")
+@click.option("--from-rr", "from_rr", type=click.Path(file_okay=False, path_type=Path),
+              help="Take the snapshots on a replay of this 'xreplay rr record' run instead "
+              "of a live target (its QEMU gdbstub; --elf defaults to its -kernel ELF).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True,
                                                 path_type=Path),
               required=True, help="Recording file to write (created once set-up succeeded).")
@@ -227,7 +270,7 @@ def record(target: str | None, launch: str | None, elf: Path | None, arch: str |
            duration: float | None, hang_after: float | None, kill_target: bool | None,
            dedupe: bool | None, is_qemu: bool, filter_expr: str | None, vcpu_expr: str | None,
            symbols: Path | None, domain: str | None, no_guest_check: bool, gdb: str,
-           hit_loop: str, output: Path) -> None:
+           hit_loop: str, from_rr: Path | None, output: Path) -> None:
     """Record a live guest's event-channel state at its upcall, bottom half and block."""
     from xreplay.paths import check_output
     from xreplay.record.build import RecordChoices, build_options
@@ -242,7 +285,12 @@ def record(target: str | None, launch: str | None, elf: Path | None, arch: str |
         hang_after=hang_after, kill_target=kill_target, dedupe=dedupe, qemu=is_qemu,
         filter=filter_expr, vcpu_expr=vcpu_expr, symbols=symbols, domain=domain,
         guest_check=not no_guest_check, gdb=gdb, hit_loop=hit_loop)
-    result = run_recorder(build_options(choices))
+    if from_rr is not None:
+        from xreplay.rr.launcher import record_from_rr
+
+        result = record_from_rr(from_rr, build_options(choices), run_recorder)
+    else:
+        result = run_recorder(build_options(choices))
     _print_record_result(result)
     click.get_current_context().exit(result.exit_code)
 
@@ -352,10 +400,41 @@ def export(file: Path, fmt: str, output: str) -> None:
         check_output(output)
     if output == "-":
         n = FORMATS[fmt](file, sys.stdout)
-    else:
-        with open(output, "w") as f:
-            n = FORMATS[fmt](file, f)
-        click.echo(f"{output}: {n} snapshots as {fmt}", err=True)
+        return
+    n = _export_atomically(FORMATS[fmt], file, Path(output))
+    click.echo(f"{output}: {n} snapshots as {fmt}", err=True)
+
+
+def _export_atomically(exporter: Any, file: Path, output: Path) -> int:
+    """Export into a temporary file beside ``output`` and rename it into place: a failure
+    (damage in the recording, a full disk) leaves no output rather than a cut one."""
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp",
+                                   dir=output.parent if str(output.parent) else ".")
+    except OSError as e:
+        raise XReplayError(f"{output}: cannot create the output ({e.strerror})") from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would have made it, not mkstemp's 0600
+        with os.fdopen(fd, "w") as f:
+            n = exporter(file, f)
+        os.replace(tmp, output)
+    except OSError as e:
+        _unlink(tmp)
+        raise XReplayError(f"{output}: cannot write the output ({e.strerror}); nothing "
+                           "was left behind") from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return n
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 @main.command()
@@ -380,7 +459,7 @@ def demo(out_dir: Path, variant: str, kinds: tuple[str, ...], seed: int, events:
         _print_record_result(run.result)
         with XrrReader(run.output) as reader:
             s = inspect.summary(reader)
-            first, last = s.pop("_first"), s.pop("_last")
+            first, last, _ = s.pop("_first"), s.pop("_last"), s.pop("_stopped")
             _print_summary(s, first, last)
         result = replay_recording(run.output)
         click.echo(f"\n== verdict (xreplay replay {run.output})")
@@ -397,7 +476,9 @@ def _register_subsystems() -> None:
     """Command groups that live beside their library (lab, replay) join the main CLI."""
     from xreplay.lab.xen.commands import lab
     from xreplay.replay.commands import diff_command, replay_command
+    from xreplay.rr.commands import rr
 
+    main.add_command(rr)
     main.add_command(lab)
     main.add_command(replay_command)
     main.add_command(diff_command)

@@ -29,19 +29,27 @@ section per domain.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import io
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Set
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
-from xreplay.errors import XReplayError
+from xreplay.abi.ports import (
+    EVTCHN_FIFO_LINK_MASK,
+    EVTCHN_FIFO_NR_CHANNELS,
+    MAX_VIRT_CPUS,
+    nr_ports,
+)
+from xreplay.errors import DebugKeysFormatError, XReplayError
 from xreplay.snapshot import PortState
 
 __all__ = [
-    "DomainEvtchnDump", "FifoColumn", "MalformedLine", "PortDiff", "compare", "fifo_column",
+    "DomainEvtchnDump", "FifoColumn", "MalformedLine", "PortDiff", "VcpuSet", "compare",
+    "fifo_column",
     "format_vcpu_list", "from_json", "latest", "parse", "parse_file", "parse_lines",
     "parse_port_line", "parse_vcpu_list", "render", "strip_console_prefix", "to_json",
 ]
@@ -49,24 +57,32 @@ __all__ = [
 # Longest console line we look at.  Xen's printk buffer is 1 KiB; anything longer is not an
 # 'e' line, and the cap keeps matching cost per line constant.
 MAX_LINE_CHARS = 4096
-# Upper bound for vCPU ids in "Polling vCPUs" (Xen's limit is far lower); stops "{0-10**9}"
-# from building a huge set.
-MAX_VCPUS = 1 << 14
+# Upper bound for vCPU ids in "Polling vCPUs"; stops "{0-10**9}" from meaning anything.
+MAX_VCPUS = MAX_VIRT_CPUS
 # Per section: enough to diagnose a damaged capture without growing without bound.
 MAX_WARNINGS = 100
 
 BANNER = "'e' pressed -> dumping event-channel info"
 COLUMN_HEADER = "    port [p/m/s]"
 
-_HEADER = re.compile(r"Event channel information for (?:domain |d)(\d{1,5}):")
-_POLLING = re.compile(r"Polling vCPUs: \{([0-9, -]{0,4096})\}")
+# Numbers are ASCII digits only (re.ASCII): Python's \d and str.isdigit() also take
+# superscripts, Arabic-Indic and fullwidth digits, which Xen never prints.
+_HEADER = re.compile(r"Event channel information for (?:domain |d)(\d{1,5}):", re.ASCII)
+_POLLING = re.compile(r"Polling vCPUs: \{([0-9, -]{0,4096})\}", re.ASCII)
 # printk("    %4u [%d/%d/", ...) print_state() printk("]: s=%d n=%d x=%d", ...) + tail.
 _PORT = re.compile(
-    r"(\d{1,7}) \[([01])/([01])/([^\]]{1,8})\]: s=(\d{1,3}) n=(-?\d{1,10}) x=(\d{1,3})(.*)")
+    r"(\d{1,7}) \[([01])/([01])/([^\]]{1,8})\]: s=(\d{1,3}) n=(-?\d{1,10}) x=(\d{1,3})(.*)",
+    re.ASCII)
+# Any digits here (not re.ASCII): a port line with Unicode digits is reported, not skipped.
 _PORT_START = re.compile(r"\d{1,10} {0,4}\[")
+# The s column of the 2-level ABI: evtchn_2l_print_state's "%d" of one bit.  The FIFO ABI's
+# (evtchn_fifo_print_state: "?     ", "%c -   ", "%c %-4u") is checked by rendering it back.
+_CELL_2L = re.compile(r"[01]")
+_2L_MAX_PORTS = nr_ports(64)
 # Timestamps Xen (console_timestamps=boot/date/datems/raw) or a capture tool puts in front.
-_STAMP = re.compile(r"\[[0-9 .:,T+/-]{1,40}\] ?")
-_TAIL_TOKEN = re.compile(r"([dpiv])=(-?\d{1,10})")
+_STAMP = re.compile(r"\[[0-9 .:,T+/-]{1,40}\] ?", re.ASCII)
+_TAIL_TOKEN = re.compile(r"([dpiv])=(-?\d{1,10})", re.ASCII)
+_UINT = re.compile(r"[0-9]{1,7}", re.ASCII)
 
 # Type-specific tokens after "x=%d", by ECS state, in the order Xen prints them.
 _TAIL_KEYS: dict[int, tuple[str, ...]] = {
@@ -78,7 +94,7 @@ _TAIL_FIELD = {
 }
 
 
-class MalformedLine(ValueError):
+class MalformedLine(DebugKeysFormatError):
     """A port line that does not follow Xen's format; the message says what is wrong."""
 
 
@@ -96,7 +112,7 @@ class DomainEvtchnDump:
 
     domid: int
     dump_index: int = 0
-    polling_vcpus: frozenset[int] = frozenset()
+    polling_vcpus: Set[int] = frozenset()  # a VcpuSet when parsed
     ports: list[PortState] = field(default_factory=list)
     line: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -132,7 +148,8 @@ class DomainEvtchnDump:
             "dump_index": self.dump_index,
             "domid": self.domid,
             "line": self.line,
-            "polling_vcpus": sorted(self.polling_vcpus),
+            "polling_vcpus": list(self.polling_vcpus) if isinstance(self.polling_vcpus, VcpuSet)
+            else sorted(self.polling_vcpus),
             "ports": [p.to_json() for p in self.ports],
             "warnings": list(self.warnings),
         }
@@ -214,30 +231,77 @@ def strip_console_prefix(line: str) -> str:
     return s
 
 
-def parse_vcpu_list(text: str) -> frozenset[int]:
+class VcpuSet(Set):
+    """An immutable set of vCPU ids kept as sorted ``(first, last)`` runs.
+
+    ``Polling vCPUs: {0-8191}`` costs two numbers, not 8192 (memory stays proportional to
+    the text); iteration is in increasing order; equal to any set with the same members.
+    """
+
+    __slots__ = ("_firsts", "_runs")
+
+    def __init__(self, vcpus: Iterable[int] = (), *, runs: Iterable[tuple[int, int]] = ()
+                 ) -> None:
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted([*runs, *((v, v) for v in vcpus)]):
+            if merged and lo <= merged[-1][1] + 1:
+                if hi > merged[-1][1]:
+                    merged[-1] = (merged[-1][0], hi)
+            else:
+                merged.append((lo, hi))
+        self._runs = tuple(merged)
+        self._firsts = [lo for lo, _ in merged]
+
+    @property
+    def runs(self) -> tuple[tuple[int, int], ...]:
+        return self._runs
+
+    def __contains__(self, vcpu: object) -> bool:
+        if not isinstance(vcpu, int):
+            return False
+        i = bisect.bisect_right(self._firsts, vcpu) - 1
+        return i >= 0 and vcpu <= self._runs[i][1]
+
+    def __iter__(self) -> Iterator[int]:
+        for lo, hi in self._runs:
+            yield from range(lo, hi + 1)
+
+    def __len__(self) -> int:
+        return sum(hi - lo + 1 for lo, hi in self._runs)
+
+    __hash__ = Set._hash
+
+    def __repr__(self) -> str:
+        return f"VcpuSet({{{format_vcpu_list(self)}}})"
+
+
+def parse_vcpu_list(text: str) -> VcpuSet:
     """Parse ``bitmap_scnlistprintf`` output (``0-1,3``; empty for none).
 
     Xen 4.11 calls ``bitmap_scnlistprintf`` itself and 4.12+ print ``%*pbl``, which is the
-    same routine, so one grammar covers both; spaces are tolerated.
+    same routine, so one grammar covers both; spaces are tolerated.  Every id must be below
+    :data:`MAX_VCPUS`; the result holds runs, not members.
     """
-    vcpus: set[int] = set()
     body = text.replace(" ", "")
     if not body:
-        return frozenset()
+        return VcpuSet()
+    runs = []
     for item in body.split(","):
         lo_s, sep, hi_s = item.partition("-")
-        if not lo_s.isdigit() or (sep and not hi_s.isdigit()):
-            raise MalformedLine(f"bad vCPU list item {item!r}")
+        if not _UINT.fullmatch(lo_s) or (sep and not _UINT.fullmatch(hi_s)):
+            raise MalformedLine(f"bad vCPU list item {item[:20]!r}")
         lo = int(lo_s)
         hi = int(hi_s) if sep else lo
         if hi < lo or hi >= MAX_VCPUS:
-            raise MalformedLine(f"bad vCPU range {item!r}")
-        vcpus.update(range(lo, hi + 1))
-    return frozenset(vcpus)
+            raise MalformedLine(f"bad vCPU range {item!r} (vCPU ids are 0-{MAX_VCPUS - 1})")
+        runs.append((lo, hi))
+    return VcpuSet(runs=runs)
 
 
 def format_vcpu_list(vcpus: Iterable[int]) -> str:
     """Inverse of :func:`parse_vcpu_list`, in Xen's form: runs of two or more as ``a-b``."""
+    if isinstance(vcpus, VcpuSet):
+        return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in vcpus.runs)
     out: list[str] = []
     run: list[int] = []
     for v in sorted(set(vcpus)):
@@ -260,7 +324,7 @@ def fifo_column(text: str) -> FifoColumn:
     rest = text[1:].strip() if busy else text
     if rest == "-":
         return FifoColumn(word=True, busy=busy)
-    if rest.isdigit():
+    if _UINT.fullmatch(rest) and int(rest) <= EVTCHN_FIFO_LINK_MASK:
         return FifoColumn(word=True, busy=busy, link=int(rest))
     raise MalformedLine(f"bad FIFO state column {text!r}")
 
@@ -288,15 +352,21 @@ def parse_port_line(text: str) -> PortState:
     port, state = int(port_s), int(state_s)
     if port == 0:
         raise MalformedLine("port 0 (Xen never prints it)")
+    if port >= EVTCHN_FIFO_NR_CHANNELS:
+        raise MalformedLine(f"port {port} is beyond any event-channel ABI")
     if state not in _TAIL_KEYS:
         raise MalformedLine(f"s={state} is not an ECS state (0-6)")
     selector: bool | None = None
     fifo: str | None = None
-    if len(col) == 1 and col in "01":
+    if _CELL_2L.fullmatch(col):
         selector = col == "1"
+        if port >= _2L_MAX_PORTS:
+            raise MalformedLine(f"port {port} is beyond the 2-level ABI's {_2L_MAX_PORTS}")
     else:
         fifo = col.strip()
-        fifo_column(fifo)  # validate
+        if _pad_fifo(fifo) != col:  # one shape per ABI, exactly as Xen prints it
+            raise MalformedLine(f"[p/m/s] cell {col!r} is neither the 2-level ABI's one bit "
+                                "nor a FIFO state column as Xen prints it")
     values: dict[str, Any] = {}
     label_at = tail.find(" Z=")
     if label_at >= 0:
@@ -352,8 +422,8 @@ class _Parser:
     def warn(self, lineno: int, why: str, text: str) -> None:
         message = f"line {lineno}: {why}: {text.strip()[:160]!r}"
         if self.strict:
-            raise XReplayError(f"{self.source}:{lineno}: malformed 'e' key line ({why}): "
-                               f"{text.strip()[:160]!r}")
+            raise DebugKeysFormatError(f"{self.source}:{lineno}: malformed 'e' key line "
+                                       f"({why}): {text.strip()[:160]!r}")
         target = self.current.warnings if self.current is not None else self.orphans
         if len(target) < MAX_WARNINGS:
             target.append(message)
@@ -401,6 +471,10 @@ class _Parser:
             self.warn(lineno, f"port {state.port} after port {ports[-1].port} "
                       "(Xen prints ports in increasing order; header lost?)", text)
             return
+        if ports and (state.fifo is None) != (ports[0].fifo is None):
+            self.warn(lineno, "[p/m/s] cell of the other event-channel ABI than this "
+                      f"section's (port {ports[0].port} is {ports[0].pms})", text)
+            return
         ports.append(state)
 
     def open_section(self, lineno: int, domid: int) -> None:
@@ -418,7 +492,7 @@ class _Parser:
 
     def finish(self) -> list[DomainEvtchnDump]:
         if not self.sections:
-            raise XReplayError(
+            raise DebugKeysFormatError(
                 f"no 'Event channel information for domain' section found in {self.source}: "
                 "pass the output of `xl debug-keys e; xl dmesg`")
         return self.sections
@@ -498,13 +572,14 @@ def from_json(obj: dict[str, Any]) -> list[DomainEvtchnDump]:
     """Inverse of :func:`to_json` (unknown keys in a port are an error, not ignored)."""
     try:
         return [DomainEvtchnDump(domid=int(d["domid"]), dump_index=int(d.get("dump_index", 0)),
-                                 polling_vcpus=frozenset(d.get("polling_vcpus", ())),
+                                 polling_vcpus=VcpuSet(int(v) for v in
+                                                       d.get("polling_vcpus", ())),
                                  ports=[PortState(**p) for p in d["ports"]],
                                  line=int(d.get("line", 0)),
                                  warnings=list(d.get("warnings", ())))
                 for d in obj["dumps"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise XReplayError(f"not an xreplay 'e' key JSON document: {e}") from e
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DebugKeysFormatError(f"not an xreplay 'e' key JSON document: {e}") from e
 
 
 # --------------------------------------------------------------------------- comparison

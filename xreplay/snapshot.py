@@ -9,6 +9,7 @@ decoding (one ``int.from_bytes`` per bitmap) and the natural 2-level arithmetic.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 from xreplay.abi import iter_bits, layout
@@ -228,6 +229,13 @@ class Snapshot:
         }
 
 
+@cache
+def _compiled_vcpu_info(arch: str) -> Any:
+    """construct's compiled ``vcpu_info`` parser of an arch (compiling costs milliseconds:
+    once per process, not once per reader)."""
+    return layout(arch).vcpu_info.compile()
+
+
 class SnapshotDecoder:
     """Turns raw ``shared_info`` / ``vcpu_info`` bytes of one arch into :class:`VcpuState`s
     and bitmaps; built once per recording so offsets and compiled parsers are reused."""
@@ -239,7 +247,7 @@ class SnapshotDecoder:
         self.mask_slice = slice(fields["evtchn_mask"][0], sum(fields["evtchn_mask"]))
         self.vcpu_info_size = self.structs.vcpu_info.sizeof()
         self.shared_info_size = self.structs.shared_info.sizeof()
-        self._vcpu_info = self.structs.vcpu_info.compile()
+        self._vcpu_info = _compiled_vcpu_info(self.structs.arch)
         self._mask_field = ("evtchn_upcall_mask" if self.structs.spec.has_upcall_mask
                             else None)
 

@@ -2,6 +2,9 @@
 
 from xreplay.abi.layouts import ARCHES, XenStructs, canonical_arch, layout
 from xreplay.abi.ports import (
+    EVTCHN_FIFO_LINK_MASK,
+    EVTCHN_FIFO_NR_CHANNELS,
+    MAX_VIRT_CPUS,
     iter_bits,
     nr_ports,
     port_to_word_bit,
@@ -11,6 +14,7 @@ from xreplay.abi.ports import (
 )
 
 __all__ = [
-    "ARCHES", "XenStructs", "canonical_arch", "layout", "iter_bits", "nr_ports",
+    "ARCHES", "EVTCHN_FIFO_LINK_MASK", "EVTCHN_FIFO_NR_CHANNELS", "MAX_VIRT_CPUS",
+    "XenStructs", "canonical_arch", "layout", "iter_bits", "nr_ports",
     "port_to_word_bit", "selector_mask", "selector_word", "word_bit_to_port",
 ]

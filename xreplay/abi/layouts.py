@@ -31,7 +31,11 @@ from construct import (
 )
 
 from xreplay.abi.ports import nr_ports
-from xreplay.errors import XReplayError
+from xreplay.errors import UsageError, XReplayError
+
+
+class UnknownStructError(UsageError, KeyError):
+    """A struct name the layouts do not have (an XReplayError, and a KeyError)."""
 
 
 @dataclass(frozen=True)
@@ -200,7 +204,8 @@ class XenStructs:
 
     def struct(self, name: str) -> Struct:
         if name not in self.STRUCT_NAMES:
-            raise KeyError(name)
+            raise UnknownStructError(f"no struct {name!r} in the {self.arch} layouts: use one "
+                                     f"of {', '.join(self.STRUCT_NAMES)}")
         return getattr(self, name)
 
     def fields(self, name: str) -> dict[str, tuple[int, int]]:

@@ -10,6 +10,18 @@ shared_info, 64 otherwise.  ``EVTCHN_2L_NR_CHANNELS`` is ``BPW * BPW``
 
 from __future__ import annotations
 
+from xreplay.errors import UsageError
+
+
+class PortRangeError(UsageError, ValueError):
+    """A port, word or bit outside the 2-level ABI (an XReplayError, and a ValueError)."""
+
+
+# Limits every parser of a stranger's file bounds its numbers by.
+MAX_VIRT_CPUS = 8192  # vCPU ids are below this (Xen's MAX_VIRT_CPUS on x86)
+EVTCHN_FIFO_NR_CHANNELS = 1 << 17  # public/event_channel.h: the largest port space (FIFO)
+EVTCHN_FIFO_LINK_MASK = EVTCHN_FIFO_NR_CHANNELS - 1  # the LINK field of a FIFO event word
+
 
 def nr_ports(bits_per_word: int) -> int:
     """Number of 2-level ports: 4096 with 64-bit words, 1024 with 32-bit words."""
@@ -19,14 +31,15 @@ def nr_ports(bits_per_word: int) -> int:
 def port_to_word_bit(port: int, bits_per_word: int) -> tuple[int, int]:
     """(selector word, bit within that word) of ``port``."""
     if not 0 <= port < nr_ports(bits_per_word):
-        raise ValueError(f"port {port} outside the 2-level range 0..{nr_ports(bits_per_word) - 1}")
+        raise PortRangeError(f"port {port} outside the 2-level range "
+                             f"0..{nr_ports(bits_per_word) - 1}")
     return divmod(port, bits_per_word)
 
 
 def word_bit_to_port(word: int, bit: int, bits_per_word: int) -> int:
     """Inverse of :func:`port_to_word_bit`."""
     if not (0 <= word < bits_per_word and 0 <= bit < bits_per_word):
-        raise ValueError(f"word {word} / bit {bit} outside a {bits_per_word}-bit 2-level ABI")
+        raise PortRangeError(f"word {word} / bit {bit} outside a {bits_per_word}-bit 2-level ABI")
     return word * bits_per_word + bit
 
 

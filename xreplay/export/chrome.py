@@ -9,14 +9,14 @@ unterminated array, but we close it).
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import TextIO
+import os
+from typing import BinaryIO, TextIO
 
 from xreplay.abi import iter_bits
 from xreplay.xrr import XrrReader
 
 
-def export_chrome(path: Path, out: TextIO) -> int:
+def export_chrome(path: str | os.PathLike | BinaryIO, out: TextIO) -> int:
     """Write ``path`` as Chrome trace JSON to ``out``; returns the number of snapshots."""
     count = 0
     with XrrReader(path) as r:

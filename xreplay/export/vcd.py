@@ -11,10 +11,10 @@ host time (``t_ns``), nudged forward so each snapshot gets its own instant.
 from __future__ import annotations
 
 import datetime as _dt
-from pathlib import Path
-from typing import TextIO
+import os
+from typing import BinaryIO, TextIO
 
-from xreplay.abi import iter_bits
+from xreplay.abi import iter_bits, layout
 from xreplay.snapshot import Snapshot
 from xreplay.xrr import XrrReader
 
@@ -29,26 +29,28 @@ def _ident(n: int) -> str:
     return "".join(chars)
 
 
-def _changing_ports(path: Path) -> list[int]:
+Source = str | os.PathLike | BinaryIO  # a recording's path, or a seekable binary stream
+
+
+def _changing_ports(r: XrrReader) -> list[int]:
     """Ports whose pending or mask bit changes, or that are pending at any snapshot (pass 1)."""
-    with XrrReader(path) as r:
-        seen = 0
-        first: Snapshot | None = None
-        for snap in r.snapshots():
-            if first is None:
-                first = snap
-                seen |= snap.evtchn_pending
-            else:
-                seen |= (snap.evtchn_pending ^ first.evtchn_pending)
-                seen |= (snap.evtchn_mask ^ first.evtchn_mask) | snap.evtchn_pending
-        ports = set(iter_bits(seen)) | set(r.header.labels)
+    seen = 0
+    first: Snapshot | None = None
+    for snap in r.snapshots():
+        if first is None:
+            first = snap
+            seen |= snap.evtchn_pending
+        else:
+            seen |= (snap.evtchn_pending ^ first.evtchn_pending)
+            seen |= (snap.evtchn_mask ^ first.evtchn_mask) | snap.evtchn_pending
+    ports = set(iter_bits(seen)) | set(r.header.labels)
     return sorted(p for p in ports if p > 0)
 
 
-def export_vcd(path: Path, out: TextIO) -> int:
+def export_vcd(path: Source, out: TextIO) -> int:
     """Write ``path`` as VCD to ``out``; returns the number of snapshots written."""
-    ports = _changing_ports(path)
     with XrrReader(path) as r:
+        ports = _changing_ports(r)
         h = r.header
         sig: dict[str, tuple[str, int]] = {}
 
@@ -64,10 +66,11 @@ def export_vcd(path: Path, out: TextIO) -> int:
         declare("probe", 8)
         lines += [f"$var integer 32 {sig['snapshot'][0]} snapshot $end",
                   f"$var integer 8 {sig['probe'][0]} probe $end"]
-        for v in h.vcpus:
+        bits_per_word = layout(h.arch).bits_per_word
+        for v in r.decoded_vcpus:  # the others have no vcpu_info in any snapshot
             lines.append(f"$scope module vcpu{v} $end")
             for field, width in (("evtchn_upcall_pending", 1), ("evtchn_upcall_mask", 1),
-                                 ("evtchn_pending_sel", r._decoder.structs.bits_per_word)):
+                                 ("evtchn_pending_sel", bits_per_word)):
                 ident = declare(f"v{v}.{field}", width)
                 kind = "wire" if width == 1 else "reg"
                 lines.append(f"$var {kind} {width} {ident} {field} $end")

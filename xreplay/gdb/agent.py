@@ -45,6 +45,7 @@ FLUSH_COUNT = 64
 FLUSH_BYTES = 1 << 18
 
 _agent = None
+_ICOUNT = re.compile(r"instruction count = (\d+)")
 
 
 class _Probe(gdb.Breakpoint):
@@ -179,6 +180,7 @@ class Agent:
         self.dedupe = bool(config.get("dedupe"))
         self.filter_expr = config.get("filter")
         self.vcpu_expr = config.get("vcpu_expr")
+        self.guest_time = bool(config.get("guest_time"))
         self.last = {}
         self.probes = []
         self.regions = [_Region(spec) for spec in config["regions"]]
@@ -360,10 +362,23 @@ class Agent:
                 return False
             self.last[vcpu] = key
         body = wire.pack_snapshot(self.hits, pid, vcpu, pc, sp, regflags, hang, regions)
+        hit = self.hits
         self.hits += 1
         last = bool(self.count_limit) and self.hits >= self.count_limit and not hang
-        self.send(wire.SNAPSHOT_KIND, body, now=hang or last)
+        icount = self.icount() if self.guest_time else None
+        self.send(wire.SNAPSHOT_KIND, body, now=(hang or last) and icount is None)
+        if icount is not None:
+            self.send(wire.TIME_KIND, wire.TIME.pack(hit, icount), now=hang or last)
         return last  # True is a real stop: the recorder sees *stopped and finishes
+
+    @staticmethod
+    def icount():
+        """QEMU's instruction count on a record/replay run (``monitor info replay``)."""
+        try:
+            m = _ICOUNT.search(gdb.execute("monitor info replay", to_string=True))
+        except gdb.error:
+            return None
+        return int(m.group(1)) if m else None
 
     def snapshot_now(self, pid):
         """A snapshot where the target is stopped now (the hang snapshot)."""

@@ -10,7 +10,10 @@ Stubs differ in what a recorder must do (GDB manual, "Remote Protocol"; QEMU
   query prefix).
 * **gdbserver** debugs one process; it answers ``qXfer:exec-file:read`` with the
   program's path.
-* **gdbsx** (Xen's, in dom0) debugs one domain, one thread per vCPU.
+* **gdbsx** (Xen's, in dom0) debugs one domain, one thread per vCPU; it answers
+  ``qSupported`` with nothing (the project's own build with ``PacketSize`` and
+  ``xreplay-gdbsx+``) and ``?`` with ``T05thread:N;``. What it needs is in
+  :mod:`xreplay.gdb.gdbsx`.
 
 Identification sends only query packets every stub must tolerate (an unknown query gets
 the empty reply), through gdb's ``maint packet`` on gdb's own connection: a second
@@ -56,7 +59,8 @@ class StubInfo:
 
     @property
     def dedupe(self) -> bool:
-        return self.kind is StubKind.QEMU
+        """QEMU can report one hit twice; so can gdb through gdbsx (same pc, sp, flags)."""
+        return self.kind in (StubKind.QEMU, StubKind.GDBSX)
 
     def to_json(self) -> dict[str, object]:
         return {"kind": str(self.kind), "answers": self.answers}
@@ -87,4 +91,15 @@ def identify(gdb: GdbSession) -> StubInfo:
         answers["qXfer:exec-file:read"] = exe
     if exe and exe[0] in "lm":
         return StubInfo(StubKind.GDBSERVER, answers)
+    from xreplay.gdb.gdbsx import looks_like_gdbsx
+
+    sup = query(gdb, "qSupported")
+    if sup is not None:
+        answers["qSupported"] = sup
+        if looks_like_gdbsx(sup):
+            stop = query(gdb, "?")
+            if stop is not None:
+                answers["?"] = stop
+                if looks_like_gdbsx(sup, stop):
+                    return StubInfo(StubKind.GDBSX, answers)
     return StubInfo(StubKind.UNKNOWN, answers)

@@ -10,6 +10,8 @@ One message per frame, little-endian: ``u32 length`` (of the type byte and the b
   :data:`HAVE_SP` / :data:`HAVE_FLAGS` / :data:`HANG` bits; then ``u8`` region count and,
   per region, ``u32`` size (:data:`UNREADABLE` = the read failed) and the bytes.
 * ``J``: a UTF-8 JSON object (hello, region moves, counters, errors).
+* ``T`` (guest time, only on a QEMU replay): ``<IQ`` = hit number, icount; sent right after
+  the hit's ``S``.
 """
 
 import struct
@@ -19,6 +21,8 @@ SNAPSHOT = struct.Struct("<IHHQQQB")
 REGION = struct.Struct("<I")
 SNAPSHOT_KIND = ord("S")
 JSON_KIND = ord("J")
+TIME_KIND = ord("T")
+TIME = struct.Struct("<IQ")
 UNREADABLE = 0xFFFFFFFF
 # Bits of the snapshot's own flags byte (the wire's, not the .xrr file's).
 HANG = 1

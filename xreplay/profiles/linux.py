@@ -25,6 +25,7 @@ FIFO guest is refused with an :class:`~xreplay.errors.XReplayError`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,13 @@ UPCALL_SYMBOLS = ("__xen_evtchn_do_upcall", "xen_evtchn_do_upcall", "xen_hvm_evt
 BOTTOM_HALF_SYMBOL = "evtchn_2l_handle_events"
 #: PV Linux idles through xen_safe_halt -> SCHEDOP_block: the "about to block" point.
 BLOCK_SYMBOL = "xen_safe_halt"
+#: PVH/HVM Linux keeps the native irq pv-ops, so it idles through default_idle ->
+#: pv_ops.irq.safe_halt = native_safe_halt (``sti; hlt``; Xen blocks the vCPU on the HLT
+#: exit). Best first: native_safe_halt is the instruction itself, default_idle its caller.
+HVM_BLOCK_SYMBOLS = ("native_safe_halt", "default_idle")
+#: HYPERVISOR_CALLBACK_VECTOR (arch/x86/include/asm/irq_vectors.h): the vector Xen raises
+#: in a PVH/HVM Linux guest, whose handler is sysvec_xen_hvm_callback.
+HVM_CALLBACK_VECTOR = 0xF3
 SIF_INITDOMAIN = 0x2  # xen/include/public/xen.h, start_info.flags
 DOMAINS = ("dom0", "domu")
 #: Linux's ``enum xen_domain_type`` (include/xen/xen.h).
@@ -135,6 +143,16 @@ class LinuxSymbols:
             evtchn_ops_2l=syms.get("evtchn_ops_2l"),
             evtchn_ops_fifo=syms.get("evtchn_ops_fifo"), source=source, extra=dict(syms))
 
+    @property
+    def hvm_block(self) -> int | None:
+        """The PVH/HVM idle point (:data:`HVM_BLOCK_SYMBOLS`), if the map has one."""
+        name = self.hvm_block_name
+        return self.extra[name] if name else None
+
+    @property
+    def hvm_block_name(self) -> str | None:
+        return next((n for n in HVM_BLOCK_SYMBOLS if n in self.extra), None)
+
     @classmethod
     def load(cls, path: str | Path) -> LinuxSymbols:
         return cls.from_map(read_system_map(path), str(path))
@@ -180,14 +198,16 @@ class LinuxSymbols:
                      f"{START_INFO_SHARED_INFO:#x}) == {shared_info_ma:#x}")
         return expr
 
-    def probes(self, block: bool = True, extra: Mapping[str, int] | None = None
-               ) -> list[ProbeSpec]:
+    def probes(self, block: bool = True, extra: Mapping[str, int] | None = None,
+               hvm: bool = False) -> list[ProbeSpec]:
         """Upcall, bottom half, block (if wanted and present), then ``extra`` (name ->
-        address, role ``other``)."""
+        address, role ``other``). ``hvm``: a PVH/HVM guest, which blocks in
+        :data:`HVM_BLOCK_SYMBOLS` instead of xen_safe_halt."""
         out = [ProbeSpec("upcall", f"*{self.upcall:#x}", "upcall"),
                ProbeSpec("bottom-half", f"*{self.bottom_half:#x}", "bottom-half")]
-        if block and self.block is not None:
-            out.append(ProbeSpec("block", f"*{self.block:#x}", "block"))
+        where = self.hvm_block if hvm else self.block
+        if block and where is not None:
+            out.append(ProbeSpec("block", f"*{where:#x}", "block"))
         out += [ProbeSpec(name, f"*{addr:#x}", "other") for name, addr in (extra or {}).items()]
         return out
 
@@ -209,7 +229,7 @@ def _symbols(symbols: str | Path | LinuxSymbols) -> LinuxSymbols:
 def linux_profile(symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] = (0,),
                   domain: str | None = None, *, block: bool = True,
                   extra: Iterable[str] = (), shared_info_ma: int | None = None,
-                  shared_info_va: int | None = None) -> dict[str, Any]:
+                  shared_info_va: int | None = None, hvm: bool = False) -> dict[str, Any]:
     """RecordOptions keyword arguments for a Linux guest, from its symbol map.
 
     ``domain`` (``dom0``/``domu``) is for whole-machine stubs such as QEMU's: hits in other
@@ -238,7 +258,7 @@ def linux_profile(symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] = (0,
     where = f" ({domain})" if domain else ""
     return {
         "arch": "x86_64",
-        "probes": s.probes(block, extra_addrs),
+        "probes": s.probes(block, extra_addrs, hvm=hvm),
         "shared_info": (s.shared_info_expr if shared_info_va is None
                         else f"{shared_info_va:#x}"),
         "vcpu_info": {c: s.vcpu_info_expr(c, safe=True) for c in cpus},
@@ -267,7 +287,8 @@ def apply(options: Any, symbols: str | Path | LinuxSymbols, vcpus: Iterable[int]
     delivery mechanism.
     """
     kw = linux_profile(symbols, options.vcpus if vcpus is None else vcpus, domain, block=block,
-                       extra=extra, shared_info_va=facts.shared_info_va if facts else None)
+                       extra=extra, shared_info_va=facts.shared_info_va if facts else None,
+                       hvm=facts is not None and facts.domain_type == "hvm")
     for key, value in kw.items():
         if key == "extra_gdb_commands":
             value = [*options.extra_gdb_commands,
@@ -281,7 +302,8 @@ def apply(options: Any, symbols: str | Path | LinuxSymbols, vcpus: Iterable[int]
 
 def apply_cli(options: Any, symbols: str | Path, *, domain: str | None = None,
               check: bool = True, shared_info_given: bool = False,
-              dedupe: bool | None = None, timeout: float = 30.0) -> GuestFacts | None:
+              dedupe: bool | None = None, timeout: float = 30.0,
+              session: Any = None) -> GuestFacts | None:
     """What ``xreplay record --symbols MAP [--domain dom0|domu] [--no-guest-check]`` does.
 
     Call it on the RecordOptions the CLI built from its other options. The profile gives
@@ -294,6 +316,7 @@ def apply_cli(options: Any, symbols: str | Path, *, domain: str | None = None,
     Unless ``check`` is False (or ``--launch`` starts the target, so it is not running
     yet), the guest is stopped once first (:func:`inspect_guest`): a FIFO guest is
     refused, and the xenstore/console labels and the delivery mechanism are filled in.
+    ``session`` runs that check through an attached gdb (see :func:`check_on_attach`).
     """
     user_probes = list(options.probes)
     user_vinfo = dict(options.vcpu_info)
@@ -302,7 +325,7 @@ def apply_cli(options: Any, symbols: str | Path, *, domain: str | None = None,
     facts = None
     if check and options.target and not options.launch:
         facts = inspect_guest(options.target, syms, domain, options.vcpus, timeout=timeout,
-                              gdb=options.gdb, machine_addresses=False)
+                              gdb=options.gdb, machine_addresses=False, session=session)
     apply(options, syms, options.vcpus, domain, facts=facts)
     roles = {p.role for p in user_probes if p.role != "other"}
     options.probes = [p for p in options.probes if p.role not in roles] + user_probes
@@ -313,6 +336,28 @@ def apply_cli(options: Any, symbols: str | Path, *, domain: str | None = None,
     if dedupe is not None:
         options.dedupe = dedupe
     return facts
+
+
+def check_on_attach(options: Any, symbols: str | Path, **kw: Any) -> None:
+    """``apply_cli`` with its guest check deferred into the recorder's own gdb session.
+
+    Why: gdbsx (and ``gdbserver --once``) serve exactly one gdb connection and exit when
+    it ends, so a check over a connection of its own would leave nothing to record. The
+    profile is applied now without the check (so the recorder has its probes), and again
+    with it from ``options.on_attach``, on a copy of the options as the user left them,
+    whose result replaces them before the probes are set.
+    """
+    given = copy.deepcopy(options)
+    apply_cli(options, symbols, check=False, **kw)
+
+    def on_attach(session: Any) -> None:
+        fresh = copy.deepcopy(given)
+        apply_cli(fresh, symbols, check=True, session=session, **kw)
+        for f in dataclasses.fields(options):
+            if f.name != "on_attach":
+                setattr(options, f.name, getattr(fresh, f.name))
+
+    options.on_attach = on_attach
 
 
 # ----------------------------------------------------------------------------- live check
@@ -352,6 +397,9 @@ class GuestFacts:
         """How events reach the guest. PV Linux idles in xen_safe_halt with
         evtchn_upcall_mask set, legitimately: SCHEDOP_block clears the mask as it blocks
         (Xen's vcpu_block_enable_events), hence ``block``."""
+        if self.domain_type == "hvm":  # PVH/HVM: the callback vector, idle by HLT
+            return {"mechanism": "callback-vector", "vector": HVM_CALLBACK_VECTOR,
+                    "block": "hlt"}
         if self.domain_type != "pv":
             return {}
         return {"mechanism": "pv-callback", "block": "schedop_block"}
@@ -362,18 +410,21 @@ class GuestFacts:
 
 def inspect_guest(target: str, symbols: str | Path | LinuxSymbols, domain: str | None = None,
                   vcpus: Iterable[int] = (0,), *, timeout: float = 30.0, gdb: str = "gdb",
-                  machine_addresses: bool = True, require_2level: bool = True) -> GuestFacts:
+                  machine_addresses: bool = True, require_2level: bool = True,
+                  session: Any = None) -> GuestFacts:
     """Stop once at the guest's upcall, read what the map cannot tell, detach.
 
     Raises :class:`XReplayError` when the guest uses the FIFO ABI (``require_2level``) or
     does not take an upcall within ``timeout`` seconds. ``machine_addresses`` also
     translates the vcpu_info addresses through the guest's page tables (QEMU only).
+    ``session`` borrows an attached gdb (the recorder's) instead of connecting: a stub that
+    serves one connection (gdbsx, ``gdbserver --once``) is then not used up by the check.
     """
     from xreplay.profiles.peek import StubPeek
 
     s = _symbols(symbols)
     cond = s.domain_filter(domain) if domain else None
-    with StubPeek(target, gdb=gdb) as peek:
+    with StubPeek(target, gdb=gdb, session=session) as peek:
         if not peek.run_to(f"*{s.upcall:#x}", cond, timeout):
             where = f" in {domain}" if domain else ""
             raise XReplayError(f"no upcall ({s.upcall_name}){where} within {timeout:.0f} s at "

@@ -38,11 +38,16 @@ class StubPeek:
     """
 
     def __init__(self, target: str, *, gdb_arch: str | None = "i386:x86-64",
-                 gdb: str = "gdb", timeout: float = 15.0) -> None:
+                 gdb: str = "gdb", timeout: float = 15.0,
+                 session: GdbSession | None = None) -> None:
         self.target = target
-        self.session = GdbSession(gdb)
         self._phys = False
         self._breakpoints: list[str] = []
+        self._owned = session is None
+        if session is not None:  # a gdb already attached (the recorder's): borrow it
+            self.session = session
+            return
+        self.session = GdbSession(gdb)
         try:
             if gdb_arch:
                 self.session.mi(f"-gdb-set architecture {gdb_arch}")
@@ -165,6 +170,8 @@ class StubPeek:
     # -- leaving ------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Delete our breakpoints; detach and end gdb unless the session was borrowed (then
+        the target stays stopped where the last visit left it, for its owner)."""
         g = self.session
         try:
             if g.alive():
@@ -174,10 +181,13 @@ class StubPeek:
                 for number in self._breakpoints:
                     with contextlib.suppress(XReplayError):
                         g.mi(f"-break-delete {number}")
-                with contextlib.suppress(XReplayError):
-                    g.mi("-target-detach", timeout=10)
+                self._breakpoints = []
+                if self._owned:
+                    with contextlib.suppress(XReplayError):
+                        g.mi("-target-detach", timeout=10)
         finally:
-            g.exit()
+            if self._owned:
+                g.exit()
 
 
 def _quote(text: str) -> str:

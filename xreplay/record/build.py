@@ -76,8 +76,9 @@ def _vcpu_list(text: str | None) -> list[int]:
 
 
 def build_options(c: RecordChoices) -> RecordOptions:
-    """RecordOptions for ``c``; the Linux profile's live guest check runs here (it stops
-    the guest once) unless ``c.guest_check`` is False."""
+    """RecordOptions for ``c``; the Linux profile's live guest check (it stops the guest
+    once) runs in the recorder's gdb session, once attached, unless ``c.guest_check`` is
+    False."""
     if c.launch and not c.target:
         raise XReplayError("--launch needs --target HOST:PORT (where the launched stub listens)")
     if c.domain and not c.symbols:
@@ -108,11 +109,16 @@ def build_options(c: RecordChoices) -> RecordOptions:
         target_kind="qemu" if c.qemu else None,
         description=f"{g.name} guest ({g.summary})" if g else "")
     if profile == "linux":
-        from xreplay.profiles.linux import apply_cli
+        from xreplay.profiles.linux import apply_cli, check_on_attach
 
         assert c.symbols is not None
-        apply_cli(options, c.symbols, domain=c.domain, check=c.guest_check,
-                  shared_info_given=c.shared_info is not None, dedupe=c.dedupe)
+        kw = {"domain": c.domain, "shared_info_given": c.shared_info is not None,
+              "dedupe": c.dedupe}
+        if c.guest_check and c.target and not c.launch:
+            # the check runs in the recorder's own gdb session: gdbsx serves only one
+            check_on_attach(options, c.symbols, **kw)
+        else:
+            apply_cli(options, c.symbols, check=False, **kw)
         if c.arch:
             options.arch = c.arch
         if c.filter:

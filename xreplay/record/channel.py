@@ -35,6 +35,7 @@ class AgentChannel:
         self._acceptor: threading.Thread | None = None
         self._reader: threading.Thread | None = None
         self.on_json: Callable[[dict[str, Any]], None] | None = None
+        self.on_time: Callable[[int, int], None] | None = None  # (hit, icount) on a replay
 
     def expect_connection(self, timeout: float = 15.0) -> None:
         """Start accepting the agent's connection (before gdb loads it)."""
@@ -73,6 +74,9 @@ class AgentChannel:
                     return
                 if kind == wire.SNAPSHOT_KIND:
                     on_snapshot(wire.unpack_snapshot(body))
+                elif kind == wire.TIME_KIND:
+                    if self.on_time is not None:
+                        self.on_time(*wire.TIME.unpack(body))
                 elif kind == wire.JSON_KIND:
                     event = json.loads(body)
                     if self.on_json is not None and event.get("event") == "region-moved":

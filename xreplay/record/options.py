@@ -7,6 +7,7 @@ scripts rely on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -78,6 +79,17 @@ class RecordOptions:
     #: the options allow it, else the in-gdb agent), "agent", or "direct" (refuse to run
     #: when the direct loop cannot)
     hit_loop: str = "auto"
+    # On a deterministic replay (xreplay.rr, record --from-rr): the header's "replay" origin
+    # (also makes the agent store each snapshot's icount), gdb commands run once attached
+    # (the end-of-log replay break), what an interrupt nobody asked for means, and, since a
+    # replay skips idle time, the hang test made at the log's end with the last hit's icount.
+    replay: dict[str, Any] = field(default_factory=dict)
+    attach_commands: list[str] = field(default_factory=list)
+    spontaneous_stop: str = "interrupted"
+    end_is_hang: Callable[[int | None], bool] | None = None
+    #: called with the attached GdbSession before the probes are set: a check that must
+    #: use the recorder's own connection (gdbsx and ``gdbserver --once`` serve only one)
+    on_attach: Callable[[Any], None] | None = field(default=None, repr=False)
 
 
 class EndReason(StrEnum):
@@ -93,6 +105,7 @@ class EndReason(StrEnum):
     TARGET_LOST = "target-lost"
     WRITE_ERROR = "write-error"
     MIXED_DOMAINS = "mixed-domains"
+    REPLAY_END = "replay-end"  # a replay reached the end of its log (record --from-rr)
 
 
 #: ``xreplay record``'s exit status by end reason (2 is every error before recording).
@@ -100,7 +113,7 @@ EXIT_CODES: dict[EndReason, int] = {
     EndReason.COUNT: 0, EndReason.DURATION: 0, EndReason.HANG: 0,
     EndReason.INTERRUPTED: 0, EndReason.STOPPED: 0, EndReason.TARGET_EXITED: 0,
     EndReason.TARGET_CRASHED: 3, EndReason.TARGET_LOST: 3,
-    EndReason.WRITE_ERROR: 4, EndReason.MIXED_DOMAINS: 6,
+    EndReason.WRITE_ERROR: 4, EndReason.MIXED_DOMAINS: 6, EndReason.REPLAY_END: 0,
 }
 #: exit status when the run ended normally but no snapshot holds readable shared_info
 EXIT_NOTHING_READ = 5

@@ -98,6 +98,7 @@ class Recorder:
         self.plan: direct.DirectPlan | None = None
         self.hit_loop = "agent"
         self._packets: int | None = None
+        self._last_icount: int | None = None
 
     # -- public ----------------------------------------------------------------------
 
@@ -159,6 +160,8 @@ class Recorder:
             return "--vcpu-expr is evaluated by gdb at each hit"
         if o.reeval_vcpu_info or o.reeval_shared_info:
             return "a region is re-evaluated by gdb at each hit"
+        if o.replay:
+            return "a QEMU record/replay run stores the guest's instruction count at each hit"
         return None
 
     def _connect(self) -> None:
@@ -174,10 +177,18 @@ class Recorder:
         for cmd in o.extra_gdb_commands:
             g.console_command(cmd)
         self._attach()
+        for cmd in o.attach_commands:
+            g.console_command(cmd)
         self.stub = identify(g)
         if o.target_kind is not None:
             with contextlib.suppress(ValueError):
                 self.stub.kind = StubKind(o.target_kind)
+        if o.on_attach is not None:  # e.g. the Linux profile's guest check, in this session
+            o.on_attach(g)
+        if self.stub.kind is StubKind.GDBSX:
+            from xreplay.gdb.gdbsx import prepare_session
+
+            prepare_session(g, o, self.stub.answers)
         if self.arch is None:
             self.arch = self._arch_from_stub()
 
@@ -295,6 +306,7 @@ class Recorder:
             "filter": o.filter,
             "vcpu_expr": o.vcpu_expr,
             "direct": self.proxy is not None,
+            "guest_time": bool(o.replay),
         }
         cfg = os.path.join(tmp, "agent.json")
         with open(cfg, "w") as f:
@@ -312,6 +324,7 @@ class Recorder:
         self._hang_pid = len(self.probes) - 1
         self._probe_names = [p.name for p in self.probes]
         ch.on_json = self._on_region_moved
+        ch.on_time = self._on_guest_time
         if not ch.start(self._on_snapshot):
             raise XReplayError("the in-gdb agent did not connect back (gdb's Python broken?)")
         hello = ch.wait_json("hello", 10)
@@ -325,7 +338,7 @@ class Recorder:
         self._plan_direct(hello.get("direct"), dedupe)
         header = RecordingHeader(
             arch=self.arch, probes=self.probes, regions=self.regions, vcpus=o.vcpus,
-            labels=o.labels, notify=o.notify, delivery=o.delivery,
+            labels=o.labels, notify=o.notify, delivery=o.delivery, replay=o.replay,
             target={"kind": str(self.stub.kind), "address": o.target,
                     "description": o.description or f"{self.stub.kind} at {o.target}",
                     "elf": str(o.elf) if o.elf else None,
@@ -444,6 +457,10 @@ class Recorder:
                         "different shared_info pages (arch.max_pfn / pfn_to_mfn_frame_list_"
                         "list differ); on a whole-machine stub give --domain (with --symbols) "
                         "or --filter EXPR to record one domain")
+
+    def _on_guest_time(self, _hit: int, icount: int) -> None:
+        self.sink.guest_time(icount)
+        self._last_icount = icount
 
     def _on_region_moved(self, event: dict[str, Any]) -> None:
         addr = event.get("address")
@@ -632,6 +649,10 @@ class Recorder:
                 self.on_progress(Progress(self.sink.count, now - t0, self._last_probe))
                 next_progress = now + 0.25
         idle = time.monotonic() - self._last_hit
+        if reason is EndReason.REPLAY_END and o.end_is_hang is not None and \
+                o.end_is_hang(self._last_icount):
+            reason = EndReason.HANG  # the log ends in a hang: its snapshot is taken there
+            self._hang_snapshot()
         if running and reason is not EndReason.TARGET_LOST:
             running = not self._interrupt()
             quiet_interrupt = (reason is EndReason.INTERRUPTED
@@ -659,7 +680,7 @@ class Recorder:
             if sig in _CRASH_SIGNALS:
                 return EndReason.TARGET_CRASHED, sig
             if sig in ("SIGINT", "SIGTRAP", "0"):
-                return self._stop_reason or EndReason.INTERRUPTED, None
+                return self._stop_reason or EndReason(self.o.spontaneous_stop), None
             return None, None
         if why in ("breakpoint-hit", "") and self.o.count:
             return EndReason.COUNT, None  # only the agent's count-limit stop is visible

@@ -76,6 +76,18 @@ class RecordingSink:
             self.hang_seq = seq
         return seq
 
+    def guest_time(self, icount: int) -> None:
+        """The guest position (QEMU icount) of the snapshot appended last."""
+        if self.writer is None or not self.count:
+            return
+        with self.lock:
+            if self.failed:
+                return
+            try:
+                self.writer.guest_time(self.count - 1, icount)
+            except OSError as e:
+                self._fail(e)
+
     def note(self, event: str, **data: Any) -> None:
         if self.writer is None:
             return

@@ -79,9 +79,15 @@ def stdin_file(path: Path, suffix: str) -> Iterator[Path]:
 @click.option("--tables", type=click.IntRange(0), default=5, show_default=True,
               help="Print the [p/m/s] table for the first N findings.")
 @click.option("--no-info", is_flag=True, help="Leave out informational findings.")
+@click.option("--no-last-writer", is_flag=True, help="On a recording taken on a replay "
+              "(record --from-rr): do not replay the run again to name the last writer of "
+              "each field the first error findings name.")
+@click.option("--rr", "rr_run", type=click.Path(file_okay=False, path_type=Path),
+              help="The run the recording was taken on, if it moved.")
 def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | None,
                    shadow: str | None, no_shadow: bool, stall: float,
-                   explain_range: str | None, tables: int, no_info: bool) -> None:
+                   explain_range: str | None, tables: int, no_info: bool,
+                   no_last_writer: bool, rr_run: Path | None) -> None:
     """Replay a recording through Xen's 2-level rules and report lost event deliveries."""
     from xreplay.replay.detectors import replay
     from xreplay.replay.diff import check_debugkeys, fetch, pick_domain
@@ -109,6 +115,11 @@ def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | N
             section = pick_domain(dumps, domain, str(dump))
             check = check_debugkeys(snaps[last_index], section)
         explained = _explain(reader, explain_range) if explain_range else None
+        writers = None
+        if reader.header.replay and not no_last_writer and result.failed:
+            from xreplay.rr.writers import finding_writers
+
+            writers = finding_writers(Path(file), result.findings, run=rr_run)
     incomplete = result.incomplete()
     if as_json:
         data: dict[str, Any] = {"file": str(file), **result.to_json(), "incomplete": incomplete}
@@ -116,9 +127,15 @@ def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | N
             data["debugkeys"] = check.to_json()
         if explained is not None:
             data["explain"] = explained
+        if writers is not None:
+            data["last_writers"] = [w.to_json() for w in writers]
         emit_json(data)
     else:
         _print_replay(str(file), result, snaps, tables, check, explained)
+        if writers:
+            click.echo("\nlast writers (on a replay of the run):")
+            for w in writers:
+                click.echo(f"  {w.kind} at #{w.snapshot}: {w.render()}")
         for problem in result.stats["problems"]:
             click.echo(f"xreplay: warning: {problem}", err=True)
     if result.failed or (check is not None and not check.agree):

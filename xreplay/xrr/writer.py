@@ -3,11 +3,15 @@
 Most of a shared_info page never changes between two probe hits, so a snapshot usually
 costs a few dozen bytes.  Every frame is written and flushed whole, so whatever happens to
 the recorder afterwards, the snapshots already written stay readable.
+
+The first failed write (a full disk, a vanished mount) becomes a
+:class:`~xreplay.errors.RecordingWriteError` naming the file and the snapshots safely on
+disk; the writer then refuses further writes with the same error, and its close does not
+write the "closed cleanly" trailer (neither does leaving a ``with`` block on an exception).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -15,6 +19,9 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from construct import ConstructError
+
+from xreplay.errors import RecordingWriteError, UsageError
 from xreplay.xrr import format as fmt
 from xreplay.xrr.header import RecordingHeader
 
@@ -40,11 +47,11 @@ class XrrWriter:
 
     def __init__(self, dest: str | os.PathLike | BinaryIO, header: RecordingHeader,
                  *, flush_every: int = 1) -> None:
+        header.validate(writing=True)  # never write a file the reader would refuse
         self.header = header
         self._own = not hasattr(dest, "write")
         self.path = Path(dest) if self._own else None  # type: ignore[arg-type]
-        self._f: BinaryIO = (open(dest, "wb")  # noqa: SIM115 - lives as long as the writer
-                             if self._own else dest)  # type: ignore[assignment]
+        self.name = str(dest) if self._own else str(getattr(dest, "name", "<stream>"))
         self._flush_every = max(1, flush_every)
         self._prev: list[bytes | None] = [None] * len(header.regions)
         self._sizes = [r.size for r in header.regions]
@@ -52,7 +59,20 @@ class XrrWriter:
         self.count = 0
         self.bytes_written = 0
         self.closed = False
-        self._write_header()
+        self.error: RecordingWriteError | None = None  # the first failed write, if any
+        self._on_disk = 0  # snapshots flushed to the file
+        if self._own:
+            try:
+                self._f: BinaryIO = open(dest, "wb")  # noqa: SIM115 - lives as the writer
+            except OSError as e:
+                raise RecordingWriteError(self.name, 0, e) from None
+        else:
+            self._f = dest  # type: ignore[assignment]
+        try:
+            self._write_header()
+        except BaseException:
+            self.abandon()
+            raise
 
     def _write_header(self) -> None:
         meta = json.dumps(self.header.to_json(), sort_keys=True).encode()
@@ -60,15 +80,35 @@ class XrrWriter:
             {"major": fmt.VERSION_MAJOR, "minor": fmt.VERSION_MINOR, "meta_len": len(meta)})
         crc = fmt.header_crc(prefix[len(fmt.MAGIC):], meta)
         self._emit(prefix + meta + crc.to_bytes(4, "little"))
-        self._f.flush()
+        self._flush()
+
+    def _failed(self, e: OSError) -> RecordingWriteError:
+        if self.error is None:
+            self.error = RecordingWriteError(self.name, self._on_disk, e)
+        return self.error
 
     def _emit(self, data: bytes) -> None:
-        self._f.write(data)
+        if self.error is not None:
+            raise self.error
+        try:
+            self._f.write(data)
+        except OSError as e:
+            raise self._failed(e) from e
         self.bytes_written += len(data)
+
+    def _flush(self) -> None:
+        if self.error is not None:
+            raise self.error
+        try:
+            self._f.flush()
+        except OSError as e:
+            raise self._failed(e) from e
+        self._on_disk = self.count
 
     def _frame(self, kind: int, payload: bytes) -> None:
         if len(payload) > fmt.MAX_FRAME:
-            raise ValueError(f"frame of {len(payload)} bytes exceeds the format's bound")
+            raise UsageError(f"{self.name}: a frame of {len(payload)} bytes exceeds the "
+                             f"format's bound ({fmt.MAX_FRAME})")
         head = fmt.frame_head.build({"kind": kind, "length": len(payload)})
         self._emit(head + payload + fmt.frame_crc(kind, payload).to_bytes(4, "little"))
 
@@ -79,9 +119,15 @@ class XrrWriter:
 
         Returns the snapshot's sequence number.
         """
+        if self.error is not None:
+            raise self.error
         if len(regions) != len(self._prev):
-            raise ValueError(f"expected {len(self._prev)} regions, got {len(regions)}")
+            raise UsageError(f"expected {len(self._prev)} regions, got {len(regions)}")
         pid = self.header.probe_index(probe) if isinstance(probe, str) else probe
+        if not 0 <= pid < len(self.header.probes):
+            raise UsageError(f"probe {pid} is not declared in the header")
+        if not 0 <= vcpu < fmt.MAX_VCPUS:
+            raise UsageError(f"vCPU {vcpu} is outside 0..{fmt.MAX_VCPUS - 1}")
         seq = self.count
         keyframe = seq % self.header.keyframe_interval == 0
         flags = (fmt.FLAG_KEYFRAME if keyframe else 0) | (fmt.FLAG_HANG if hang else 0)
@@ -103,7 +149,7 @@ class XrrWriter:
                 continue
             data = bytes(data)
             if len(data) != self._sizes[i]:
-                raise ValueError(f"region {self.header.regions[i].name!r}: {len(data)} bytes, "
+                raise UsageError(f"region {self.header.regions[i].name!r}: {len(data)} bytes, "
                                  f"header says {self._sizes[i]}")
             if keyframe or prev is None:
                 encoded.append({"region": i, "encoding": fmt.ENC_FULL, "data": data})
@@ -117,33 +163,53 @@ class XrrWriter:
                     encoded.append({"region": i, "encoding": fmt.ENC_FULL, "data": data})
             self._prev[i] = data
         t = time.monotonic_ns() - self._t0 if t_ns is None else t_ns
-        payload = fmt.snapshot_payload.build({
-            "seq": seq, "t_ns": max(0, t), "probe": pid, "vcpu": vcpu, "flags": flags,
-            "pc": pc, "sp": sp or 0, "regflags": regflags or 0, "regions": encoded,
-        })
+        try:
+            payload = fmt.snapshot_payload.build({
+                "seq": seq, "t_ns": max(0, t), "probe": pid, "vcpu": vcpu, "flags": flags,
+                "pc": pc, "sp": sp or 0, "regflags": regflags or 0, "regions": encoded,
+            })
+        except ConstructError as e:  # a register value that is negative or over 64 bits
+            raise UsageError(f"snapshot {seq} cannot be stored: {e}") from None
         self._frame(fmt.KIND_SNAPSHOT, payload)
         self.count += 1
         if self.count % self._flush_every == 0:
-            self._f.flush()
+            self._flush()
         return seq
+
+    def guest_time(self, seq: int, icount: int) -> None:
+        """Store the guest position of snapshot ``seq`` (e.g. QEMU's icount on a replay)."""
+        self._frame(fmt.KIND_GUEST_TIME,
+                    fmt.guest_time_payload.build({"seq": seq, "icount": icount}))
 
     def note(self, event: str, **data: Any) -> None:
         """Record something that happened between snapshots (e.g. a detach)."""
         t = time.monotonic_ns() - self._t0
         body = json.dumps({"event": event, "t_ns": t, "after": self.count, **data}).encode()
+        if len(body) > fmt.MAX_NOTE:
+            raise UsageError(f"note {event!r} of {len(body)} bytes exceeds the format's "
+                             f"bound ({fmt.MAX_NOTE})")
         self._frame(fmt.KIND_NOTE, body)
-        self._f.flush()
+        self._flush()
 
     def close(self, **stats: Any) -> None:
-        """Write the trailer that marks a clean close, and close the file."""
+        """Write the trailer that marks a clean close, and close the file.
+
+        After a write error there is no trailer (the file did not close cleanly) and the
+        error is raised again; the file is closed either way.
+        """
         if self.closed:
             return
-        body = json.dumps({"snapshots": self.count, **stats}).encode()
-        self._frame(fmt.KIND_END, body)
-        self._f.flush()
-        if self._own:
-            self._f.close()
-        self.closed = True
+        try:
+            if self.error is None:
+                body = json.dumps({"snapshots": self.count, **stats}).encode()
+                if len(body) > fmt.MAX_NOTE:  # keep the clean close, drop the statistics
+                    body = json.dumps({"snapshots": self.count, "stats": "too large"}).encode()
+                self._frame(fmt.KIND_END, body)
+                self._flush()
+        finally:
+            self.abandon()
+        if self.error is not None:
+            raise self.error
 
     def abandon(self) -> None:
         """Close without the trailer (after a failed write): the file ends at its last
@@ -152,11 +218,16 @@ class XrrWriter:
             return
         self.closed = True
         if self._own:
-            with contextlib.suppress(OSError):
-                self._f.close()
+            try:
+                self._f.close()  # flushes what is buffered: every complete frame
+            except OSError as e:
+                self._failed(e)
 
     def __enter__(self) -> XrrWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # leaving on an exception: not a clean close, and that exception wins
+            self.abandon()

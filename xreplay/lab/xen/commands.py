@@ -19,6 +19,7 @@ from xreplay.lab.xen.lab import (
     DOMU_KINDS,
     MAX_DOMU_VCPUS,
     STATE_FILE,
+    STUB_KINDS,
     Lab,
     LabState,
     default_run_dir,
@@ -61,11 +62,27 @@ def lab() -> None:
 @click.option(
     "--no-install", is_flag=True, help="Fail instead of apt-get installing missing host tools."
 )
-def setup_cmd(cache_dir: Path | None, refresh: bool, no_install: bool) -> None:
+@click.option("--stub", type=click.Choice(STUB_KINDS), default="qemu", show_default=True,
+              help="gdbsx: also build (once, cached) Xen with CONFIG_GDBSX from Debian's "
+              "Xen source, for `lab up --stub gdbsx`.")
+def setup_cmd(cache_dir: Path | None, refresh: bool, no_install: bool, stub: str) -> None:
     """Install host tools; download and extract Debian's Xen 4.17 and kernel (cached)."""
     t0 = time.monotonic()
     stage = stage_setup(cache_dir, refresh=refresh, install_tools=not no_install, progress=_say)
     click.echo(f"stage {stage.cache_dir} kernel {stage.kver} ({time.monotonic() - t0:.1f} s)")
+    if stub == "gdbsx":
+        from xreplay.lab.xen.hypervisor import ensure
+
+        xen = ensure(stage, progress=_say, install_tools=not no_install, refresh=refresh)
+        click.echo(f"gdbsx hypervisor {xen.image} (Xen source {xen.source_version}, "
+                   f"build {xen.digest})")
+        from xreplay.lab.xen.gdbsx_build import ensure as ensure_gdbsx
+
+        try:
+            tool = ensure_gdbsx(stage, progress=_say)
+            click.echo(f"the project's gdbsx {tool.binary}")
+        except XReplayError as exc:  # Debian's gdbsx is the fallback: say so, go on
+            click.echo(f"the project's gdbsx was not built ({exc}); Debian's will be used")
 
 
 @lab.command("up")
@@ -80,6 +97,9 @@ def setup_cmd(cache_dir: Path | None, refresh: bool, no_install: bool) -> None:
 )
 @click.option("--domu-vcpus", type=click.IntRange(1, MAX_DOMU_VCPUS), default=1,
               show_default=True, help="vCPUs of the domU (dom0 keeps one; QEMU has two CPUs).")
+@click.option("--stub", type=click.Choice(STUB_KINDS), default="qemu", show_default=True,
+              help="gdbsx: boot Xen built with CONFIG_GDBSX (built and cached on first use) "
+              "and forward a host port to gdbsx in dom0; QEMU's stub stays available.")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Boot timeout (s).")
 @click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C stops the lab.")
 @click.option("--json", "as_json", is_flag=True, help="Print the lab state as JSON.")
@@ -88,6 +108,7 @@ def up_cmd(
     cache_dir: Path | None,
     domu: str,
     domu_vcpus: int,
+    stub: str,
     timeout: float,
     foreground: bool,
     as_json: bool,
@@ -95,12 +116,12 @@ def up_cmd(
     """Boot the lab and leave it running; print the gdb address, symbol map and PID."""
     stage_setup(cache_dir, install_tools=False, progress=_say)
     the_lab = Lab(run_dir, cache_dir=cache_dir, domu=domu, domu_vcpus=domu_vcpus,
-                  boot_timeout=timeout, progress=_say)
+                  boot_timeout=timeout, progress=_say, stub=stub)
     the_lab.start()
     st = the_lab.state
     assert st is not None
     if as_json:
-        click.echo(json.dumps(asdict(st), indent=2))
+        click.echo(json.dumps(_state_json(st), indent=2))
     else:
         _print_state(st)
     if foreground:
@@ -114,6 +135,14 @@ def up_cmd(
             the_lab.stop()
 
 
+def _state_json(st: LabState) -> dict[str, object]:
+    """The state file's fields, plus ``gdbsx_address`` for a lab booted with gdbsx."""
+    out: dict[str, object] = asdict(st)
+    out["gdbsx_address"] = (f"127.0.0.1:{st.gdbsx_port}"
+                            if st.stub == "gdbsx" and st.gdbsx_port else None)
+    return out
+
+
 def _print_state(st: LabState) -> None:
     rd = st.run_dir
     default = Path(rd) == default_run_dir().resolve()
@@ -121,6 +150,9 @@ def _print_state(st: LabState) -> None:
     rows = [
         ("gdbstub", f"127.0.0.1:{st.gdb_port}  (gdb -ex 'set architecture i386:x86-64' "
                     f"-ex 'target remote 127.0.0.1:{st.gdb_port}')"),
+        *([("gdbsx", f"127.0.0.1:{st.gdbsx_port}  (one gdb session per gdbsx: "
+                     "`xreplay lab gdbsx` starts one; it exits when gdb detaches)")]
+          if st.stub == "gdbsx" else []),
         ("symbol map", st.symbol_map or "-"),
         ("QEMU pid", f"{st.pid}  (stop: {down}, or kill {st.pid})"),
         ("domU", f"domid {st.domid} ({st.domu}, {st.domu_vcpus} vCPU"
@@ -153,9 +185,22 @@ def status_cmd(run_dir: Path | None, as_json: bool) -> None:
     st = Lab.attach(run_dir).state
     assert st is not None
     if as_json:
-        click.echo(json.dumps(asdict(st), indent=2))
+        click.echo(json.dumps(_state_json(st), indent=2))
     else:
         _print_state(st)
+
+
+@lab.command("gdbsx")
+@_run_dir_option
+@click.option("--domid", type=int, default=None, help="Domain to attach [default: the domU].")
+def gdbsx_cmd(run_dir: Path | None, domid: int | None) -> None:
+    """Start gdbsx in dom0 for one gdb session; print the host address to attach to.
+
+    gdbsx pauses the domain until gdb attaches and exits when gdb detaches.
+    """
+    from xreplay.lab.xen.gdbsx import start_gdbsx
+
+    click.echo(start_gdbsx(Lab.attach(run_dir), domid))
 
 
 @lab.command("down")
@@ -187,8 +232,11 @@ def down_cmd(run_dir: Path | None) -> None:
               help="No probe at xen_timer_interrupt (where Linux has cleared VIRQ_TIMER).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               required=True, help="Recording file to write.")
+@click.option("--stub", type=click.Choice(STUB_KINDS), default=None,
+              help="Record through QEMU's stub or gdbsx in dom0 [default: the one the lab "
+              "was booted for (`lab up --stub`)]. gdbsx records the domU only.")
 def record_cmd(run_dir: Path | None, domain: str, count: int, duration: float | None,
-               no_block: bool, no_timer: bool, output: Path) -> None:
+               no_block: bool, no_timer: bool, output: Path, stub: str | None) -> None:
     """Record a guest of the running lab (Linux profile from the lab's symbol map).
 
     Every vCPU of the domU is recorded (its live vcpu_info each); dom0 has one.
@@ -198,7 +246,8 @@ def record_cmd(run_dir: Path | None, domain: str, count: int, duration: float | 
     the_lab = Lab.attach(run_dir)
     result, facts = record_lab(the_lab, output, domain=domain, block=not no_block,
                                extra=() if no_timer else LAB_EXTRA_PROBES,
-                               count=None if duration else count, duration=duration)
+                               count=None if duration else count, duration=duration,
+                               stub=stub)
     click.echo(f"{result.output}: {result.snapshots} snapshots in {result.elapsed:.2f} s "
                f"({result.rate:.0f}/s), ended by {result.reason}; {result.foreign} hits in "
                f"other domains skipped, {result.duplicates} duplicate hits dropped; "
@@ -210,14 +259,18 @@ def record_cmd(run_dir: Path | None, domain: str, count: int, duration: float | 
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the paused state as a one-snapshot recording.")
-def crosscheck_cmd(run_dir: Path | None, as_json: bool, output: Path | None) -> None:
+@click.option("--stub", type=click.Choice(STUB_KINDS), default=None,
+              help="Read the paused domU through QEMU's stub (machine addresses) or gdbsx "
+              "(virtual addresses) [default: the lab's].")
+def crosscheck_cmd(run_dir: Path | None, as_json: bool, output: Path | None,
+                   stub: str | None) -> None:
     """Pause the domU, compare Xen's 'e'/'q' keys with its memory port by port, unpause.
 
     Exit status 1 when they disagree.
     """
     from xreplay.lab.xen.record import cross_check
 
-    check = cross_check(Lab.attach(run_dir), output=output, progress=_say)
+    check = cross_check(Lab.attach(run_dir), output=output, progress=_say, stub=stub)
     if as_json:
         click.echo(json.dumps(check.to_json(), indent=2))
     else:

@@ -30,6 +30,9 @@ DOM0_XEN_TOOLS = (
     "lsevtchn",
     "xenctx",
 )
+#: Tools from ``usr/sbin`` of the stage: Debian's gdbsx (xen-utils-common), Xen's
+#: per-domain gdbstub, 31 KB, libc only; usable with a hypervisor built with CONFIG_GDBSX.
+DOM0_USR_SBIN = ("gdbsx",)
 #: Extra tools from ``usr/bin`` of the stage (``xenstore`` is the multi-call one).
 DOM0_USR_BIN = ("xenstore", "xenstore-ls", "xenstore-read", "xenstore-write", "xenstore-list")
 
@@ -212,6 +215,10 @@ def build_dom0_initramfs(stage: Stage, out: Path, domu_initrd: Path) -> Path:
                 raise XReplayError(f"{src} missing: run `xreplay lab setup --refresh`")
             tree.copy_elf(src, f"{xbin}/{tool}", stage.lib_dirs)
             (tree.root / "usr/sbin" / tool).symlink_to(f"/{xbin}/{tool}")
+        for tool in DOM0_USR_SBIN:
+            src = stage.root / "usr" / "sbin" / tool
+            if src.exists():
+                tree.copy_elf(src, f"usr/sbin/{tool}", stage.lib_dirs)
         for tool in DOM0_USR_BIN:
             src = stage.root / "usr" / "bin" / tool
             if src.is_symlink() and src.resolve().name == "xenstore":

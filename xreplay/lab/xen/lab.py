@@ -41,6 +41,12 @@ XEN_ARGS = (
 #: ``xen.fifo_events=0``: Linux 6.1 would otherwise use the FIFO ABI, not the 2-level one.
 DOM0_ARGS = "console=hvc0 earlyprintk=xen ignore_loglevel xen.fifo_events=0"
 DOMU_KINDS = ("pv", "pvh", "none")
+#: The gdbstubs a lab can offer: QEMU's whole-machine stub (always there), and Xen's
+#: per-domain gdbsx in dom0 (needs the hypervisor rebuilt with CONFIG_GDBSX, see
+#: :mod:`.hypervisor`; QEMU's stub stays available next to it).
+STUB_KINDS = ("qemu", "gdbsx")
+#: Where gdbsx listens inside dom0 (the host reaches it by a second hostfwd).
+GDBSX_DOM0_PORT = 9999
 #: The domU's vCPUs may outnumber QEMU's CPUs (Xen time-slices them), but every extra one
 #: slows TCG down; 8 is plenty for event-channel work and keeps a typo from booting 64.
 MAX_DOMU_VCPUS = 8
@@ -162,6 +168,10 @@ class LabState:
     domu_vcpus: int = 1  # the default keeps state files of older labs loadable
     started_at: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    stub: str = "qemu"  # "gdbsx": Xen built with gdbsx, gdbsx reachable on gdbsx_port
+    gdbsx_port: int | None = None
+    xen_image: str | None = None
+    gdbsx_binary: str | None = None  # host path of the project's gdbsx, put into dom0
 
     def save(self) -> None:
         path = Path(self.run_dir) / STATE_FILE
@@ -200,7 +210,10 @@ class Lab:
         xen_args: str = XEN_ARGS,
         dom0_args: str = DOM0_ARGS,
         progress: Progress = quiet,
+        stub: str = "qemu",
     ) -> None:
+        if stub not in STUB_KINDS:
+            raise XReplayError(f"unknown stub {stub!r}: use one of {', '.join(STUB_KINDS)}")
         if domu not in DOMU_KINDS:
             raise XReplayError(f"unknown domU type {domu!r}: use one of {', '.join(DOMU_KINDS)}")
         if not 1 <= domu_vcpus <= MAX_DOMU_VCPUS:
@@ -215,6 +228,9 @@ class Lab:
         self.xen_args = xen_args
         self.dom0_args = dom0_args
         self.progress = progress
+        self.stub = stub
+        self._gdbsx_port: int | None = None
+        self._gdbsx_binary: Path | None = None
         self.state: LabState | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._symbols: dict[str, int] | None = None
@@ -238,6 +254,18 @@ class Lab:
     @property
     def gdb_port(self) -> int:
         return self._st().gdb_port
+
+    @property
+    def gdbsx_address(self) -> str:
+        """``127.0.0.1:PORT`` forwarded to gdbsx in dom0 (a lab booted with stub="gdbsx").
+
+        Nothing listens there until :func:`xreplay.lab.xen.gdbsx.start_gdbsx` starts one
+        gdbsx for one gdb session (it exits when gdb detaches).
+        """
+        st = self._st()
+        if st.stub != "gdbsx" or st.gdbsx_port is None:
+            raise XReplayError("this lab has no gdbsx: boot it with `xreplay lab up --stub gdbsx`")
+        return f"127.0.0.1:{st.gdbsx_port}"
 
     @property
     def serial_log(self) -> Path:
@@ -294,7 +322,7 @@ class Lab:
                 f"the lab in {run_dir} is not running (QEMU pid {state.pid} is gone): "
                 "`xreplay lab up` starts one"
             )
-        lab = cls(run_dir, domu=state.domu, domu_vcpus=state.domu_vcpus)
+        lab = cls(run_dir, domu=state.domu, domu_vcpus=state.domu_vcpus, stub=state.stub)
         lab.state = state
         return lab
 
@@ -316,7 +344,13 @@ class Lab:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress("building initramfs images")
         dom0_img, _ = build_images(stage)
-        for name, target in (("xen", stage.xen_image), ("vmlinuz", stage.vmlinuz),
+        xen_image = stage.xen_image
+        if self.stub == "gdbsx":
+            from xreplay.lab.xen.hypervisor import ensure
+
+            xen_image = ensure(stage, progress=self.progress).image
+            self._gdbsx_binary = self._own_gdbsx(stage)
+        for name, target in (("xen", xen_image), ("vmlinuz", stage.vmlinuz),
                              ("dom0.cpio.gz", dom0_img)):
             link = self.run_dir / name
             link.unlink(missing_ok=True)
@@ -330,6 +364,18 @@ class Lab:
             self.stop()
             raise
         return self
+
+    def _own_gdbsx(self, stage: Stage) -> Path | None:
+        """The project's faster gdbsx (:mod:`.gdbsx_build`); None (Debian's gdbsx is used)
+        when it cannot be built, which is said, not fatal."""
+        from xreplay.lab.xen.gdbsx_build import ensure as ensure_gdbsx
+
+        try:
+            return ensure_gdbsx(stage, progress=self.progress).binary
+        except XReplayError as exc:
+            self.progress(f"the project's gdbsx could not be built ({exc}): "
+                          "Debian's gdbsx will be used")
+            return None
 
     def _check_not_running(self) -> None:
         try:
@@ -355,7 +401,9 @@ class Lab:
             "-chardev", "socket,id=ser0,path=serial.sock,server=on,wait=off,logfile=serial.log",
             "-serial", "chardev:ser0",
             "-monitor", "unix:monitor.sock,server=on,wait=off",
-            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{cmd_port}-:{DOM0_CMD_PORT}",
+            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{cmd_port}-:{DOM0_CMD_PORT}"
+            + (f",hostfwd=tcp:127.0.0.1:{self._gdbsx_port}-:{GDBSX_DOM0_PORT}"
+               if self._gdbsx_port else ""),
             "-device", "e1000,netdev=n0",
             "-gdb", f"tcp:127.0.0.1:{gdb_port}",
             "-kernel", "xen", "-append", self.xen_args,
@@ -370,6 +418,10 @@ class Lab:
             gdb_port, cmd_port = free_port(), free_port()
             while cmd_port == gdb_port:
                 cmd_port = free_port()
+            if self.stub == "gdbsx":
+                self._gdbsx_port = free_port()
+                while self._gdbsx_port in (gdb_port, cmd_port):
+                    self._gdbsx_port = free_port()
             with open(qemu_log, "wb") as log:
                 proc = subprocess.Popen(
                     self.qemu_command(gdb_port, cmd_port), cwd=self.run_dir,
@@ -393,10 +445,14 @@ class Lab:
             serial_socket=str((self.run_dir / "serial.sock").resolve()),
             monitor_socket=str((self.run_dir / "monitor.sock").resolve()),
             qemu_log=str(qemu_log.resolve()), started_at=started,
+            stub=self.stub, gdbsx_port=self._gdbsx_port,
+            gdbsx_binary=str(self._gdbsx_binary) if self._gdbsx_binary else None,
+            xen_image=str((self.run_dir / "xen").resolve()),
         )
         self.state.save()
         self.progress(f"QEMU pid {proc.pid}, gdbstub 127.0.0.1:{gdb_port}, "
-                      f"dom0 commands via 127.0.0.1:{cmd_port}")
+                      f"dom0 commands via 127.0.0.1:{cmd_port}"
+                      + (f", gdbsx via 127.0.0.1:{self._gdbsx_port}" if self._gdbsx_port else ""))
 
     def _boot(self) -> None:
         st = self._st()

@@ -129,18 +129,28 @@ def lab_vcpus(lab: Lab, domain: str = "domu") -> list[int]:
     return lab.vcpus if domain == "domu" else [0]
 
 
+def lab_stub(lab: Lab, stub: str | None = None) -> str:
+    """The stub to record through: ``stub``, else the one the lab was booted for."""
+    booted = lab.state.stub if lab.state else "qemu"
+    stub = stub or booted
+    if stub == "gdbsx" and booted != "gdbsx":
+        raise XReplayError("this lab has no gdbsx: boot it with `xreplay lab up --stub gdbsx`")
+    return stub
+
+
 def lab_record_options(lab: Lab, output: Path, *, domain: str = "domu",
                        vcpus: Iterable[int] | None = None, block: bool = True,
                        extra: Iterable[str] = LAB_EXTRA_PROBES,
                        count: int | None = None, duration: float | None = None,
-                       hang_after: float | None = None,
+                       hang_after: float | None = None, stub: str | None = None,
                        ) -> tuple[RecordOptions, GuestFacts]:
     """RecordOptions for one of the lab's Linux guests, checked live (2-level ABI).
 
     Reads the port bindings from dom0 first (the machine must run for that), then stops
     once in the guest (:func:`inspect_guest`). ``vcpus`` defaults to all of the guest's
     (:func:`lab_vcpus`): each gets its live vcpu_info region, and lsevtchn's notify vCPUs
-    route every port to one of them in the replay.
+    route every port to one of them in the replay. ``stub`` (default: the lab's) ``gdbsx``
+    records the domU through gdbsx in dom0, one gdbsx for the check and one for the run.
     """
     domid = lab.domid if domain == "domu" else 0
     if domid is None:
@@ -148,6 +158,10 @@ def lab_record_options(lab: Lab, output: Path, *, domain: str = "domu",
     vcpus = sorted(set(lab_vcpus(lab, domain) if vcpus is None else vcpus))
     syms = LinuxSymbols.load(lab.symbol_map)
     bindings = parse_lsevtchn(lab.dom0(f"lsevtchn {domid}", timeout=30))
+    if lab_stub(lab, stub) == "gdbsx":
+        return _gdbsx_record_options(lab, output, domain, vcpus, syms, bindings, block=block,
+                                     extra=extra, count=count, duration=duration,
+                                     hang_after=hang_after)
     facts = inspect_guest(lab.gdb_address, syms, domain, vcpus)
     options = RecordOptions(
         output=Path(output), target=lab.gdb_address, count=count, duration=duration,
@@ -161,10 +175,39 @@ def lab_record_options(lab: Lab, output: Path, *, domain: str = "domu",
     return options, facts
 
 
+def _gdbsx_record_options(lab: Lab, output: Path, domain: str, vcpus: list[int],
+                          syms: LinuxSymbols, bindings: dict[int, Binding], *, block: bool,
+                          extra: Iterable[str], count: int | None, duration: float | None,
+                          hang_after: float | None) -> tuple[RecordOptions, GuestFacts]:
+    """The gdbsx variant: per-domain stub, guest virtual addresses, vCPU = thread id."""
+    from xreplay.gdb.gdbsx import adapt_options
+    from xreplay.lab.xen.gdbsx import install_own_gdbsx, start_gdbsx
+
+    if domain != "domu":
+        raise XReplayError("gdbsx attaches to the domU only; record dom0 through QEMU's "
+                           "stub (--stub qemu)")
+    facts = inspect_guest(start_gdbsx(lab), syms, None, vcpus, machine_addresses=False)
+    own = install_own_gdbsx(lab)
+    target = start_gdbsx(lab)  # the check's gdbsx exited when its gdb detached
+    options = RecordOptions(output=Path(output), target=target, count=count,
+                            duration=duration, hang_after=hang_after)
+    apply(options, syms, vcpus, None, block=block, extra=extra, facts=facts)
+    adapt_options(options, own_build=own)
+    options.labels = port_labels(bindings, facts)
+    options.notify = {p: b.vcpu for p, b in bindings.items()}
+    kind = "PVH" if facts.domain_type == "hvm" else (facts.domain_type or "?").upper()
+    which = "the project's" if own else "Debian's"
+    options.description = (f"xreplay Xen 4.17 lab, domu (domid {lab.domid}, {kind} Linux "
+                           f"{lab.state.kver if lab.state else ''}, vCPUs "
+                           f"{', '.join(map(str, vcpus))}) via {which} gdbsx in dom0")
+    return options, facts
+
+
 def record_lab(lab: Lab, output: Path, *, domain: str = "domu",
                vcpus: Iterable[int] | None = None, block: bool = True,
                extra: Iterable[str] = LAB_EXTRA_PROBES,
                count: int | None = 300, duration: float | None = None,
+               stub: str | None = None,
                ) -> tuple[RecordResult, GuestFacts]:
     """Record one of the lab's guests until ``count`` snapshots or ``duration`` seconds.
 
@@ -173,7 +216,8 @@ def record_lab(lab: Lab, output: Path, *, domain: str = "domu",
     defaults to all of the guest's.
     """
     options, facts = lab_record_options(lab, output, domain=domain, vcpus=vcpus, block=block,
-                                        extra=extra, count=count, duration=duration)
+                                        extra=extra, count=count, duration=duration,
+                                        stub=stub)
     return Recorder(options).run(), facts
 
 
@@ -290,7 +334,7 @@ def _moved(a: DomainEvtchnDump, b: DomainEvtchnDump | None, *, ignore: set[int] 
 def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
                 facts: GuestFacts | None = None,
                 attempts: int = 3, settle: float = 3.0, output: Path | None = None,
-                progress: Progress = quiet) -> CrossCheck:
+                progress: Progress = quiet, stub: str | None = None) -> CrossCheck:
     """Pause the lab's domU, compare Xen's 'e' dump with its memory, unpause it.
 
     ``vcpus`` defaults to all of the domU's; ``facts`` (machine addresses) are taken with
@@ -300,6 +344,11 @@ def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
     lab raises events for the paused domU); the dumps around the read confirm it.
     ``output`` also writes the paused state as a one-snapshot ``.xrr`` with Xen's dump in
     a note. The domU is unpaused whatever happens.
+
+    ``stub`` (default: the lab's) ``gdbsx`` reads the paused domU through a gdbsx started
+    for the read, by guest virtual address: gdbsx reads only its own domain, so the
+    dom0-aliasing that forces machine addresses on QEMU's stub does not arise (and PVH
+    memory, which QEMU's stub cannot read, is readable).
     """
     t0 = time.monotonic()
     domid = lab.domid
@@ -307,31 +356,62 @@ def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
         raise XReplayError("the lab has no domU (booted with domu='none')")
     cpus = sorted(set(lab_vcpus(lab) if vcpus is None else vcpus))
     syms = LinuxSymbols.load(lab.symbol_map)
+    via_gdbsx = lab_stub(lab, stub) == "gdbsx"
+    if via_gdbsx:
+        from xreplay.lab.xen.gdbsx import start_gdbsx
     if facts is None:
-        facts = inspect_guest(lab.gdb_address, syms, "domu", cpus)
-    if facts.shared_info_ma is None or any(c not in facts.vcpu_info_ma for c in cpus):
+        facts = (inspect_guest(start_gdbsx(lab), syms, None, cpus, machine_addresses=False)
+                 if via_gdbsx else inspect_guest(lab.gdb_address, syms, "domu", cpus))
+    if via_gdbsx:
+        if any(c not in facts.vcpu_info_va for c in cpus):
+            raise XReplayError("no virtual addresses for the domU's vcpu_info: "
+                               "inspect_guest(..., vcpus) must list every vCPU")
+    elif facts.shared_info_ma is None or any(c not in facts.vcpu_info_ma for c in cpus):
         raise XReplayError("no machine addresses for the domU's shared_info / vcpu_info: "
                            "inspect_guest(..., machine_addresses=True) is needed")
     bindings = parse_lsevtchn(lab.dom0(f"lsevtchn {domid}", timeout=30))
     debug_ports = {p for p, b in bindings.items() if b.virq == VIRQ_DEBUG}
     timer_ports = {p for p, b in bindings.items() if b.virq == VIRQ_TIMER}
     decoder = SnapshotDecoder(ARCH)
+    if via_gdbsx:
+        # a PV vCPU paused in user mode runs on its user page table, where gdbsx (which
+        # walks vCPU 0's current one) finds no kernel mapping: pause again
+        attempts = max(attempts, 6)
     for attempt in range(1, attempts + 1):
         lab.dom0(f"xl pause {domid}", timeout=30)
         progress(f"domain {domid} paused")
+        unreadable: XReplayError | None = None
         try:
             before = _settle(lab, domid, timer_ports, settle)
-            with StubPeek(lab.gdb_address) as peek, peek.physical():
-                shared = peek.read(facts.shared_info_ma, decoder.shared_info_size)
-                live = {c: peek.read(facts.vcpu_info_ma[c], decoder.vcpu_info_size)
-                        for c in cpus}
-            after = _e_dump(lab, domid)
-            # 'q' prints upcall_pend/upcall_mask, then raises VIRQ_DEBUG in every guest; the
-            # 'e' dump after it must differ from `after` in the VIRQ_DEBUG port only.
-            q_text = lab.dom0("xl debug-keys q && xl debug-keys e && xl dmesg", timeout=60)
+            if via_gdbsx:
+                try:
+                    with StubPeek(start_gdbsx(lab)) as peek:
+                        shared = peek.read(facts.shared_info_va, decoder.shared_info_size)
+                        live = {c: peek.read(facts.vcpu_info_va[c], decoder.vcpu_info_size)
+                                for c in cpus}
+                except XReplayError as exc:
+                    if attempt == attempts:
+                        raise
+                    unreadable = exc
+            else:
+                with StubPeek(lab.gdb_address) as peek, peek.physical():
+                    shared = peek.read(facts.shared_info_ma, decoder.shared_info_size)
+                    live = {c: peek.read(facts.vcpu_info_ma[c], decoder.vcpu_info_size)
+                            for c in cpus}
+            if unreadable is None:
+                after = _e_dump(lab, domid)
+                # 'q' prints upcall_pend/upcall_mask, then raises VIRQ_DEBUG in every guest;
+                # the 'e' dump after it must differ from `after` in the VIRQ_DEBUG port only.
+                q_text = lab.dom0("xl debug-keys q && xl debug-keys e && xl dmesg",
+                                  timeout=60)
         finally:
             lab.dom0(f"xl unpause {domid}", timeout=30)
             progress(f"domain {domid} unpaused")
+        if unreadable is not None:
+            progress(f"domain {domid} not readable through gdbsx while paused ({unreadable}):"
+                     " paused in user mode? trying again")
+            time.sleep(0.5)
+            continue
         post_q = latest(parse(q_text, "xl dmesg")).get(domid)
         moved = _moved(before, after)
         moved_q = _moved(after, post_q, ignore=debug_ports, pending_only=True)
@@ -393,11 +473,16 @@ def _write_paused(path: Path, check: CrossCheck, shared: bytes, live: dict[int, 
                   lab: Lab) -> None:
     """The paused state as a one-snapshot recording (``xreplay show`` renders it)."""
     facts = check.facts
-    assert facts is not None and facts.shared_info_ma is not None
+    assert facts is not None
+    if facts.shared_info_ma is not None and all(c in facts.vcpu_info_ma for c in live):
+        how, si = "machine address", facts.shared_info_ma
+        vi = facts.vcpu_info_ma
+    else:  # read through gdbsx, by guest virtual address
+        how, si, vi = "gdbsx, virtual address", facts.shared_info_va, facts.vcpu_info_va
     header = RecordingHeader.for_arch(
-        ARCH, [ProbeSpec("paused", f"xl pause {check.domid} (read by machine address)")],
-        vcpus=sorted(live), shared_info_expr=f"machine address {facts.shared_info_ma:#x}",
-        vcpu_info_exprs={c: f"machine address {facts.vcpu_info_ma[c]:#x}" for c in live},
+        ARCH, [ProbeSpec("paused", f"xl pause {check.domid} (read by {how})")],
+        vcpus=sorted(live), shared_info_expr=f"{how} {si:#x}",
+        vcpu_info_exprs={c: f"{how} {vi[c]:#x}" for c in live},
         labels=check.snapshot.labels, notify=check.snapshot.notify,
         target={"kind": "xen-lab", "address": lab.gdb_address,
                 "description": f"xreplay Xen 4.17 lab, domU {check.domid} paused"})

@@ -1,0 +1,101 @@
+"""Start Xen's gdbsx in the lab's dom0, one per gdb session.
+
+Why one per session: gdbsx (tools/debugger/gdbsx) attaches to one domain, listens for one
+gdb, **pauses the domain while it waits**, and **exits when gdb detaches** (the domain then
+runs again). So every gdb visit (the profile's check, the recording, the cross-check) is
+preceded by :func:`start_gdbsx`; the host reaches it through the lab's second QEMU
+``hostfwd`` (``Lab.gdbsx_address``). dom0 commands keep working while the domU waits:
+gdbsx stops only its own domain, unlike QEMU's whole-machine stub.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+from xreplay.errors import XReplayError
+from xreplay.lab.xen.lab import GDBSX_DOM0_PORT, Lab
+
+GDBSX = "/usr/sbin/gdbsx"
+#: The project's own build (xreplay/lab/xen/gdbsx_build.py): a tighter wait, Z0, a big
+#: PacketSize. Debian's GDBSX stays the tested fallback.
+GDBSX_XREPLAY = "/usr/sbin/gdbsx-xreplay"
+NAMES = "gdbsx gdbsx-xreplay"
+LOG = "/tmp/gdbsx.log"
+#: gdbsx's word size argument: the lab's guests are all x86_64.
+BITNESS = 64
+
+
+def _listening_cmd(port: int) -> str:
+    """A dom0 shell test: something listens on ``port`` (busybox has no ss; read /proc)."""
+    return f"grep -qi ':{port:04X} 00000000:0000 0A' /proc/net/tcp"
+
+
+def stop_gdbsx(lab: Lab) -> None:
+    """End a gdbsx left waiting in dom0 (one no gdb ever reached still pauses the domU).
+
+    Killing it would leave its pause on the domain (gdbsx unpauses only on its way out),
+    so the way out is the protocol's: connect from dom0 and send ``D`` (detach), which
+    makes it unpause and exit. Only one that does not go is killed.
+    """
+    rc, out = lab.dom0_run(f"pidof {NAMES} >/dev/null || {{ echo NONE; exit 0; }}; "
+                           f"printf '$D#44' | nc -w 2 127.0.0.1 {GDBSX_DOM0_PORT} "
+                           ">/dev/null 2>&1; sleep 0.3; pidof {NAMES} || echo NONE",
+                           timeout=30)
+    if "NONE" in out:
+        return
+    for _ in range(3):  # busybox sh in dom0 has been seen to die once (rc 139): retry
+        rc, out = lab.dom0_run(f"for p in $(pidof {NAMES}); do kill -9 $p; done; "
+                               f"sleep 0.2; pidof {NAMES} || echo NONE", timeout=30)
+        if "NONE" in out:
+            raise XReplayError("a gdbsx in dom0 did not detach and was killed: the domU may "
+                               f"stay paused (`xreplay lab exec 'xl unpause {lab.domid}'`)")
+    raise XReplayError(f"cannot stop the gdbsx left in dom0 (rc={rc}): {out.strip()[-200:]}")
+
+
+def install_own_gdbsx(lab: Lab) -> bool:
+    """Put the project's gdbsx (built on the host at boot) into dom0 once; False when the
+    lab has none (then Debian's gdbsx is used)."""
+    if lab.dom0_run(f"test -x {GDBSX_XREPLAY}", timeout=15)[0] == 0:
+        return True
+    host = lab.state.gdbsx_binary if lab.state else None
+    if not host or not Path(host).exists():
+        return False
+    data = base64.b64encode(Path(host).read_bytes()).decode()
+    lab.dom0(f"echo {data} | base64 -d > {GDBSX_XREPLAY}.tmp && chmod 755 {GDBSX_XREPLAY}.tmp"
+             f" && mv {GDBSX_XREPLAY}.tmp {GDBSX_XREPLAY}", timeout=60)
+    return True
+
+
+def start_gdbsx(lab: Lab, domid: int | None = None, *, binary: str | None = None,
+                timeout: float = 20.0) -> str:
+    """Start gdbsx for ``domid`` (default: the lab's domU) and wait until it listens.
+
+    Returns the host address to give gdb (``target remote``) or ``xreplay record --target``.
+    A previous gdbsx still waiting is stopped first: only one can listen on the port.
+    ``binary`` defaults to the project's build when dom0 has it, else Debian's.
+    """
+    address = lab.gdbsx_address  # raises for a lab booted without gdbsx
+    domid = lab.domid if domid is None else domid
+    if domid is None:
+        raise XReplayError("the lab has no domU for gdbsx to attach to (booted with --domu none)")
+    stop_gdbsx(lab)
+    if binary is None:
+        binary = GDBSX_XREPLAY if install_own_gdbsx(lab) else GDBSX
+    lab.dom0(f"rm -f {LOG}; (setsid {binary} -a {domid} {BITNESS} {GDBSX_DOM0_PORT} "
+             f"</dev/null >{LOG} 2>&1 &); true", timeout=30)
+    deadline = time.monotonic() + timeout
+    while True:
+        rc, out = lab.dom0_run(f"{_listening_cmd(GDBSX_DOM0_PORT)} && echo LISTEN; "
+                               f"pidof {NAMES} >/dev/null || echo GONE; cat {LOG}", timeout=15)
+        if "LISTEN" in out:
+            return address
+        if "GONE" in out or time.monotonic() > deadline:
+            said = " ".join(line.strip() for line in out.splitlines()
+                            if line.strip() and line.strip() not in ("GONE", "LISTEN"))
+            why = "exited" if "GONE" in out else f"did not listen within {timeout:.0f} s"
+            hint = (" (the hypervisor lacks CONFIG_GDBSX: boot with `xreplay lab up --stub "
+                    "gdbsx`)" if "NOT enabled" in said else "")
+            raise XReplayError(f"gdbsx -a {domid} in dom0 {why}: {said or 'no output'}{hint}")
+        time.sleep(0.2)
