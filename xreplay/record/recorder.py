@@ -162,6 +162,8 @@ class Recorder:
             return "a region is re-evaluated by gdb at each hit"
         if o.replay:
             return "a QEMU record/replay run stores the guest's instruction count at each hit"
+        if o.target_kind == str(StubKind.GDBSX):
+            return "gdbsx answers no Z packets (gdb writes its breakpoints into memory)"
         return None
 
     def _connect(self) -> None:
