@@ -58,6 +58,7 @@ class Measurement:
     verified: bool
     wall: float = 0.0  # the whole run including start-up (spawning gdb, connecting, ...)
     note: str = ""
+    packets: float | None = None  # remote-protocol packets sent per hit, when counted
 
     @property
     def rate(self) -> float:
@@ -73,6 +74,13 @@ class Method:
     hits: int
     run: Callable[[int], Measurement]
     results: list[Measurement] = field(default_factory=list)
+
+    #: packets per hit measured apart (gdb's, through a counting relay), when not per run
+    packets: float | None = None
+
+    def packets_per_hit(self) -> float | None:
+        counted = [x.packets for x in self.results if x.packets is not None]
+        return statistics.median(counted) if counted else self.packets
 
     def median_rate(self) -> float:
         ok = [m.rate for m in self.results if m.verified and m.hits]
@@ -103,9 +111,9 @@ def table(methods: Sequence[Method], baseline: str, title: str = "") -> str:
     base = next((m for m in methods if m.name == baseline), None)
     base_rate = base.median_rate() if base else 0.0
     head = ("| method | hits/run | runs verified | median /s | min /s | max /s "
-            "| median wall s | ratio (same run) |")
+            "| median wall s | packets/hit | ratio (same run) |")
     lines = [title] if title else []
-    lines += [head, "|" + "---|" * 8]
+    lines += [head, "|" + "---|" * 9]
     for m in methods:
         ok = [x for x in m.results if x.verified and x.hits]
         rates = [x.rate for x in ok]
@@ -113,10 +121,12 @@ def table(methods: Sequence[Method], baseline: str, title: str = "") -> str:
         walls = [x.wall for x in m.results if x.wall]
         ratio = (f"{m.short}/{base.short} = {med / base_rate:.3g}"
                  if base and base_rate and med else "-")
+        pk = m.packets_per_hit()
         lines.append(
             f"| {m.name} | {m.hits} | {len(ok)}/{len(m.results)} | {med:.1f} "
             f"| {min(rates, default=0):.1f} | {max(rates, default=0):.1f} "
-            f"| {statistics.median(walls) if walls else 0:.2f} | {ratio} |")
+            f"| {statistics.median(walls) if walls else 0:.2f} "
+            f"| {'-' if pk is None else f'{pk:.2f}'} | {ratio} |")
     notes = sorted({x.note for m in methods for x in m.results if x.note})
     lines += [f"  note: {n}" for n in notes]
     return "\n".join(lines)

@@ -122,12 +122,19 @@ def free_port() -> int:
 
 
 class GdbServer:
-    """``gdbserver --once`` running the target for ``n`` iterations; killed by PID on exit."""
+    """``gdbserver --once`` running the target for ``n`` iterations; killed by PID on exit.
 
-    def __init__(self, target: Target, n: int, workdir: Path) -> None:
+    ``relay``: gdb-based methods connect through a counting relay
+    (:class:`xreplay.gdb.proxy.StubProxy`) at :attr:`address`, and :attr:`packets` is what
+    gdb sent (untimed runs only: the relay adds a hop to every packet).
+    """
+
+    def __init__(self, target: Target, n: int, workdir: Path, relay: bool = False) -> None:
         self.target = target
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.relay = None
+        self.packets = 0
         self.log = workdir / f"gdbserver-{self.port}.log"
         with open(self.log, "wb") as logf:
             self.proc = subprocess.Popen(
@@ -140,12 +147,20 @@ class GdbServer:
                 self.stop()
                 raise RuntimeError(f"gdbserver did not start: {self.log.read_text()[-300:]}")
             time.sleep(0.005)
+        if relay:
+            from xreplay.gdb.proxy import StubProxy
+
+            self.relay = StubProxy(self.address)
+            self.address = self.relay.address
 
     def inferior_pid(self) -> int | None:
         m = re.search(rb"pid = (\d+)", self.log.read_bytes())
         return int(m.group(1)) if m else None
 
     def stop(self) -> None:
+        if self.relay is not None:
+            self.packets = self.relay.gdb_packets
+            self.relay.close()
         pid = self.inferior_pid()
         if pid is not None:
             _kill_if(pid, str(self.target.exe))
@@ -238,25 +253,31 @@ def verify_xrr(target: RecordLayout, path: Path, hits: int) -> tuple[bool, str]:
 # -- methods -------------------------------------------------------------------------------
 
 
-def run_xreplay(target: Target, workdir: Path, hits: int) -> Measurement:
-    """The library as ``xreplay record --target ... --upcall ... --count N --kill`` uses it."""
+def run_xreplay(target: Target, workdir: Path, hits: int, hit_loop: str = "auto",
+                relay: bool = False) -> Measurement:
+    """The library as ``xreplay record --target ... --upcall ... --count N --kill`` uses it
+    (``hit_loop`` "agent": as ``--hit-loop agent``, the in-gdb agent at every hit)."""
     from xreplay.record import Recorder, RecordOptions
     from xreplay.xrr import ProbeSpec
 
-    out = workdir / "xreplay.xrr"
+    out = workdir / f"xreplay-{hit_loop}.xrr"
     t = time.monotonic()
-    with GdbServer(target, hits + 1, workdir) as srv:
+    with GdbServer(target, hits + 1, workdir, relay=relay) as srv:
         opts = RecordOptions(
             output=out, arch="x86_64", target=srv.address, elf=target.exe,
             probes=[ProbeSpec("upcall", PROBE, "upcall")], shared_info=SHARED_INFO,
-            count=hits, kill_target=True, target_kind="gdbstub",
+            count=hits, kill_target=True, hit_loop=hit_loop,
             description="benchmarks/target.c under gdbserver")
         res = Recorder(opts).run()
     wall = time.monotonic() - t
     ok, note = verify_xrr(target, out, hits)
     if res.reason != "count":
         ok, note = False, f"ended by {res.reason} {note}".strip()
-    return Measurement(res.snapshots, res.elapsed, ok, wall, note)
+    if hit_loop == "direct" and not res.hit_loop.startswith("direct"):
+        ok, note = False, f"recorded by {res.hit_loop}"
+    packets = srv.packets if relay else res.packets
+    return Measurement(res.snapshots, res.elapsed, ok, wall, note,
+                       packets / res.snapshots if packets and res.snapshots else None)
 
 
 def run_raw(target: Target, workdir: Path, hits: int, pipelined: bool = False) -> Measurement:
@@ -268,6 +289,7 @@ def run_raw(target: Target, workdir: Path, hits: int, pipelined: bool = False) -
         c = RspClient("127.0.0.1", srv.port)
         try:
             c.connect()
+            sent0 = c.packets_sent
             c.set_breakpoint(target.probe_addr)
             addr, size = target.shared_info_addr, target.size
             t0 = time.monotonic()
@@ -296,12 +318,13 @@ def run_raw(target: Target, workdir: Path, hits: int, pipelined: bool = False) -
                     raise RspError(f"step-over replies: {replies!r}")
                 stop = c.parse_stop(c.recv())
             elapsed = time.monotonic() - t0
+            packets = (c.packets_sent - sent0) / n if n else None
             c.kill()
         finally:
             c.close()
     wall = time.monotonic() - t
     ok, note = verify_blob(target, out, hits)
-    return Measurement(n, elapsed, ok, wall, note)
+    return Measurement(n, elapsed, ok, wall, note, packets)
 
 
 def _start_gdbmi(time_to_check: float | None) -> Any:
@@ -321,12 +344,13 @@ def _stop_gdbmi(gdbmi: Any) -> None:
     gdbmi.gdb_process = None
 
 
-def run_pygdbmi_default(target: Target, workdir: Path, hits: int) -> Measurement:
+def run_pygdbmi_default(target: Target, workdir: Path, hits: int,
+                        relay: bool = False) -> Measurement:
     """The naive loop: ``write()`` each MI command and take what comes back."""
     out = workdir / "pygdbmi-default.bin"
     t = time.monotonic()
     n = 0
-    with GdbServer(target, hits + 1, workdir) as srv, open(out, "wb") as f:
+    with GdbServer(target, hits + 1, workdir, relay) as srv, open(out, "wb") as f:
         gdbmi = _start_gdbmi(None)
         try:
             gdbmi.write(f"-file-exec-and-symbols {target.exe}", timeout_sec=30)
@@ -348,7 +372,7 @@ def run_pygdbmi_default(target: Target, workdir: Path, hits: int) -> Measurement
             _stop_gdbmi(gdbmi)
     wall = time.monotonic() - t
     ok, note = verify_blob(target, out, hits)
-    return Measurement(n, elapsed, ok, wall, note)
+    return Measurement(n, elapsed, ok, wall, note, srv.packets / n if relay and n else None)
 
 
 class _TunedMi:
@@ -385,11 +409,12 @@ class _TunedMi:
         return self._wait(lambda r: r.get("message") == "stopped", timeout)["payload"]
 
 
-def run_pygdbmi_tuned(target: Target, workdir: Path, hits: int) -> Measurement:
+def run_pygdbmi_tuned(target: Target, workdir: Path, hits: int,
+                      relay: bool = False) -> Measurement:
     out = workdir / "pygdbmi-tuned.bin"
     t = time.monotonic()
     n = 0
-    with GdbServer(target, hits + 1, workdir) as srv, open(out, "wb") as f:
+    with GdbServer(target, hits + 1, workdir, relay) as srv, open(out, "wb") as f:
         g = _TunedMi()
         try:
             g.mi(f"-file-exec-and-symbols {target.exe}", 30)
@@ -409,7 +434,16 @@ def run_pygdbmi_tuned(target: Target, workdir: Path, hits: int) -> Measurement:
             _stop_gdbmi(g.ctl)
     wall = time.monotonic() - t
     ok, note = verify_blob(target, out, hits)
-    return Measurement(n, elapsed, ok, wall, note)
+    return Measurement(n, elapsed, ok, wall, note, srv.packets / n if relay and n else None)
+
+
+def gdb_packets_per_hit(run: Callable[[int], Measurement], hits: int = 100) -> float | None:
+    """Packets gdb sends per hit, through a counting relay, untimed: the difference between
+    a run of ``2 * hits`` and one of ``hits`` (set-up cancelled), divided by ``hits``."""
+    a, b = run(hits), run(2 * hits)
+    if a.packets is None or b.packets is None or not (a.verified and b.verified):
+        return None
+    return (b.packets * b.hits - a.packets * a.hits) / (b.hits - a.hits)
 
 
 # -- QEMU ----------------------------------------------------------------------------------
@@ -417,7 +451,7 @@ def run_pygdbmi_tuned(target: Target, workdir: Path, hits: int) -> Measurement:
 QEMU_COUNTER = "lab_upcall_count"  # uint32_t, incremented by the probed function itself
 QEMU_READ_CHUNK = 2048  # QEMU 7.2 answers ``m`` up to PacketSize/2 (4096/2) bytes
 QEMU_RIP_OFF = 16 * 8  # rip in ``g``: x86-64 order (16 GPRs, rip) even for 32-bit code
-QEMU_METHODS = ("xreplay", "raw-rsp")
+QEMU_METHODS = ("xreplay", "xreplay-agent", "raw-rsp")
 
 
 @dataclass(frozen=True)
@@ -470,26 +504,39 @@ def _qemu_guest(target: QemuTarget, hits: int) -> Iterator[Any]:
         yield guest
 
 
-def run_qemu_xreplay(target: QemuTarget, workdir: Path, hits: int,
-                     dups: list[int]) -> Measurement:
+def run_qemu_xreplay(target: QemuTarget, workdir: Path, hits: int, dups: list[int],
+                     hit_loop: str = "auto", relay: bool = False) -> Measurement:
     """The library as the lab records QEMU, reduced to the upcall probe plus the counter."""
     from xreplay.demo import lab_record_options
+    from xreplay.gdb.proxy import StubProxy
     from xreplay.record import Recorder, WatchSpec
     from xreplay.xrr import ProbeSpec
 
-    out = workdir / "qemu-xreplay.xrr"
+    out = workdir / f"qemu-xreplay-{hit_loop}.xrr"
     t = time.monotonic()
+    packets = None
     with _qemu_guest(target, hits) as guest:
         opts = lab_record_options(
             guest, out, probes=[ProbeSpec("upcall", PROBE, "upcall")],
-            watch=[WatchSpec(QEMU_COUNTER, f"&{QEMU_COUNTER}", 4)], count=hits, dedupe=True)
-        res = Recorder(opts).run()
+            watch=[WatchSpec(QEMU_COUNTER, f"&{QEMU_COUNTER}", 4)], count=hits, dedupe=True,
+            hit_loop=hit_loop)
+        proxy = StubProxy(opts.target) if relay and opts.target else None
+        if proxy is not None:
+            opts.target = proxy.address
+        try:
+            res = Recorder(opts).run()
+        finally:
+            if proxy is not None:
+                packets = proxy.gdb_packets
+                proxy.close()
     wall = time.monotonic() - t
     dups.append(res.duplicates)
     ok, note = verify_xrr(target, out, hits)
     if res.reason != "count":
         ok, note = False, f"ended by {res.reason} {note}".strip()
-    return Measurement(res.snapshots, res.elapsed, ok, wall, note)
+    packets = packets if relay else res.packets
+    return Measurement(res.snapshots, res.elapsed, ok, wall, note,
+                       packets / res.snapshots if packets and res.snapshots else None)
 
 
 def run_qemu_raw(target: QemuTarget, workdir: Path, hits: int, dups: list[int]) -> Measurement:
@@ -508,6 +555,7 @@ def run_qemu_raw(target: QemuTarget, workdir: Path, hits: int, dups: list[int]) 
         c = RspClient(host, int(port), read_chunk=QEMU_READ_CHUNK)
         try:
             c.connect()
+            sent0 = c.packets_sent
             c.set_breakpoint(target.probe_addr)
             t0 = time.monotonic()
             stop = c.cont()
@@ -532,17 +580,19 @@ def run_qemu_raw(target: QemuTarget, workdir: Path, hits: int, dups: list[int]) 
                 if not stop.exited:
                     stop = c.cont()
             elapsed = time.monotonic() - t0
+            packets = (c.packets_sent - sent0) / n if n else None
             c.kill()
         finally:
             c.close()
     wall = time.monotonic() - t
     dups.append(dup)
     ok, note = verify_blob(target, out, hits)
-    return Measurement(n, elapsed, ok, wall, note)
+    return Measurement(n, elapsed, ok, wall, note, packets)
 
 
 def qemu_record_benchmark(hits: int = DEFAULT_HITS, runs: int = 3,
                           log: Callable[[str], None] = _log, target: QemuTarget | None = None,
+                          count_packets: bool = True,
                           ) -> tuple[list[Method], dict[str, list[int]]]:
     """Both methods ``runs`` times interleaved on QEMU; also the duplicate stops per run."""
     target = target or build_qemu_target()
@@ -552,16 +602,26 @@ def qemu_record_benchmark(hits: int = DEFAULT_HITS, runs: int = 3,
         methods = [
             Method("xreplay", "xreplay", hits,
                    lambda h: run_qemu_xreplay(target, work, h, dups["xreplay"])),
+            Method("xreplay-agent", "agent", hits,
+                   lambda h: run_qemu_xreplay(target, work, h, dups["xreplay-agent"],
+                                              "agent")),
             Method("raw-rsp", "raw", hits,
                    lambda h: run_qemu_raw(target, work, h, dups["raw-rsp"])),
         ]
         run_interleaved(methods, runs, log)
+        if count_packets:
+            methods[1].packets = gdb_packets_per_hit(
+                lambda h: run_qemu_xreplay(target, work, h, [], "agent", relay=True),
+                min(hits, 100))
     return methods, dups
 
 
 # -- the benchmark -------------------------------------------------------------------------
 
-METHOD_NAMES = ("xreplay", "raw-rsp", "raw-rsp-pipelined", "pygdbmi-default", "pygdbmi-tuned")
+METHOD_NAMES = ("xreplay", "xreplay-agent", "raw-rsp", "raw-rsp-pipelined", "pygdbmi-default",
+                "pygdbmi-tuned")
+#: gdb-based methods: packets per hit counted through a relay, in untimed runs of this many
+PACKET_COUNT_HITS = {"xreplay-agent": 100, "pygdbmi-default": 3, "pygdbmi-tuned": 50}
 
 
 def record_methods(target: Target, workdir: Path, hits: int,
@@ -571,6 +631,7 @@ def record_methods(target: Target, workdir: Path, hits: int,
     slow = slow_hits if slow_hits is not None else min(hits, DEFAULT_SLOW_HITS)
     table_ = {
         "xreplay": ("xreplay", hits, lambda h: run_xreplay(target, workdir, h)),
+        "xreplay-agent": ("agent", hits, lambda h: run_xreplay(target, workdir, h, "agent")),
         "raw-rsp": ("raw", hits, lambda h: run_raw(target, workdir, h)),
         "raw-rsp-pipelined": ("pipelined", hits,
                               lambda h: run_raw(target, workdir, h, pipelined=True)),
@@ -591,9 +652,32 @@ def record_benchmark(hits: int = DEFAULT_HITS, runs: int = 3, slow_hits: int | N
             raise RuntimeError(f"{tool} not found (apt-get install gdb gdbserver binutils)")
     target = build_target()
     with tempfile.TemporaryDirectory(prefix="xreplay-bench-") as tmp:
-        methods = record_methods(target, Path(tmp), hits, slow_hits, names)
+        work = Path(tmp)
+        methods = record_methods(target, work, hits, slow_hits, names)
         run_interleaved(methods, runs, log)
+        counted: dict[str, Callable[[int], Measurement]] = {
+            "xreplay-agent": lambda h: run_xreplay(target, work, h, "agent", relay=True),
+            "pygdbmi-default": lambda h: run_pygdbmi_default(target, work, h, relay=True),
+            "pygdbmi-tuned": lambda h: run_pygdbmi_tuned(target, work, h, relay=True)}
+        for m in methods:
+            if m.name in counted:
+                m.packets = gdb_packets_per_hit(counted[m.name],
+                                                min(hits, PACKET_COUNT_HITS[m.name]))
     return methods
+
+
+def goals(methods: list[Method], wanted: dict[str, tuple[float, float]]) -> str:
+    """One line per method: its ratio to raw-rsp against issue 13's goal and moonshot."""
+    base = next(m for m in methods if m.name == BASELINE).median_rate()
+    lines = []
+    for m in methods:
+        if m.name in wanted and base:
+            goal, moon = wanted[m.name]
+            r = m.median_rate() / base
+            lines.append(f"goal: {m.name}/raw-rsp = {r:.2f} (goal >= {goal}: "
+                         f"{'met' if r >= goal else 'NOT met'}; moonshot >= {moon}: "
+                         f"{'met' if r >= moon else 'not met'})")
+    return "\n".join(lines)
 
 
 @register("record", "snapshots/s of xreplay record vs a raw RSP client and pygdbmi loops")
@@ -606,6 +690,7 @@ def main(args: BenchArgs) -> bool:
     methods = record_benchmark(hits, args.runs)
     print(table(methods, BASELINE, "\nrecord, gdbserver target (snapshots/s; ratios against "
                 "raw-rsp measured in the same run):"))
+    print(goals(methods, {"xreplay": (1.0, 2.5)}))
     ok = all(x.verified for m in methods for x in m.results)
     try:
         qemu_target = build_qemu_target()
@@ -620,4 +705,5 @@ def main(args: BenchArgs) -> bool:
                 "(snapshots/s; ratios against raw-rsp measured in the same run):"))
     print("duplicate stops dropped per run: " + "; ".join(
         f"{name} {dups[name]}" for name in QEMU_METHODS))
+    print(goals(qmethods, {"xreplay": (0.9, 2.5)}))
     return ok and all(x.verified for m in qmethods for x in m.results)

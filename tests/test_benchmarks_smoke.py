@@ -45,21 +45,23 @@ def _rows(text: str) -> dict[str, list[str]]:
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 8 and re.fullmatch(r"\d+", cells[1]):
+        if len(cells) == 9 and re.fullmatch(r"\d+", cells[1]):
             rows[cells[0]] = cells
     return rows
 
 
 def _check_rows(rows: dict[str, list[str]], names: set[str], out: str) -> None:
     assert set(rows) == names, out
-    for name, (_, hits, verified, median, lo, hi, _wall, ratio) in rows.items():
+    for name, (_, hits, verified, median, lo, hi, _wall, packets, ratio) in rows.items():
         assert verified == "1/1", (name, out)
         rate = float(median)
         assert math.isfinite(rate) and rate > 0, (name, median)
         assert float(lo) <= rate <= float(hi)
         assert int(hits) >= 1
         assert re.fullmatch(r"\S+/raw = [0-9.e+-]+", ratio), (name, ratio)
-    assert rows["raw-rsp"][7] == "raw/raw = 1"
+        assert packets == "-" or float(packets) > 0, (name, packets)
+    assert rows["raw-rsp"][8] == "raw/raw = 1"
+    assert float(rows["raw-rsp"][7]) > 0 and float(rows["xreplay"][7]) > 0
 
 
 @pytest.mark.gdbserver
@@ -71,15 +73,16 @@ def test_record_benchmark_runs_and_verifies() -> None:
                         "--runs", "1"], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     gdbserver_out, _, qemu_out = r.stdout.partition("\nrecord, QEMU")
-    _check_rows(_rows(gdbserver_out), {"xreplay", "raw-rsp", "raw-rsp-pipelined",
-                                       "pygdbmi-default", "pygdbmi-tuned"}, r.stdout)
+    _check_rows(_rows(gdbserver_out), {"xreplay", "xreplay-agent", "raw-rsp",
+                                       "raw-rsp-pipelined", "pygdbmi-default",
+                                       "pygdbmi-tuned"}, r.stdout)
     assert "NOT verified" not in r.stderr
     if shutil.which("qemu-system-x86_64") is None:
         assert "qemu: skipped (" in r.stdout, r.stdout
         return
-    _check_rows(_rows(qemu_out), {"xreplay", "raw-rsp"}, r.stdout)
-    assert re.search(r"duplicate stops dropped per run: xreplay \[\d+\]; raw-rsp \[\d+\]",
-                     qemu_out), r.stdout
+    _check_rows(_rows(qemu_out), {"xreplay", "xreplay-agent", "raw-rsp"}, r.stdout)
+    assert re.search(r"duplicate stops dropped per run: xreplay \[\d+\]; xreplay-agent "
+                     r"\[\d+\]; raw-rsp \[\d+\]", qemu_out), r.stdout
 
 
 def test_replay_benchmark_machinery(tmp_path, monkeypatch) -> None:

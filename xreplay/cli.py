@@ -256,6 +256,12 @@ def _record_epilog() -> str:
 @click.option("--no-guest-check", "no_guest_check", is_flag=True, help="With --symbols: do "
               "not stop once in the guest first (ABI and domain-type check, port labels).")
 @click.option("--gdb", default="gdb", show_default=True, help="gdb executable.")
+@click.option("--hit-loop", "hit_loop", type=click.Choice(["auto", "agent", "direct"]),
+              default="agent", show_default=True, help="Who snapshots each hit: auto (the "
+              "recorder speaks the remote protocol itself once gdb has resolved every address, "
+              "on gdbserver and QEMU, unless --filter/--vcpu-expr or a re-evaluated region "
+              "need gdb at each hit; else the in-gdb agent), agent (the default: the path the "
+              "Xen-lab suites cover), or direct (refuse otherwise).")
 @click.option("--from-rr", "from_rr", type=click.Path(file_okay=False, path_type=Path),
               help="Take the snapshots on a replay of this 'xreplay rr record' run instead "
               "of a live target (its QEMU gdbstub; --elf defaults to its -kernel ELF).")
@@ -271,7 +277,7 @@ def record(target: str | None, launch: str | None, elf: Path | None, arch: str |
            duration: float | None, hang_after: float | None, kill_target: bool | None,
            dedupe: bool | None, is_qemu: bool, filter_expr: str | None, vcpu_expr: str | None,
            symbols: Path | None, domain: str | None, no_guest_check: bool, gdb: str,
-           from_rr: Path | None, output: Path) -> None:
+           hit_loop: str, from_rr: Path | None, output: Path) -> None:
     """Record a live guest's event-channel state at its upcall, bottom half and block."""
     from xreplay.paths import check_output
     from xreplay.record.build import RecordChoices, build_options
@@ -287,7 +293,7 @@ def record(target: str | None, launch: str | None, elf: Path | None, arch: str |
         notify=_parse_int_map(bind, "--bind"), vcpus=vcpus, count=count, duration=duration,
         hang_after=hang_after, kill_target=kill_target, dedupe=dedupe, qemu=is_qemu,
         filter=filter_expr, vcpu_expr=vcpu_expr, symbols=symbols, domain=domain,
-        guest_check=not no_guest_check, gdb=gdb)
+        guest_check=not no_guest_check, gdb=gdb, hit_loop=hit_loop)
     if from_rr is not None:
         from xreplay.rr.launcher import record_from_rr
 
@@ -333,7 +339,8 @@ def _print_record_result(r: Any) -> None:
         extra += f", {r.foreign} hits of other domains skipped"
     if r.signal:
         extra += f" ({r.signal})"
-    stub = f" through {r.stub}" if r.stub else ""
+    how = "direct RSP loop" if r.hit_loop.startswith("direct") else "gdb agent"
+    stub = f" through {r.stub} ({how})" if r.stub else ""
     click.echo(f"{r.output}: {r.snapshots} snapshots in {r.elapsed:.2f} s "
                f"({r.rate:.0f}/s){stub}, {r.arch or '?'} ABI, ended by {r.reason}{extra}")
     if r.message:

@@ -150,6 +150,11 @@ class _Region:
         return self.pointer_at is not None or self.reeval
 
 
+def _endian():
+    text = gdb.execute("show endian", to_string=True)
+    return "big" if "big endian" in text else "little"
+
+
 def _code(t):
     return "struct" if t.code == gdb.TYPE_CODE_STRUCT else "array"
 
@@ -191,10 +196,53 @@ class Agent:
                 p.delete()
             self.sock.close()
             raise
-        self.send_json({"event": "hello", "regions": [r.info for r in self.regions],
-                        "arch": self.arch,
-                        "probes": [{"name": p.name, "locations": p.location,
-                                    "number": p.number} for p in self.probes]})
+        hello = {"event": "hello", "regions": [r.info for r in self.regions],
+                 "arch": self.arch,
+                 "probes": [{"name": p.name, "locations": p.location,
+                             "number": p.number} for p in self.probes]}
+        if config.get("direct"):
+            hello["direct"] = self.direct_info()
+        self.send_json(hello)
+
+    # -- what the recorder's direct hit loop needs ---------------------------------
+
+    def direct_info(self):
+        """Every address gdb resolved, for a hit loop that speaks to the stub itself
+        (xreplay.record.direct): probe addresses, where each region is (or the pointer it
+        is read through), gdb's thread numbers by the stub's thread id, and where pc, sp
+        and the flags register are in the stub's register numbering and ``g`` reply."""
+        probes = []
+        for p in self.probes:
+            locs = getattr(p, "locations", None)  # gdb >= 13
+            if locs is None:
+                return {"error": "this gdb does not list breakpoint locations (gdb < 13)"}
+            probes.append(sorted({int(loc.address) for loc in locs if loc.enabled}))
+        regions = []
+        for r in self.regions:
+            regions.append({"address": r.address, "size": r.size, "reeval": r.reeval,
+                            "pointer_at": r.pointer_at, "pointer_size": r.pointer_size})
+        threads = {}
+        for t in self.inferior.threads():
+            pid, lwp, tid = t.ptid
+            threads[str(lwp or tid or pid)] = t.num
+        return {"probes": probes, "regions": regions, "threads": threads,
+                "registers": self.remote_registers(), "endian": _endian()}
+
+    def remote_registers(self):
+        """``{"pc"|"sp"|"flags": [remote number, g offset, size]}`` from gdb's own map."""
+        names = {"pc": ("rip", "eip", "pc"), "sp": ("rsp", "esp", "sp"),
+                 "flags": (self.flags_reg,) if self.flags_reg else ()}
+        table = gdb.execute("maint print remote-registers", to_string=True)
+        found = {}
+        for line in table.splitlines()[1:]:
+            cols = line.split()
+            if len(cols) < 8 or not cols[-1].isdigit() or not cols[-2].isdigit():
+                continue
+            name, size, rnum, goff = cols[0], int(cols[4]), int(cols[-2]), int(cols[-1])
+            for key, wanted in names.items():
+                if key not in found and name in wanted:
+                    found[key] = [rnum, goff, size]
+        return found
 
     # -- helpers -------------------------------------------------------------------
 

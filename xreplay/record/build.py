@@ -55,6 +55,7 @@ class RecordChoices:
     domain: str | None = None
     guest_check: bool = True
     gdb: str = "gdb"
+    hit_loop: str = "agent"
 
 
 def _vcpu_info(texts: list[str]) -> dict[int, str]:
@@ -116,7 +117,7 @@ def build_options(c: RecordChoices) -> RecordOptions:
         vcpus=sorted(set(vcpus or [0]) | set(vinfo) | set(blocks)), count=c.count,
         duration=c.duration,
         hang_after=c.hang_after, kill_target=c.kill_target, gdb=c.gdb, dedupe=c.dedupe,
-        filter=c.filter, vcpu_expr=c.vcpu_expr,
+        filter=c.filter, vcpu_expr=c.vcpu_expr, hit_loop=c.hit_loop,
         target_kind="qemu" if c.qemu else None,
         description=f"{g.name} guest ({g.summary})" if g else "")
     if profile == "linux":
@@ -177,5 +178,7 @@ def command_line(o: RecordOptions) -> str:
             args += [flag, q(str(value))]
     if o.kill_target is not None:
         args.append("--kill" if o.kill_target else "--detach")
+    if o.hit_loop != "agent":
+        args += ["--hit-loop", o.hit_loop]
     args += ["-o", q(str(o.output))]
     return " ".join(args)

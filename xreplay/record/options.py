@@ -79,6 +79,10 @@ class RecordOptions:
     interrupt_hang_after: float = 1.0
     #: whole-machine stub without a filter: stop when hits of two domains show up
     single_domain: bool = True
+    #: who takes the snapshots: "auto" (the direct remote-protocol loop where the stub and
+    #: the options allow it, else the in-gdb agent), "agent", or "direct" (refuse to run
+    #: when the direct loop cannot)
+    hit_loop: str = "agent"  # "auto" or "direct": the direct RSP loop (opt-in for now)
     # On a deterministic replay (xreplay.rr, record --from-rr): the header's "replay" origin
     # (also makes the agent store each snapshot's icount), gdb commands run once attached
     # (the end-of-log replay break), what an interrupt nobody asked for means, and, since a
@@ -143,6 +147,13 @@ class RecordResult:
     stub: str | None = None
     arch: str | None = None
     filter_errors: int = 0
+    hit_loop: str = "agent"  # who recorded: "agent" or a description of the direct loop
+    packets: int | None = None  # remote-protocol packets sent during the run, when counted
+
+    @property
+    def packets_per_hit(self) -> float | None:
+        return self.packets / self.snapshots if self.packets is not None and self.snapshots \
+            else None
 
     @property
     def rate(self) -> float:

@@ -17,18 +17,24 @@ import json
 import os
 import re
 import shlex
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 from xreplay.abi import canonical_arch, layout
 from xreplay.elf import ElfInfo, read_elf
 from xreplay.errors import XReplayError
+from xreplay.gdb.proxy import StubProxy
+from xreplay.gdb.rsp import Connection, RspError
 from xreplay.gdb.session import AGENT_PATH, GdbCommandError, GdbSession
 from xreplay.gdb.stub import G_TOO_LONG, QEMU_X86_GDB_ARCH, StubInfo, StubKind, identify
 from xreplay.paths import check_output
+from xreplay.record import direct
 from xreplay.record.channel import AgentChannel
 from xreplay.record.options import EndReason, Progress, RecordOptions, RecordResult
 from xreplay.record.sink import RecordingSink
@@ -37,6 +43,8 @@ from xreplay.xrr import ProbeSpec, RecordingHeader, RegionSpec
 from xreplay.xrr.header import FIFO_KINDS, fifo_regions
 
 HANG_PROBE = "hang"
+#: the GIL switch interval while the direct loop runs (CPython's default is 5 ms)
+SWITCH_INTERVAL = 0.0002
 #: gdb's architecture names -> guest ABI, where the name alone decides it.
 _GDB_ARCHES = {"i386:x86-64": "x86_64", "i386": "x86_32", "aarch64": "arm64", "arm": "arm32"}
 _CRASH_SIGNALS = ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE")
@@ -91,6 +99,10 @@ class Recorder:
         self._domains: dict[bytes, int] = {}  # arch_shared_info identity -> first snapshot
         self._mixed: str | None = None
         self._identity: slice | None = None
+        self.proxy: StubProxy | None = None
+        self.plan: direct.DirectPlan | None = None
+        self.hit_loop = "agent"
+        self._packets: int | None = None
         self._last_icount: int | None = None
 
     # -- public ----------------------------------------------------------------------
@@ -115,12 +127,20 @@ class Recorder:
         check_output(o.output)
         if self.arch is not None:
             self._check_ports_and_vcpus()
+        if o.hit_loop not in ("auto", "agent", "direct"):
+            raise XReplayError(f"hit loop {o.hit_loop!r}: use auto, agent or direct")
+        why_not = self._direct_excluded()
+        if o.hit_loop == "direct" and why_not:
+            raise XReplayError(f"--hit-loop direct: {why_not}")
         with tempfile.TemporaryDirectory(prefix="xreplay-") as tmp:
             self.channel = AgentChannel(tmp)
             started = False
             try:
                 if o.launch:
                     self.launched = LaunchedTarget(o.launch, launch_log_path(Path(o.output)))
+                if not why_not:
+                    # gdb speaks to the stub through a relay the direct loop can take over
+                    self.proxy = StubProxy(o.target, o.connect_timeout)
                 self.gdb = GdbSession(o.gdb)
                 self._connect()
                 self._start_agent(tmp)
@@ -129,8 +149,27 @@ class Recorder:
             finally:
                 self.channel.close()
                 self._teardown(started)
+                if self.proxy is not None:
+                    self.proxy.close()
 
     # -- set-up ----------------------------------------------------------------------
+
+    def _direct_excluded(self) -> str | None:
+        """Why the options need gdb at each hit (so no direct loop), or None."""
+        o = self.o
+        if o.hit_loop == "agent":
+            return "the agent was asked for"
+        if o.filter:
+            return "--filter is evaluated by gdb at each hit"
+        if o.vcpu_expr:
+            return "--vcpu-expr is evaluated by gdb at each hit"
+        if o.reeval_vcpu_info or o.reeval_shared_info:
+            return "a region is re-evaluated by gdb at each hit"
+        if o.replay:
+            return "a QEMU record/replay run stores the guest's instruction count at each hit"
+        if o.target_kind == str(StubKind.GDBSX):
+            return "gdbsx answers no Z packets (gdb writes its breakpoints into memory)"
+        return None
 
     def _connect(self) -> None:
         o, g = self.o, self.gdb
@@ -167,7 +206,8 @@ class Recorder:
         arch_forced = bool(o.gdb_arch)
         while True:
             try:
-                g.mi(f"-target-select remote {o.target}", timeout=o.connect_timeout)
+                where = self.proxy.address if self.proxy is not None else o.target
+                g.mi(f"-target-select remote {where}", timeout=o.connect_timeout)
                 return
             except GdbCommandError as e:
                 msg = str(e)
@@ -190,6 +230,8 @@ class Recorder:
                     time.sleep(0.1)  # the launched stub may not listen yet
                     continue
                 why = self.launched.explain() if self.launched is not None else ""
+                if self.proxy is not None and self.proxy.error:
+                    msg = self.proxy.error.replace(str(self.proxy.upstream), o.target)
                 raise XReplayError(f"cannot attach to the gdbstub at {o.target}: "
                                    f"{_short(msg)} (is the target running and listening "
                                    f"there?){why}") from None
@@ -279,6 +321,7 @@ class Recorder:
             "dedupe": dedupe,
             "filter": o.filter,
             "vcpu_expr": o.vcpu_expr,
+            "direct": self.proxy is not None,
             "guest_time": bool(o.replay),
         }
         cfg = os.path.join(tmp, "agent.json")
@@ -308,6 +351,7 @@ class Recorder:
         self.regions = [dataclasses.replace(r, size=int(i.get("size") or r.size))
                         for r, i in zip(self.regions, infos, strict=False)] or self.regions
         self._check_regions(infos)
+        self._plan_direct(hello.get("direct"), dedupe)
         header = RecordingHeader(
             arch=self.arch, probes=self.probes, regions=self.regions, vcpus=o.vcpus,
             labels=o.labels, notify=o.notify, delivery=o.delivery, replay=o.replay,
@@ -315,11 +359,36 @@ class Recorder:
                     "description": o.description or f"{self.stub.kind} at {o.target}",
                     "elf": str(o.elf) if o.elf else None,
                     "launch": shlex.join(o.launch) if o.launch else None,
-                    "stub": self.stub.to_json()})
+                    "stub": self.stub.to_json(), "hit_loop": self.hit_loop})
         self._identity = self._identity_slice()
         self.sink.open(header)
         self.sink.note("attached", regions=infos, gdb_arch=hello.get("arch"),
                        stub=str(self.stub.kind))
+        if self.proxy is not None and self.plan is None:
+            self.sink.note("hit-loop", path="agent", why=getattr(self, "_agent_why", ""))
+
+    def _plan_direct(self, info: dict[str, Any] | None, dedupe: bool) -> None:
+        """The direct loop's plan from what gdb resolved, or the reason for the agent."""
+        if self.proxy is None:
+            return
+        why: str | None = None
+        if info is None:
+            why = "the agent did not report the addresses"
+        else:
+            p = direct.plan(info, stub=self.stub.kind,
+                            region_names=[r.name for r in self.regions],
+                            ack=not self.proxy.noack, packet_size=self.proxy.packet_size,
+                            dedupe=dedupe, count=self.o.count or 0, hang_probe=self._hang_pid,
+                            arch=self.arch or "")
+            if isinstance(p, str):
+                why = p
+            else:
+                self.plan = p
+                self.hit_loop = "direct"
+        if why is not None:
+            if self.o.hit_loop == "direct":
+                raise XReplayError(f"--hit-loop direct: {why}")
+            self._agent_why = why
 
     def _check_regions(self, infos: list[dict[str, Any]]) -> None:
         """Debug info and the target must agree with what we are about to decode."""
@@ -421,57 +490,26 @@ class Recorder:
         assert g is not None and self.channel is not None
         g.wait_stopped(0.2)  # the stop that attaching reported is not ours to act on
         g.pending.clear()
-        g.mi("-exec-continue")
         t0 = self._last_hit = time.monotonic()
-        next_progress = t0
-        reason: EndReason | None = None
-        crash_signal: str | None = None
-        running = True
-        while reason is None:
-            stopped = g.wait_stopped(0.05)
-            now = time.monotonic()
-            if stopped is not None:
-                running = False
-                reason, crash_signal = self._why_stopped(stopped)
-                if reason is None:  # e.g. a signal the target should get: pass it on
-                    g.mi("-exec-continue")
-                    running = True
-                continue
-            if self.sink.failed:
-                reason = EndReason.WRITE_ERROR
-            elif self._mixed:
-                reason = EndReason.MIXED_DOMAINS
-            elif self.channel.error:
-                reason = EndReason.TARGET_LOST
-            elif self._gone():
-                reason = EndReason.TARGET_LOST
-                running = False
-            elif self._stop_reason:
-                reason = self._stop_reason
-            elif o.duration is not None and now - t0 >= o.duration:
-                reason = EndReason.DURATION
-            elif o.hang_after is not None and now - self._last_hit >= o.hang_after:
-                reason = EndReason.HANG
-            if self.on_progress and now >= next_progress:
-                self.on_progress(Progress(self.sink.count, now - t0, self._last_probe))
-                next_progress = now + 0.25
-        idle = time.monotonic() - self._last_hit
-        if reason is EndReason.REPLAY_END and o.end_is_hang is not None and \
-                o.end_is_hang(self._last_icount):
-            reason = EndReason.HANG  # the log ends in a hang: its snapshot is taken there
-            self._hang_snapshot()
-        if running and reason is not EndReason.TARGET_LOST:
-            running = not self._interrupt()
-            quiet_interrupt = (reason is EndReason.INTERRUPTED
-                               and idle >= o.interrupt_hang_after)
-            if not running and (reason is EndReason.HANG or quiet_interrupt):
-                self._hang_snapshot()
+        gdb_packets0 = self.proxy.gdb_packets if self.proxy is not None else 0
+        outcome = self._run_direct(t0) if self.plan is not None else None
+        direct_dups = 0
+        if outcome is None:
+            reason, crash_signal = self._run_agent(t0)
+            if self.proxy is not None:
+                self._packets = self.proxy.gdb_packets - gdb_packets0
+        else:
+            reason, crash_signal, direct_dups = outcome
         elapsed = time.monotonic() - t0
         stats = self._finish_agent(reason)
-        self._detach_or_kill(reason, running)
+        if direct_dups:
+            stats["duplicates"] = stats.get("duplicates", 0) + direct_dups
+        self._detach_or_kill(reason, False)
         # the agent's socket is closed by finish(); the reader drains what was sent
         self.channel.join(5)
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"hit_loop": self.hit_loop}
+        if self._packets is not None:
+            extra["packets"] = self._packets
         if crash_signal:
             extra["signal"] = crash_signal
         message = self.sink.error if reason is EndReason.WRITE_ERROR else self._mixed
@@ -487,7 +525,157 @@ class Recorder:
             message=message or self.sink.error,
             launch_log=self.launched.log if self.launched else None,
             stub=str(self.stub.kind), arch=self.arch,
-            filter_errors=stats.get("filter_errors", 0))
+            filter_errors=stats.get("filter_errors", 0), hit_loop=self.hit_loop,
+            packets=self._packets)
+
+    def _stop_condition(self, t0: float) -> EndReason | None:
+        """Why the run should end now (checked while the target runs), or None."""
+        o, now = self.o, time.monotonic()
+        if self.sink.failed:
+            return EndReason.WRITE_ERROR
+        if self._mixed:
+            return EndReason.MIXED_DOMAINS
+        if self.channel is not None and self.channel.error:
+            return EndReason.TARGET_LOST
+        if self.launched is not None and not self.launched.alive():
+            return EndReason.TARGET_LOST
+        if self._stop_reason:
+            return self._stop_reason
+        if o.duration is not None and now - t0 >= o.duration:
+            return EndReason.DURATION
+        if o.hang_after is not None and now - self._last_hit >= o.hang_after:
+            return EndReason.HANG
+        return None
+
+    def _direct_checker(self, t0: float) -> Callable[[], EndReason | None]:
+        """The stop conditions, plus the progress report every 0.25 s."""
+        next_progress = [t0]
+
+        def check() -> EndReason | None:
+            if self.on_progress is not None:
+                now = time.monotonic()
+                if now >= next_progress[0]:
+                    self.on_progress(Progress(self.sink.count, now - t0, self._last_probe))
+                    next_progress[0] = now + 0.25
+            return self._stop_condition(t0)
+
+        return check
+
+    def _run_direct(self, t0: float) -> tuple[EndReason, str | None, int] | None:
+        """The hits through the direct loop; None when it could not start (the agent then
+        records, and a note says why)."""
+        o = self.o
+        assert self.proxy is not None and self.plan is not None and self.gdb is not None
+        sock = self.proxy.take()
+        why = None if sock is not None else "the relay to the stub had ended"
+        loop = None
+        if sock is not None:
+            conn = Connection(sock, ack=self.plan.ack)
+            queue: SimpleQueue[tuple[Any, ...] | None] = SimpleQueue()
+
+            def enqueue(snap: tuple[Any, ...]) -> None:
+                self._last_hit = time.monotonic()
+                queue.put(snap)
+
+            hooks = direct.Hooks(enqueue, self._direct_checker(t0),
+                                 self.sink.note, lambda: time.monotonic() - self._last_hit,
+                                 o.interrupt_hang_after)
+            loop = direct.DirectLoop(conn, self.plan, hooks)
+            try:
+                loop.insert()
+            except (RspError, OSError, ValueError) as e:
+                why = f"the stub refused the breakpoints: {e}"
+        if why is not None or loop is None:
+            self.proxy.give_back()
+            if o.hit_loop == "direct":
+                raise XReplayError(f"--hit-loop direct: {why}")
+            self.plan = None
+            self.hit_loop = "agent"
+            self.sink.note("hit-loop", path="agent", why=why)
+            return None
+        self.hit_loop = self.plan.describe(loop.hardware)
+        self.sink.note("hit-loop", path="direct", how=self.hit_loop, notes=self.plan.notes)
+        there = True
+        # The file is written by a thread of its own: encoding a snapshot costs about as
+        # much CPU as the stub's round trip, and the loop waits on its socket meanwhile (the
+        # GIL is released there).  A short switch interval hands the GIL back to the loop
+        # as soon as the stub answers, instead of after 5 ms.
+        writer = threading.Thread(target=self._write_queued, args=(queue,),
+                                  name="xreplay-writer", daemon=True)
+        writer.start()
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        try:
+            reason, there = loop.run()
+        except (RspError, OSError, ValueError) as e:
+            reason, there = EndReason.TARGET_LOST, False
+            self.sink.note("direct-loop-error", error=str(e))
+        finally:
+            queue.put(None)
+            writer.join()
+            sys.setswitchinterval(interval)
+        if there:
+            try:
+                loop.remove()
+                while conn.poll(0.02):  # a stop that raced the interrupt: not gdb's
+                    conn.recv()
+            except (RspError, OSError, ValueError):
+                there = False
+        if self.plan.notes:
+            self.hit_loop = self.plan.describe(loop.hardware)
+            self.sink.note("hit-loop", path="direct", how=self.hit_loop, notes=self.plan.notes)
+        self._packets = conn.sent
+        self.proxy.give_back()
+        if there:
+            # gdb's caches still hold the attach stop's registers and memory
+            for cmd in ("maint flush register-cache", "maint flush dcache"):
+                with contextlib.suppress(XReplayError):
+                    self.gdb.console_command(cmd)
+        return reason, loop.crash_signal, loop.duplicates
+
+    def _write_queued(self, queue: SimpleQueue[tuple[Any, ...] | None]) -> None:
+        while (snap := queue.get()) is not None:
+            self._on_snapshot(snap)
+
+    def _run_agent(self, t0: float) -> tuple[EndReason, str | None]:
+        """The hits through the in-gdb agent: gdb runs the target, this loop watches."""
+        o, g = self.o, self.gdb
+        assert g is not None and self.channel is not None
+        g.mi("-exec-continue")
+        next_progress = t0
+        reason: EndReason | None = None
+        crash_signal: str | None = None
+        running = True
+        while reason is None:
+            stopped = g.wait_stopped(0.05)
+            now = time.monotonic()
+            if stopped is not None:
+                running = False
+                reason, crash_signal = self._why_stopped(stopped)
+                if reason is None:  # e.g. a signal the target should get: pass it on
+                    g.mi("-exec-continue")
+                    running = True
+                continue
+            if self._gone():
+                reason = EndReason.TARGET_LOST
+                running = False
+            else:
+                reason = self._stop_condition(t0)
+            if self.on_progress and now >= next_progress:
+                self.on_progress(Progress(self.sink.count, now - t0, self._last_probe))
+                next_progress = now + 0.25
+        idle = time.monotonic() - self._last_hit
+        if reason is EndReason.REPLAY_END and o.end_is_hang is not None and \
+                o.end_is_hang(self._last_icount):
+            reason = EndReason.HANG  # the log ends in a hang: its snapshot is taken there
+            self._hang_snapshot()
+        if running and reason is not EndReason.TARGET_LOST:
+            running = not self._interrupt()
+            quiet_interrupt = (reason is EndReason.INTERRUPTED
+                               and idle >= o.interrupt_hang_after)
+            if not running and (reason is EndReason.HANG or quiet_interrupt):
+                self._hang_snapshot()
+        return reason, crash_signal
 
     def _hang_snapshot(self) -> None:
         assert self.gdb is not None
@@ -549,7 +737,7 @@ class Recorder:
         fin = ch.wait_json("finish", 5) or {}
         return {k: fin[k] for k in ("duplicates", "foreign", "filter_errors") if fin.get(k)}
 
-    def _detach_or_kill(self, reason: EndReason, running: bool) -> None:
+    def _detach_or_kill(self, reason: EndReason, _running: bool) -> None:
         g = self.gdb
         assert g is not None
         if reason in (EndReason.TARGET_EXITED, EndReason.TARGET_LOST,

@@ -1,0 +1,147 @@
+"""The two hit loops record the same thing: the in-gdb agent and the direct remote-protocol
+loop (xreplay.record.direct) on the same guest, same seed, compared snapshot by snapshot.
+
+The lab's process guest is deterministic (its Xen model runs from a seeded schedule), so
+under gdbserver every decoded snapshot, register and region byte must be equal; QEMU's
+bare-metal guest takes real LAPIC interrupts whose timing varies under TCG, so there the
+verdict and the hang snapshot's state must agree.  Also: the fallback to the agent when
+the options need gdb at each hit, and ``--hit-loop direct`` refusing loudly then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+
+from xreplay.demo import lab_record_options
+from xreplay.errors import XReplayError
+from xreplay.lab.guests import STYLE_PROFILE, GuestBuild, start_guest
+from xreplay.record import Recorder, RecordResult
+from xreplay.record.build import RecordChoices, build_options
+from xreplay.replay import replay
+from xreplay.xrr import XrrReader
+
+pytestmark = pytest.mark.skipif(shutil.which("gdbserver") is None, reason="needs gdbserver")
+
+
+def _record_lab(kind: str, variant: str, out: Path, hit_loop: str, **kw) -> RecordResult:
+    with start_guest(kind, variant, seed=1, events=kw.pop("events", 600)) as guest:
+        opts = lab_record_options(guest, out, hang_after=3.0, hit_loop=hit_loop, **kw)
+        return Recorder(opts).run()
+
+
+def _record_build(build: GuestBuild, variant: str, out: Path, hit_loop: str,
+                  **choices) -> RecordResult:
+    with start_guest(build, variant) as guest:
+        opts = build_options(RecordChoices(
+            output=out, target=guest.address, elf=guest.elf,
+            profile=STYLE_PROFILE[build.style], hang_after=3.0, kill_target=True,
+            hit_loop=hit_loop, **choices))
+        return Recorder(opts).run()
+
+
+def _records(path: Path) -> list[tuple]:
+    """Everything stored per snapshot but the time; the hang snapshot's registers (where an
+    interrupt happened to stop the guest) left out."""
+    out = []
+    with XrrReader(path) as r:
+        for rec in r.records():
+            regs = (None, None, None) if rec.hang else (rec.pc, rec.sp, rec.regflags)
+            out.append((rec.probe, rec.vcpu, rec.hang, regs, tuple(rec.regions)))
+        assert r.trailer is not None and r.problems == []  # known after a full pass
+    return out
+
+
+def _snapshots(path: Path) -> list:
+    with XrrReader(path) as r:
+        return [dataclasses.replace(s, t_ns=0, pc=0 if s.hang else s.pc,
+                                    flags=None if s.hang else s.flags)
+                for s in r.snapshots()]
+
+
+def _hit_loop(path: Path) -> str:
+    with XrrReader(path) as r:
+        return str(r.header.target.get("hit_loop"))
+
+
+def _assert_same(a: Path, b: Path) -> None:
+    ra, rb = _records(a), _records(b)
+    assert len(ra) == len(rb) > 10
+    for i, (x, y) in enumerate(zip(ra, rb, strict=True)):
+        assert x == y, f"snapshot {i} differs between the agent's and the direct loop's"
+    assert _snapshots(a) == _snapshots(b)
+
+
+@pytest.mark.gdbserver
+@pytest.mark.parametrize("variant", ["lost-upcall", "correct"])
+def test_gdbserver_direct_loop_records_what_the_agent_records(variant: str,
+                                                              tmp_path: Path) -> None:
+    agent, fast = tmp_path / "agent.xrr", tmp_path / "direct.xrr"
+    ra = _record_lab("process", variant, agent, "agent")
+    rd = _record_lab("process", variant, fast, "direct")
+    assert ra.hit_loop == "agent" and _hit_loop(agent) == "agent"
+    assert rd.hit_loop.startswith("direct") and _hit_loop(fast) == "direct"
+    assert "hardware breakpoints" in rd.hit_loop  # x86 gdbserver: Z1, no step-over
+    assert ra.reason == rd.reason and ra.snapshots == rd.snapshots
+    assert ra.hang_snapshot == rd.hang_snapshot
+    assert rd.packets is not None and rd.packets_per_hit is not None
+    assert rd.packets_per_hit < 4.5  # g, m (shared_info), m (shadow), vCont;c
+    _assert_same(agent, fast)
+    fa, fd = replay(agent).findings, replay(fast).findings
+    assert [(f.kind, f.snapshot, f.ports) for f in fa] == [
+        (f.kind, f.snapshot, f.ports) for f in fd]
+
+
+@pytest.mark.gdbserver
+@pytest.mark.parametrize("build", [GuestBuild("process", "solo5"),
+                                   GuestBuild("process", "solo5", m32=True),
+                                   GuestBuild("process", "minios", pie=True)],
+                         ids=lambda b: b.name)
+def test_declared_pages_and_followed_pointers_agree(build: GuestBuild, tmp_path: Path) -> None:
+    """Solo5's 4096-byte page and Mini-OS's pointer set at boot (read through the pointer
+    at every hit, the move noted) on both loops."""
+    agent, fast = tmp_path / "agent.xrr", tmp_path / "direct.xrr"
+    ra = _record_build(build, "lost-upcall", agent, "agent")
+    rd = _record_build(build, "lost-upcall", fast, "direct")
+    assert ra.reason == rd.reason == "hang" and rd.hit_loop.startswith("direct")
+    _assert_same(agent, fast)
+    with XrrReader(agent) as a, XrrReader(fast) as d:
+        moved = [[n.data.get("address") for n in r.notes if n.data.get("event") ==
+                  "region-moved"] for r in (a, d)]
+    assert moved[0] == moved[1]
+
+
+@pytest.mark.gdbserver
+def test_options_that_need_gdb_at_each_hit_fall_back_to_the_agent(tmp_path: Path) -> None:
+    out = tmp_path / "f.xrr"
+    res = _record_lab("process", "lost-upcall", out, "auto", filter="1")
+    assert res.hit_loop == "agent" and res.reason == "hang"
+    with pytest.raises(XReplayError, match="--hit-loop direct: --filter"):
+        _record_lab("process", "lost-upcall", tmp_path / "g.xrr", "direct", filter="1")
+    assert not (tmp_path / "g.xrr").exists()
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU")
+def test_qemu_direct_loop_agrees_with_the_agent(tmp_path: Path) -> None:
+    agent, fast = tmp_path / "agent.xrr", tmp_path / "direct.xrr"
+    ra = _record_lab("baremetal", "lost-upcall", agent, "agent", events=2000)
+    rd = _record_lab("baremetal", "lost-upcall", fast, "direct", events=2000)
+    assert rd.hit_loop.startswith("direct") and "software breakpoints" in rd.hit_loop
+    assert ra.reason == rd.reason == "hang"
+    fa, fd = replay(agent).findings, replay(fast).findings
+    assert [(f.kind, f.ports) for f in fa if f.severity != "info"] == [
+        (f.kind, f.ports) for f in fd if f.severity != "info"]
+    with XrrReader(agent) as a, XrrReader(fast) as d:
+        ha, hd = a.snapshot(ra.hang_snapshot), d.snapshot(rd.hang_snapshot)
+        assert ha.hang and hd.hang
+        assert {p.port: p.pms for p in ha.port_table()} == {
+            p.port: p.pms for p in hd.port_table()}
+        assert ha.vcpus == hd.vcpus
+        # every stored hit is a probe's, with registers read, none repeated
+        for s in d.snapshots():
+            assert s.hang or (s.probe in ("upcall", "bottom-half", "block")
+                              and s.flags is not None)
