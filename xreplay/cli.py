@@ -306,9 +306,8 @@ def record(target: str | None, launch: str | None, elf: Path | None, arch: str |
 
 def run_recorder(options: Any) -> Any:
     """Run a :class:`~xreplay.record.Recorder` with Ctrl-C/SIGTERM handling and progress."""
-    import signal
-
     from xreplay.record import Recorder
+    from xreplay.signals import stop_on_signals
 
     live = sys.stderr.isatty()
 
@@ -318,14 +317,10 @@ def run_recorder(options: Any) -> Any:
                    f"  {p.elapsed:6.1f} s", nl=False, err=True)
 
     rec = Recorder(options, on_progress=progress if live else None)
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in old:
-        signal.signal(s, lambda *_: rec.request_stop("interrupted"))
     try:
-        result = rec.run()
+        with stop_on_signals(rec.request_stop):
+            result = rec.run()
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
         if live:
             click.echo("", err=True)
     return result

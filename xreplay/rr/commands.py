@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import click
@@ -32,17 +31,12 @@ def record_command(output: Path, duration: float | None, until: str | None, ling
                    shift: str | None, qemu: tuple[str, ...]) -> None:
     """Run QEMU_COMMAND_LINE under QEMU's rr=record, no debugger (write it after --)."""
     from xreplay.rr.capture import Capture
+    from xreplay.signals import stop_on_signals
 
     cap = Capture(list(qemu), output, duration=duration, until=until, linger=linger,
                   shift=shift)
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in old:
-        signal.signal(s, lambda *_: cap.request_stop("interrupted"))
-    try:
+    with stop_on_signals(cap.request_stop):
         r = cap.run()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
     seen = f", {until!r} after {r.until_after_s:.3f} s" if r.until_after_s is not None else ""
     icount = f", log ends at icount {r.end_icount}" if r.end_icount is not None else ""
     click.echo(f"{r.run}: {r.duration_s:.3f} s recorded, {r.log_bytes} bytes of log, "
