@@ -3,8 +3,9 @@
 It does only what a snapshot loop needs, with as little Python per packet as possible, so
 its rate is what the stub and the socket allow (see shared/gdbstub-limits.md): no checksum
 check on input (TCP is reliable and gdbserver's no-ack mode assumes exactly that), replies
-found with ``bytes.find`` and hex decoded with a regex for run-length encoding plus
-``bytes.fromhex``.  Neither gdbserver nor QEMU steps over its own Z0 breakpoint, so
+found with ``bytes.find`` and hex decoded as the direct hit loop decodes it
+(:func:`xreplay.gdb.rsp.decode_hex`: ``bytes.find`` for the run-length encoding, then
+``bytes.fromhex``).  Neither gdbserver nor QEMU steps over its own Z0 breakpoint, so
 :meth:`RspClient.step_over` does ``z0`` / single-step / ``Z0``.  A stub without
 ``QStartNoAckMode`` (QEMU 7.2) is spoken to in ack mode: every reply is acknowledged with
 ``+`` (an extra send, no extra wait), and the stub's own ``+`` acks are skipped.
@@ -18,29 +19,17 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-_RLE = re.compile(rb"(.)\*(.)", re.DOTALL)
+# The framing and hex decoding are xreplay's own (xreplay.gdb.rsp), so the baseline does
+# exactly the work per packet that the direct hit loop does: the ratio measures the loop.
+from xreplay.gdb.rsp import decode_hex, frame
+
 _THREAD = re.compile(rb"thread:([0-9a-fA-Fp.\-]+);")
+
+__all__ = ["RspClient", "RspError", "StopReply", "decode_hex", "frame"]
 
 
 class RspError(RuntimeError):
     """The stub answered an error or something this client does not understand."""
-
-
-def _expand_rle(m: re.Match[bytes]) -> bytes:
-    # "X*c": X repeated (ord(c) - 29) more times (GDB manual, "Overview" of the protocol).
-    return m.group(1) * (m.group(2)[0] - 28)
-
-
-def decode_hex(payload: bytes) -> bytes:
-    """Hex (possibly run-length encoded) memory reply to bytes."""
-    if b"*" in payload:
-        payload = _RLE.sub(_expand_rle, payload)
-    return bytes.fromhex(payload.decode("ascii"))
-
-
-def frame(payload: bytes) -> bytes:
-    """``$payload#cs`` with the protocol's modulo-256 checksum."""
-    return b"$%s#%02x" % (payload, sum(payload) & 0xFF)
 
 
 @dataclass

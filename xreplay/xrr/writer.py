@@ -24,10 +24,25 @@ from construct import ConstructError
 
 from xreplay.errors import RecordingWriteError, UsageError
 from xreplay.xrr import format as fmt
-from xreplay.xrr.deltas import SnapshotCodecV2, deflate, encode_runs, uvarint
+from xreplay.xrr.deltas import (
+    CODE_ABSENT,
+    CODE_DELTA,
+    CODE_FULL,
+    SnapshotCodecV2,
+    deflate,
+    encode_runs,
+    uvarint,
+)
 from xreplay.xrr.header import RecordingHeader
 
 WRITABLE_VERSIONS = ((fmt.VERSION_MAJOR, fmt.VERSION_MINOR), (1, 1), (1, 0))
+
+# Plain ints: IntEnum/IntFlag arithmetic runs in Python, per snapshot.
+_KEYFRAME, _HANG = int(fmt.FLAG_KEYFRAME), int(fmt.FLAG_HANG)
+_HAVE_FLAGS, _HAVE_SP = int(fmt.FLAG_HAVE_FLAGS), int(fmt.FLAG_HAVE_SP)
+_CODE_ABSENT, _CODE_DELTA, _CODE_FULL = CODE_ABSENT, CODE_DELTA, CODE_FULL
+_SNAPSHOT_HEAD = bytes((fmt.FRAME_MARK_V2 | fmt.KIND_SNAPSHOT,))
+_MAX_VCPUS = fmt.MAX_VCPUS
 
 encode_delta = encode_runs  # the name this module has always exported
 
@@ -55,6 +70,9 @@ class XrrWriter:
         self._flush_every = max(1, flush_every)
         self._prev: list[bytes | None] = [None] * len(header.regions)
         self._sizes = [r.size for r in header.regions]
+        self._nregions = len(header.regions)
+        self._nprobes = len(header.probes)
+        self._keyframe_interval = header.keyframe_interval
         self._t0 = time.monotonic_ns()
         self.count = 0
         self.bytes_written = 0
@@ -121,19 +139,77 @@ class XrrWriter:
                hang: bool = False) -> int:
         """Store one snapshot; ``regions`` follows the header's region order (None = unread).
 
-        Returns the snapshot's sequence number.
+        Returns the snapshot's sequence number.  The recorder's hot path (one call per
+        hit): plain ints rather than the format's enums, each region's 2-bit code set
+        directly, and the frame written with one call.
         """
         if self.error is not None:
             raise self.error
-        if len(regions) != len(self._prev):
-            raise UsageError(f"expected {len(self._prev)} regions, got {len(regions)}")
+        if len(regions) != self._nregions:
+            raise UsageError(f"expected {self._nregions} regions, got {len(regions)}")
         pid = self.header.probe_index(probe) if isinstance(probe, str) else probe
-        if not 0 <= pid < len(self.header.probes):
+        if not 0 <= pid < self._nprobes:
             raise UsageError(f"probe {pid} is not declared in the header")
-        if not 0 <= vcpu < fmt.MAX_VCPUS:
-            raise UsageError(f"vCPU {vcpu} is outside 0..{fmt.MAX_VCPUS - 1}")
+        if not 0 <= vcpu < _MAX_VCPUS:
+            raise UsageError(f"vCPU {vcpu} is outside 0..{_MAX_VCPUS - 1}")
         seq = self.count
-        keyframe = seq % self.header.keyframe_interval == 0
+        keyframe = seq % self._keyframe_interval == 0
+        if self._v2 is None:
+            return self._append_v1(seq, keyframe, pid, vcpu, pc, regions, regflags, sp, t_ns,
+                                   hang)
+        flags = ((_KEYFRAME if keyframe else 0) | (_HANG if hang else 0)
+                 | (_HAVE_FLAGS if regflags is not None else 0)
+                 | (_HAVE_SP if sp is not None else 0))
+        prevs, sizes = self._prev, self._sizes
+        codes = 0
+        data = []
+        for i, cur in enumerate(regions):
+            if cur is None:
+                # Not read at this hit: "absent" says so (readers keep the previous
+                # contents for continuity and mark the region unread). After an absent
+                # keyframe entry the next read is stored whole, so a reader starting at that
+                # keyframe never meets a delta without its base.
+                codes |= _CODE_ABSENT << 2 * i
+                if keyframe:
+                    prevs[i] = None
+                continue
+            if type(cur) is not bytes:
+                cur = bytes(cur)
+            if len(cur) != sizes[i]:
+                raise UsageError(f"region {self.header.regions[i].name!r}: {len(cur)} bytes, "
+                                 f"header says {sizes[i]}")
+            prev = prevs[i]
+            if keyframe or prev is None:
+                codes |= _CODE_FULL << 2 * i  # a page is mostly zeros and 0xff masks
+                data.append(deflate(cur))
+            elif cur != prev:
+                delta = encode_runs(prev, cur)
+                if len(delta) < len(cur):
+                    codes |= _CODE_DELTA << 2 * i
+                    data.append(delta)
+                else:
+                    codes |= _CODE_FULL << 2 * i
+                    data.append(deflate(cur))
+            prevs[i] = cur
+        t = max(0, time.monotonic_ns() - self._t0 if t_ns is None else t_ns)
+        try:
+            payload = self._v2.encode(seq, t, pid, vcpu, flags, pc, sp, regflags, codes, data)
+        except ValueError as e:  # a register negative or over 64 bits
+            raise UsageError(f"snapshot {seq} cannot be stored: {e}") from None
+        if len(payload) > fmt.MAX_FRAME:
+            raise UsageError(f"{self.name}: a frame of {len(payload)} bytes exceeds the "
+                             f"format's bound ({fmt.MAX_FRAME})")
+        body = b"".join((_SNAPSHOT_HEAD, uvarint(len(payload)), payload))
+        self._emit(body + zlib.crc32(body).to_bytes(4, "little"))
+        self.count += 1
+        if self.count % self._flush_every == 0:
+            self._flush()
+        return seq
+
+    def _append_v1(self, seq: int, keyframe: bool, pid: int, vcpu: int, pc: int,
+                   regions: list[bytes | None], regflags: int | None, sp: int | None,
+                   t_ns: int | None, hang: bool) -> int:
+        """The 1.0 layout, built with construct (only tests write it)."""
         flags = (fmt.FLAG_KEYFRAME if keyframe else 0) | (fmt.FLAG_HANG if hang else 0)
         if regflags is not None:
             flags |= fmt.FLAG_HAVE_FLAGS
@@ -143,10 +219,6 @@ class XrrWriter:
         for i, data in enumerate(regions):
             prev = self._prev[i]
             if data is None:
-                # Not read at this hit: ENC_ABSENT says so (readers keep the previous
-                # contents for continuity and mark the region unread). After an absent
-                # keyframe entry the next read is stored whole, so a reader starting at that
-                # keyframe never meets a delta without its base.
                 encoded.append({"region": i, "encoding": fmt.ENC_ABSENT, "data": b""})
                 if keyframe:
                     self._prev[i] = None
@@ -168,14 +240,10 @@ class XrrWriter:
             self._prev[i] = data
         t = max(0, time.monotonic_ns() - self._t0 if t_ns is None else t_ns)
         try:
-            if self._v2 is not None:
-                payload = self._payload_v2(seq, t, pid, vcpu, int(flags), pc, sp, regflags,
-                                           encoded)
-            else:
-                payload = fmt.snapshot_payload.build({
-                    "seq": seq, "t_ns": t, "probe": pid, "vcpu": vcpu, "flags": flags,
-                    "pc": pc, "sp": sp or 0, "regflags": regflags or 0, "regions": encoded,
-                })
+            payload = fmt.snapshot_payload.build({
+                "seq": seq, "t_ns": t, "probe": pid, "vcpu": vcpu, "flags": flags,
+                "pc": pc, "sp": sp or 0, "regflags": regflags or 0, "regions": encoded,
+            })
         except (ConstructError, ValueError) as e:  # a register negative or over 64 bits
             raise UsageError(f"snapshot {seq} cannot be stored: {e}") from None
         self._frame(fmt.KIND_SNAPSHOT, payload)
@@ -183,20 +251,6 @@ class XrrWriter:
         if self.count % self._flush_every == 0:
             self._flush()
         return seq
-
-    def _payload_v2(self, seq: int, t_ns: int, probe: int, vcpu: int, flags: int, pc: int,
-                    sp: int | None, regflags: int | None, encoded: list[dict]) -> bytes:
-        assert self._v2 is not None
-        codes = 0
-        data = []
-        for reg in encoded:
-            enc = reg["encoding"]
-            codes |= fmt.V2_CODES[enc] << (2 * reg["region"])
-            if enc == fmt.ENC_FULL:  # keyframes: a page is mostly zeros and 0xff masks
-                data.append(deflate(reg["data"]))
-            elif enc == fmt.ENC_DELTA:
-                data.append(reg["data"])
-        return self._v2.encode(seq, t_ns, probe, vcpu, flags, pc, sp, regflags, codes, data)
 
     def guest_time(self, seq: int, icount: int) -> None:
         """Store the guest position of snapshot ``seq`` (e.g. QEMU's icount on a replay)."""
