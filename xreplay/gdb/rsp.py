@@ -10,6 +10,7 @@ connection is TCP, which is what gdbserver's no-ack mode relies on too.
 from __future__ import annotations
 
 import re
+import select
 import socket
 from dataclasses import dataclass, field
 
@@ -124,6 +125,8 @@ class Connection:
         self.ack = ack
         self.buf = bytearray(pending)
         self.sent = 0  # packets sent
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
 
     def send(self, *payloads: bytes) -> None:
         self.sock.sendall(b"".join(frame(p) for p in payloads))
@@ -136,13 +139,10 @@ class Connection:
         """True once a whole packet is buffered (or the stub closed: recv raises then)."""
         if self._complete() >= 0:
             return True
-        self.sock.settimeout(timeout)
-        try:
-            chunk = self.sock.recv(65536)
-        except (TimeoutError, BlockingIOError):
+        # poll(2) on the blocking socket: two syscalls, not settimeout's two fcntls more
+        if not self._poller.poll(timeout * 1000):
             return False
-        finally:
-            self.sock.settimeout(None)
+        chunk = self.sock.recv(65536)
         if not chunk:
             raise RspError("the stub closed the connection")
         self.buf += chunk
