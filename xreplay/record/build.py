@@ -55,7 +55,7 @@ class RecordChoices:
     domain: str | None = None
     guest_check: bool = True
     gdb: str = "gdb"
-    hit_loop: str = "agent"
+    hit_loop: str = "auto"
 
 
 def _vcpu_info(texts: list[str]) -> dict[int, str]:
@@ -178,7 +178,7 @@ def command_line(o: RecordOptions) -> str:
             args += [flag, q(str(value))]
     if o.kill_target is not None:
         args.append("--kill" if o.kill_target else "--detach")
-    if o.hit_loop != "agent":
+    if o.hit_loop != "auto":
         args += ["--hit-loop", o.hit_loop]
     args += ["-o", q(str(o.output))]
     return " ".join(args)

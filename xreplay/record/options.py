@@ -82,7 +82,7 @@ class RecordOptions:
     #: who takes the snapshots: "auto" (the direct remote-protocol loop where the stub and
     #: the options allow it, else the in-gdb agent), "agent", or "direct" (refuse to run
     #: when the direct loop cannot)
-    hit_loop: str = "agent"  # "auto" or "direct": the direct RSP loop (opt-in for now)
+    hit_loop: str = "auto"
     # On a deterministic replay (xreplay.rr, record --from-rr): the header's "replay" origin
     # (also makes the agent store each snapshot's icount), gdb commands run once attached
     # (the end-of-log replay break), what an interrupt nobody asked for means, and, since a
@@ -148,6 +148,7 @@ class RecordResult:
     arch: str | None = None
     filter_errors: int = 0
     hit_loop: str = "agent"  # who recorded: "agent" or a description of the direct loop
+    hit_loop_why: str | None = None  # why the agent recorded when the direct loop was allowed
     packets: int | None = None  # remote-protocol packets sent during the run, when counted
 
     @property

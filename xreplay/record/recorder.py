@@ -102,6 +102,7 @@ class Recorder:
         self.proxy: StubProxy | None = None
         self.plan: direct.DirectPlan | None = None
         self.hit_loop = "agent"
+        self._agent_why: str | None = None  # why the agent records (``auto`` chose it)
         self._packets: int | None = None
         self._last_icount: int | None = None
 
@@ -132,6 +133,8 @@ class Recorder:
         why_not = self._direct_excluded()
         if o.hit_loop == "direct" and why_not:
             raise XReplayError(f"--hit-loop direct: {why_not}")
+        if o.hit_loop == "auto":
+            self._agent_why = why_not
         with tempfile.TemporaryDirectory(prefix="xreplay-") as tmp:
             self.channel = AgentChannel(tmp)
             started = False
@@ -359,13 +362,15 @@ class Recorder:
                     "description": o.description or f"{self.stub.kind} at {o.target}",
                     "elf": str(o.elf) if o.elf else None,
                     "launch": shlex.join(o.launch) if o.launch else None,
-                    "stub": self.stub.to_json(), "hit_loop": self.hit_loop})
+                    "stub": self.stub.to_json(), "hit_loop": self.hit_loop,
+                    **({"hit_loop_why": self._agent_why}
+                       if self.hit_loop == "agent" and self._agent_why else {})})
         self._identity = self._identity_slice()
         self.sink.open(header)
         self.sink.note("attached", regions=infos, gdb_arch=hello.get("arch"),
                        stub=str(self.stub.kind))
         if self.proxy is not None and self.plan is None:
-            self.sink.note("hit-loop", path="agent", why=getattr(self, "_agent_why", ""))
+            self.sink.note("hit-loop", path="agent", why=self._agent_why or "")
 
     def _plan_direct(self, info: dict[str, Any] | None, dedupe: bool) -> None:
         """The direct loop's plan from what gdb resolved, or the reason for the agent."""
@@ -382,6 +387,13 @@ class Recorder:
                             arch=self.arch or "")
             if isinstance(p, str):
                 why = p
+            elif self.o.hit_loop == "auto" and p.stub is StubKind.QEMU and p.follows:
+                # Proven through the Xen-lab and lab suites: gdbserver with or without
+                # pointers, QEMU with regions at fixed addresses.  A region read through a
+                # pointer on QEMU (a moved region re-read in ack mode, mid-batch) has no
+                # suite behind it yet: `auto` keeps the agent there; `direct` may try.
+                why = ("a region is read through a pointer on QEMU's stub (the direct loop "
+                       "is proven there only for regions at fixed addresses)")
             else:
                 self.plan = p
                 self.hit_loop = "direct"
@@ -508,6 +520,8 @@ class Recorder:
         # the agent's socket is closed by finish(); the reader drains what was sent
         self.channel.join(5)
         extra: dict[str, Any] = {"hit_loop": self.hit_loop}
+        if self.hit_loop == "agent" and self._agent_why:
+            extra["hit_loop_why"] = self._agent_why
         if self._packets is not None:
             extra["packets"] = self._packets
         if crash_signal:
@@ -526,6 +540,7 @@ class Recorder:
             launch_log=self.launched.log if self.launched else None,
             stub=str(self.stub.kind), arch=self.arch,
             filter_errors=stats.get("filter_errors", 0), hit_loop=self.hit_loop,
+            hit_loop_why=self._agent_why if self.hit_loop == "agent" else None,
             packets=self._packets)
 
     def _stop_condition(self, t0: float) -> EndReason | None:
@@ -591,6 +606,7 @@ class Recorder:
                 raise XReplayError(f"--hit-loop direct: {why}")
             self.plan = None
             self.hit_loop = "agent"
+            self._agent_why = why
             self.sink.note("hit-loop", path="agent", why=why)
             return None
         self.hit_loop = self.plan.describe(loop.hardware)
