@@ -351,6 +351,7 @@ class SnapshotCodecV2:
             dirty: list[tuple[int, int, int]] = []
             touched = unread = 0
             region = 0
+            nbufs = len(bufs)
             while codes:  # unused high codes are 0 (same)
                 code = codes & 3
                 if CODE_SAME < code < CODE_ABSENT:  # delta or full: data follows
@@ -363,7 +364,37 @@ class SnapshotCodecV2:
                         raise Undecodable("undecodable snapshot: region data past the "
                                           "frame's end")
                     if code == CODE_DELTA:
-                        apply_region(bufs, sizes, region, _DELTA, b, i, n, dirty)
+                        # apply_region + apply_runs, inline: the replay's innermost loop
+                        buf = bufs[region] if region < nbufs else None
+                        if buf is None or n >= sizes[region]:
+                            apply_region(bufs, sizes, region, _DELTA, b, i, n, dirty)  # raises
+                        else:
+                            size = sizes[region]
+                            at = 0
+                            k = i
+                            stop = i + n
+                            while k < stop:
+                                skip = b[k]
+                                if skip < 0x80:
+                                    k += 1
+                                else:
+                                    skip, k = varint(b, k)
+                                m = b[k]
+                                if m < 0x80:
+                                    k += 1
+                                else:
+                                    m, k = varint(b, k)
+                                at += skip
+                                top = at + m
+                                if k + m > stop or top > size:
+                                    raise Undecodable("undecodable delta" if k + m > stop else
+                                                      "delta runs past the end of its region")
+                                buf[at:top] = b[k:k + m]
+                                dirty.append((region, at, top))
+                                at = top
+                                k += m
+                            if k != stop:
+                                raise Undecodable("undecodable delta")
                     else:
                         if region >= len(bufs):
                             raise Undecodable(f"region {region} not declared in the header")
