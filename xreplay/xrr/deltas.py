@@ -30,7 +30,23 @@ class Undecodable(Exception):  # noqa: N818 - internal; the reader turns it into
     """A frame whose checksum is right but whose payload does not parse (says why)."""
 
 
-class Hit:
+class FlagsView:
+    """``keyframe`` and ``hang`` of anything with a snapshot's ``flags`` (a :class:`Hit`,
+    the reader's ``Record``)."""
+
+    __slots__ = ()
+    flags: int
+
+    @property
+    def keyframe(self) -> bool:
+        return bool(self.flags & _KEYFRAME)
+
+    @property
+    def hang(self) -> bool:
+        return bool(self.flags & _HANG)
+
+
+class Hit(FlagsView):
     """One snapshot frame: where and when, and the region spans it rewrote.
 
     ``dirty`` holds ``(region, start, end)`` per rewritten span (a full encoding is the
@@ -61,14 +77,6 @@ class Hit:
         self.missing = unread
         self.offset = 0
         self.reset = False
-
-    @property
-    def keyframe(self) -> bool:
-        return bool(self.flags & _KEYFRAME)
-
-    @property
-    def hang(self) -> bool:
-        return bool(self.flags & _HANG)
 
 
 def varint(b: bytes, i: int) -> tuple[int, int]:
@@ -162,6 +170,26 @@ def snapshot_prefix_v1(b: bytes, i: int, end: int) -> tuple[int, int]:
     return seq, flags & _KNOWN_FLAGS
 
 
+def probe_vcpu(b: bytes, i: int, nprobes: int) -> tuple[int, int, int]:
+    """A snapshot's probe and vCPU VarInts at ``b[i]`` (both layouts), checked against the
+    header and the ABI: (probe, vcpu, index after them)."""
+    probe = b[i]  # one-byte varints inline
+    if probe < 0x80:
+        i += 1
+    else:
+        probe, i = varint(b, i)
+    vcpu = b[i]
+    if vcpu < 0x80:
+        i += 1
+    else:
+        vcpu, i = varint(b, i)
+    if probe >= nprobes:
+        raise Undecodable(f"probe {probe} not declared in the header")
+    if vcpu >= _MAX_VCPUS:
+        raise Undecodable(f"vCPU {vcpu} beyond the ABI's {_MAX_VCPUS}")
+    return probe, vcpu, i
+
+
 def decode_snapshot_v1(b: bytes, i: int, end: int, bufs: list[bytearray | None],
                        sizes: list[int], nprobes: int) -> Hit:
     """A version 1.0 snapshot payload ``b[i:end]`` (``format.SnapshotPayload``), checked
@@ -169,16 +197,7 @@ def decode_snapshot_v1(b: bytes, i: int, end: int, bufs: list[bytearray | None],
     try:
         seq, i = varint(b, i)
         t_ns, i = varint(b, i)
-        probe = b[i]  # one-byte varints inline
-        if probe < 0x80:
-            i += 1
-        else:
-            probe, i = varint(b, i)
-        vcpu = b[i]
-        if vcpu < 0x80:
-            i += 1
-        else:
-            vcpu, i = varint(b, i)
+        probe, vcpu, i = probe_vcpu(b, i, nprobes)
         flags = b[i] & _KNOWN_FLAGS  # unknown bits (a newer minor) dropped
         pc, i = varint(b, i + 1)
         sp = b[i]
@@ -189,10 +208,6 @@ def decode_snapshot_v1(b: bytes, i: int, end: int, bufs: list[bytearray | None],
         regflags, i = varint(b, i)
         nregions = b[i]
         i += 1
-        if probe >= nprobes:
-            raise Undecodable(f"probe {probe} not declared in the header")
-        if vcpu >= _MAX_VCPUS:
-            raise Undecodable(f"vCPU {vcpu} beyond the ABI's {_MAX_VCPUS}")
         dirty: list[tuple[int, int, int]] = []
         touched = seen = unread = 0
         nbufs = len(bufs)
@@ -318,20 +333,7 @@ class SnapshotCodecV2:
                 t_ns = self.t_ns + unzigzag(t)
             if t_ns < 0:
                 raise Undecodable("undecodable snapshot: time before the recording began")
-            probe = b[i]  # one-byte varints inline
-            if probe < 0x80:
-                i += 1
-            else:
-                probe, i = varint(b, i)
-            vcpu = b[i]
-            if vcpu < 0x80:
-                i += 1
-            else:
-                vcpu, i = varint(b, i)
-            if probe >= nprobes:
-                raise Undecodable(f"probe {probe} not declared in the header")
-            if vcpu >= _MAX_VCPUS:
-                raise Undecodable(f"vCPU {vcpu} beyond the ABI's {_MAX_VCPUS}")
+            probe, vcpu, i = probe_vcpu(b, i, nprobes)
             if flags & _REPEAT:
                 regs = self.regs.get(probe)
                 if regs is None:
@@ -364,37 +366,12 @@ class SnapshotCodecV2:
                         raise Undecodable("undecodable snapshot: region data past the "
                                           "frame's end")
                     if code == CODE_DELTA:
-                        # apply_region + apply_runs, inline: the replay's innermost loop
+                        # apply_runs directly once apply_region's checks are known to pass
                         buf = bufs[region] if region < nbufs else None
                         if buf is None or n >= sizes[region]:
                             apply_region(bufs, sizes, region, _DELTA, b, i, n, dirty)  # raises
                         else:
-                            size = sizes[region]
-                            at = 0
-                            k = i
-                            stop = i + n
-                            while k < stop:
-                                skip = b[k]
-                                if skip < 0x80:
-                                    k += 1
-                                else:
-                                    skip, k = varint(b, k)
-                                m = b[k]
-                                if m < 0x80:
-                                    k += 1
-                                else:
-                                    m, k = varint(b, k)
-                                at += skip
-                                top = at + m
-                                if k + m > stop or top > size:
-                                    raise Undecodable("undecodable delta" if k + m > stop else
-                                                      "delta runs past the end of its region")
-                                buf[at:top] = b[k:k + m]
-                                dirty.append((region, at, top))
-                                at = top
-                                k += m
-                            if k != stop:
-                                raise Undecodable("undecodable delta")
+                            apply_runs(buf, region, b, i, i + n, dirty)
                     else:
                         if region >= len(bufs):
                             raise Undecodable(f"region {region} not declared in the header")

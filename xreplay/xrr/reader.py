@@ -27,6 +27,7 @@ from xreplay.errors import RecordingFormatError, UsageError, XReplayError
 from xreplay.snapshot import FifoState, Snapshot, SnapshotDecoder, VcpuState
 from xreplay.xrr import format as fmt
 from xreplay.xrr.deltas import (
+    FlagsView,
     Hit,
     SnapshotCodecV2,
     Undecodable,
@@ -44,7 +45,7 @@ _KIND_SNAPSHOT, _KIND_NOTE, _KIND_END = (int(fmt.KIND_SNAPSHOT), int(fmt.KIND_NO
 
 
 @dataclass(slots=True)
-class Record:
+class Record(FlagsView):
     """One stored snapshot with its memory regions rebuilt (header order; None = unread)."""
 
     seq: int
@@ -59,14 +60,6 @@ class Record:
     offset: int  # byte offset of the frame in the file
     changed: list[bool]  # which regions differ from the previous record
     unread: int = 0  # bit i: region i could not be read at this hit (its bytes are older)
-
-    @property
-    def keyframe(self) -> bool:
-        return bool(self.flags & _KEYFRAME)
-
-    @property
-    def hang(self) -> bool:
-        return bool(self.flags & _HANG)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,16 +194,22 @@ class XrrReader:
             return self._frames_v2(start, index)
         return self._frames_v1(start, index)
 
+    def _frames_begin(self, start: int | None, index: _Index | None
+                      ) -> tuple[BinaryIO, int, RecordingFormatError | None, int]:
+        """(file, offset of the first frame, the damage a completed first pass found and
+        its offset, or -1): a later pass stops there without parsing it again."""
+        pos = self._data_start if start is None else start
+        self._f.seek(pos)
+        known = self._index.damage if index is None and self._index is not None else None
+        stop = known.offset if known is not None and known.offset is not None else -1
+        return self._f, pos, known, stop
+
     def _frames_v1(self, start: int | None, index: _Index | None
                    ) -> Iterator[tuple[int, int, bytes, int, int]]:
-        f = self._f
-        pos = self._data_start if start is None else start
-        f.seek(pos)
+        f, pos, known, stop = self._frames_begin(start, index)
         head_size, crc_size = fmt.FRAME_HEAD_SIZE, fmt.FRAME_CRC_SIZE
         mark, max_frame = fmt.FRAME_MARK, fmt.MAX_FRAME
         crc32, from_bytes = zlib.crc32, int.from_bytes
-        known = self._index.damage if index is None and self._index is not None else None
-        stop = known.offset if known is not None and known.offset is not None else -1
         buf = b""
         i = 0  # buf[i] is the byte at file offset pos
         while True:
@@ -260,14 +259,10 @@ class XrrReader:
                    ) -> Iterator[tuple[int, int, bytes, int, int]]:
         """2.0 frames: head byte (mark nibble, kind), VarInt length, payload, CRC-32 of all
         three."""
-        f = self._f
-        pos = self._data_start if start is None else start
-        f.seek(pos)
+        f, pos, known, stop = self._frames_begin(start, index)
         crc_size, max_frame = fmt.FRAME_CRC_SIZE, fmt.MAX_FRAME
         crc32, from_bytes = zlib.crc32, int.from_bytes
         longest_head = 1 + 5  # a VarInt of MAX_FRAME takes at most 4 bytes; 5 is damage
-        known = self._index.damage if index is None and self._index is not None else None
-        stop = known.offset if known is not None and known.offset is not None else -1
         buf = b""
         i = 0  # buf[i] is the byte at file offset pos
         while True:
