@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -848,12 +848,15 @@ class Replayer:
             (i for i in reversed(range(len(regions)))
              if regions[i].name == self.shadow and regions[i].kind == "watch"), None)
         self._shadow: bytes | None = None
-        self._by_role: dict[str, list[Detector]] = {}
+        self._by_role: dict[str, list[Callable[[Walk, Step], None]]] = {}
         self._unfed = False  # the model changed in hits skipped since the last one fed
         self._irq = interrupts_enabled
+        self._irq_of: dict[int, bool | None] = {}  # flags register -> interrupts enabled
 
-    def _detectors(self, role: str) -> list[Detector]:
-        ds = self._by_role[role] = [d for d in self.detectors
+    def _detectors(self, role: str) -> list[Callable[[Walk, Step], None]]:
+        """The ``step`` methods of the detectors that look at hits of ``role`` (bound once:
+        the replay calls them at every hit)."""
+        ds = self._by_role[role] = [d.step for d in self.detectors
                                     if d.roles is None or role in d.roles]
         return ds
 
@@ -882,7 +885,14 @@ class Replayer:
         names = self._probe_names
         probe = names[hit.probe] if hit.probe < len(names) else f"probe{hit.probe}"
         rf = hit.regflags
-        irq = None if rf is None else self._irq(self.walk.header.arch, rf)
+        if rf is None:
+            irq = None
+        else:  # a handful of distinct flags values in a whole recording
+            irq = self._irq_of.get(rf)
+            if irq is None:
+                if len(self._irq_of) >= 64:  # memory stays constant on any file
+                    self._irq_of.clear()
+                irq = self._irq_of[rf] = self._irq(self.walk.header.arch, rf)
         return self._feed(hit.seq, hit.t_ns, probe, hit.vcpu, hit.hang, irq, changed, shadow)
 
     def _observe(self, hit: Hit, buffers: list[bytearray | None]) -> bool:
@@ -915,8 +925,8 @@ class Replayer:
         s.index, s.t_ns, s.probe, s.vcpu, s.role = index, t_ns, probe, vcpu, role
         s.hang, s.interrupts_enabled, s.shadow = hang, irq, shadow
         ds = self._by_role.get(role)
-        for d in (self._detectors(role) if ds is None else ds):
-            d.step(w, s)
+        for step in (self._detectors(role) if ds is None else ds):
+            step(w, s)
         if s.changed:
             self.prev.assign(self.cur)
         s.prev_index, s.prev_probe, s.prev_shadow = index, probe, shadow
