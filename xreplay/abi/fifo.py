@@ -145,6 +145,11 @@ class ControlBlock:
         return bool(self.ready >> queue & 1)
 
 
+def ready_queues(ready: int) -> str:
+    """A control block's ``ready`` as the set of queues it marks: ``{0,7}``."""
+    return "{" + ",".join(str(q) for q in range(EVTCHN_FIFO_MAX_QUEUES) if ready >> q & 1) + "}"
+
+
 def print_state(raw: int | None) -> str:
     """The 6-character column Xen's 'e' key prints for a FIFO port
     (``evtchn_fifo_print_state``): ``?     `` (no event word), ``B 12  `` (BUSY, LINKED to
