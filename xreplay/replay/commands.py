@@ -296,15 +296,25 @@ def diff_command(files: tuple[Path, ...], at: tuple[int, int] | None, as_json: b
 
 
 def _print_state(sd: Any, a: str = "A", b: str = "B", indent: str = "  ") -> None:
+    from xreplay.abi.fifo import ready_queues
+
     for p in sd.ports:
         label = f" ({p['label']})" if p["label"] else ""
-        click.echo(f"{indent}port {p['port']}{label}: {a} {p['a']}  {b} {p['b']}")
+        fifo = ""
+        if p.get("fields"):  # FIFO: which event-word fields, and the queues reached from
+            queues = (f"; queue {a} {_or_none(p['a_queue'])} {b} {_or_none(p['b_queue'])}"
+                      if "queue" in p["fields"] else "")
+            fifo = f"  ({', '.join(f for f in p['fields'] if f != 'queue')}{queues})"
+        click.echo(f"{indent}port {p['port']}{label}: {a} {p['a']}  {b} {p['b']}{fifo}")
+    show = {"evtchn_pending_sel": hex, "control_block.ready": ready_queues}
     for v in sd.vcpus:
-        x = v["a"] if not isinstance(v["a"], int) or v["field"] != "evtchn_pending_sel" \
-            else hex(v["a"])
-        y = v["b"] if not isinstance(v["b"], int) or v["field"] != "evtchn_pending_sel" \
-            else hex(v["b"])
+        x, y = ((show[v["field"]](z) if isinstance(z, int) and v["field"] in show else z)
+                for z in (v["a"], v["b"]))
         click.echo(f"{indent}vcpu {v['vcpu']} {v['field']}: {a} {x}  {b} {y}")
+
+
+def _or_none(q: int | None) -> str:
+    return "none" if q is None else str(q)
 
 
 def _print_diff(r: Any) -> None:
@@ -325,6 +335,9 @@ def _print_diff(r: Any) -> None:
         click.echo(f"  {me}: {context_text(d.seen)}")
         if d.match is not None:
             click.echo(f"  {them}: {context_text(d.match)}")
+    for rest in r.rest:  # FIFO: what one holds at rest and the other never does
+        click.echo("")
+        click.echo(_wrap("FIFO state at rest: " + rest.message, ""))
     if r.aligned:
         click.echo("")
         click.echo("state at aligned points:")
