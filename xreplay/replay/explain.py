@@ -35,8 +35,8 @@ _VCPU_FIELDS = ("evtchn_upcall_pending", "evtchn_pending_sel")
 @dataclass
 class History:
     """The explained changes of one finding's fields in the range, oldest first: the last
-    :data:`HISTORY` of each thing it names (a port, a queue, a vCPU's upcall), so a busy
-    upcall line does not push its port's own story out."""
+    :data:`HISTORY` of each thing it names (a port, a queue's ready bit and its head, a
+    vCPU's upcall), so a busy upcall line does not push its port's own story out."""
 
     finding: Finding
     ports: set[int]
@@ -74,7 +74,9 @@ class History:
         key = self.subject(e)
         if key is None:
             return
-        kept = self.kept.setdefault(key, deque(maxlen=HISTORY))
+        # a queue's rare head writes are kept apart from its ready bit's every toggle
+        line = key + (" head" if e.change.field == "control_block.head" else "")
+        kept = self.kept.setdefault(line, deque(maxlen=HISTORY))
         if len(kept) == kept.maxlen:
             self.earlier += 1
         self._n += 1
