@@ -24,6 +24,7 @@ WORD_FIELDS = (("pending", 1), ("masked", 1), ("linked", 1), ("busy", 1),
 VCPU_FIELDS = (("evtchn_upcall_pending", 1), ("evtchn_upcall_mask", 1),
                ("ready", fifo_abi.EVTCHN_FIFO_MAX_QUEUES))
 HEAD_WIDTH = fifo_abi.EVTCHN_FIFO_LINK_BITS  # a head is a port number
+_MASKED = 1 << fifo_abi.EVTCHN_FIFO_MASKED  # a fresh event word, as Linux hands it over
 
 
 @dataclass(slots=True)
@@ -37,7 +38,8 @@ class FifoSelection:
 
 def select(r: XrrReader) -> FifoSelection:
     """Ports whose event word changes between snapshots or is PENDING at the first (hence
-    PENDING at some snapshot or changing), labelled ports, and each vCPU's queues in use."""
+    PENDING at some snapshot or changing), ports of a page added later that are not just
+    MASKED, labelled ports, and each vCPU's queues in use."""
     moved: set[int] = set()
     prev: list[int] | None = None
     vcpus: set[int] = set()
@@ -57,6 +59,9 @@ def select(r: XrrReader) -> FifoSelection:
             moved.update(p for p, w in enumerate(words) if w >> fifo_abi.EVTCHN_FIFO_PENDING & 1)
         elif words != prev:  # a C comparison; the Python loop only where something moved
             moved.update(p for p, (a, b) in enumerate(zip(prev, words, strict=False)) if a != b)
+            # a page the guest added since (Linux grows the array a page at a time, every
+            # word MASKED): its ports that are anything but masked and idle
+            moved.update(p for p in range(len(prev), len(words)) if words[p] != _MASKED)
         if words:  # a hit whose pages were not read says nothing about change
             prev = words
     ports = (moved | {p for p in r.header.labels if p < nr_ports}) - {0}  # 0 is never bound
