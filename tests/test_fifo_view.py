@@ -202,3 +202,15 @@ def test_diff_working_vs_lost_link_in_fifo_fields(tmp_path: Path) -> None:
     assert res.exit_code == 1
     assert "FIFO state at rest: in B, at rest (block or hang) #260: port 1 (xenstore)" in \
         res.output.replace("\n", " ")
+
+
+def test_explain_history_of_a_two_level_finding() -> None:
+    """The same history, on the 2-level rules: the seed's missed clear."""
+    rec = REC / "lost-upcall-process.xrr"
+    res = run("replay", rec, "--explain", "480..", "--tables", "0")
+    assert res.exit_code == 1
+    story = res.output.split("history of missed-clear at #486 (port 1, port 3, port 4, "
+                             "vCPU 0 upcall):")[1]
+    assert ("#484 -> #485 (upcall, quiet): evtchn_upcall_pending vcpu 0 0->1 by Xen or guest"
+            in story)
+    assert "#483 -> #484 (block): evtchn_upcall_pending vcpu 0 1->0 by guest" in story
