@@ -40,8 +40,10 @@ def decode_hex_reference(payload: bytes) -> bytes:
     return bytes.fromhex(payload.decode("ascii"))
 
 
-def decode_hex(payload: bytes) -> bytes:
+def decode_hex(payload: bytes, limit: int | None = None) -> bytes:
     """A hex (possibly run-length encoded) reply to bytes; ValueError if it is not hex.
+    ``limit``: only the first ``limit`` bytes are wanted (a ``g`` reply's first registers),
+    so the expansion stops once they are known.
 
     Every hit decodes a few kilobytes of replies in which gdbserver run-length encodes each
     run of equal hex digits (~100 runs in a mostly-zero shared_info page), so the runs are
@@ -49,20 +51,29 @@ def decode_hex(payload: bytes) -> bytes:
     """
     j = payload.find(b"*")
     if j < 0:
-        return bytes.fromhex(payload.decode("ascii"))
+        return bytes.fromhex((payload if limit is None else payload[:2 * limit]).decode("ascii"))
     find = payload.find
     parts = []
     pos = 0
     end = len(payload) - 1
+    want = -1 if limit is None else 2 * limit  # hex digits
+    have = 0
     while j >= 0:
         if j == pos or j >= end:  # no digit before the '*' or no count after it
             raise ValueError(f"bad run-length encoding at {j}")
-        parts.append(payload[pos:j - 1])
-        parts.append(payload[j - 1:j] * (payload[j + 1] - 28))
+        literal = payload[pos:j - 1]
+        run = payload[j - 1:j] * (payload[j + 1] - 28)
+        parts.append(literal)
+        parts.append(run)
         pos = j + 2
+        if want >= 0:
+            have += len(literal) + len(run)
+            if have >= want:
+                return bytes.fromhex(b"".join(parts)[:want].decode("ascii"))
         j = find(b"*", pos)
     parts.append(payload[pos:])
-    return bytes.fromhex(b"".join(parts).decode("ascii"))
+    out = b"".join(parts)
+    return bytes.fromhex((out if want < 0 else out[:want]).decode("ascii"))
 
 
 def is_error(reply: bytes) -> bool:

@@ -157,6 +157,9 @@ class DirectLoop:
         # neither gdbserver 13 nor QEMU 7.2 answers ``p``: registers not in the stop reply
         # come from ``g``, at the offsets gdb's own map gives
         self.use_g = True
+        # only the registers before the last one needed are expanded from ``g``'s reply
+        self._g_needed = max((goff + size for _, goff, size in p.registers.values()),
+                             default=0)
         self.vcpus: dict[bytes | None, int] = {}
 
     # -- breakpoints -----------------------------------------------------------------
@@ -216,7 +219,7 @@ class DirectLoop:
         out: dict[str, int | None] = {}
         g: bytes | None = None
         if self.use_g and replies:
-            g = None if is_error(replies[0]) else decode_hex(replies[0])
+            g = None if is_error(replies[0]) else decode_hex(replies[0], self._g_needed)
         it = iter(replies)
         for k, (rnum, goff, size) in self.p.registers.items():
             if rnum in stop.registers:
