@@ -174,6 +174,7 @@ class LabState:
     gdbsx_port: int | None = None
     xen_image: str | None = None
     gdbsx_binary: str | None = None  # host path of the project's gdbsx, put into dom0
+    domu_busy: bool = False  # the domU spins a busy loop (lab up --domu-busy)
 
     def save(self) -> None:
         path = Path(self.run_dir) / STATE_FILE
@@ -214,6 +215,7 @@ class Lab:
         dom0_args: str = DOM0_ARGS,
         progress: Progress = quiet,
         stub: str = "qemu",
+        domu_busy: bool = False,
     ) -> None:
         if stub not in STUB_KINDS:
             raise XReplayError(f"unknown stub {stub!r}: use one of {', '.join(STUB_KINDS)}")
@@ -235,6 +237,7 @@ class Lab:
         self.dom0_args = dom0_args
         self.progress = progress
         self.stub = stub
+        self.domu_busy = domu_busy
         self._gdbsx_port: int | None = None
         self._gdbsx_binary: Path | None = None
         self.state: LabState | None = None
@@ -399,7 +402,8 @@ class Lab:
         """QEMU's command line; paths are relative to the run dir (QEMU's cwd), which keeps
         unix socket paths short and the multiboot module string free of commas."""
         dom0_args = (f"{self.dom0_args} xreplay.domu={self.domu} "
-                     f"xreplay.domu_vcpus={self.domu_vcpus} xreplay.domu_evtchn={self.evtchn}")
+                     f"xreplay.domu_vcpus={self.domu_vcpus} xreplay.domu_evtchn={self.evtchn}"
+                     + (" xreplay.domu_busy=1" if self.domu_busy else ""))
         return [
             "qemu-system-x86_64",
             "-accel", "tcg,thread=multi", "-cpu", "max", "-machine", "q35",
@@ -411,7 +415,7 @@ class Lab:
             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{cmd_port}-:{DOM0_CMD_PORT}"
             + (f",hostfwd=tcp:127.0.0.1:{self._gdbsx_port}-:{GDBSX_DOM0_PORT}"
                if self._gdbsx_port else ""),
-            "-device", "e1000,netdev=n0",
+            "-device", "e1000,netdev=n0" + os.environ.get("XREPLAY_LAB_NIC", ""),
             "-gdb", f"tcp:127.0.0.1:{gdb_port}",
             "-kernel", "xen", "-append", self.xen_args,
             "-initrd", f"vmlinuz {dom0_args},dom0.cpio.gz",
@@ -456,6 +460,7 @@ class Lab:
             stub=self.stub, gdbsx_port=self._gdbsx_port,
             gdbsx_binary=str(self._gdbsx_binary) if self._gdbsx_binary else None,
             xen_image=str((self.run_dir / "xen").resolve()),
+            domu_busy=self.domu_busy,
         )
         self.state.save()
         self.progress(f"QEMU pid {proc.pid}, gdbstub 127.0.0.1:{gdb_port}, "
