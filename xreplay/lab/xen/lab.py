@@ -415,7 +415,7 @@ class Lab:
             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{cmd_port}-:{DOM0_CMD_PORT}"
             + (f",hostfwd=tcp:127.0.0.1:{self._gdbsx_port}-:{GDBSX_DOM0_PORT}"
                if self._gdbsx_port else ""),
-            "-device", "e1000,netdev=n0" + os.environ.get("XREPLAY_LAB_NIC", ""),
+            "-device", "e1000,netdev=n0",
             "-gdb", f"tcp:127.0.0.1:{gdb_port}",
             "-kernel", "xen", "-append", self.xen_args,
             "-initrd", f"vmlinuz {dom0_args},dom0.cpio.gz",
