@@ -46,6 +46,8 @@ DOMU_KINDS = ("pv", "pvh", "none")
 #: per-domain gdbsx in dom0 (needs the hypervisor rebuilt with CONFIG_GDBSX, see
 #: :mod:`.hypervisor`; QEMU's stub stays available next to it).
 STUB_KINDS = ("qemu", "gdbsx")
+#: The scheduler the gdbsx lab boots Xen with (see ``Lab.__init__``).
+GDBSX_SCHED = "sched=credit"
 #: Where gdbsx listens inside dom0 (the host reaches it by a second hostfwd).
 GDBSX_DOM0_PORT = 9999
 #: The domU's vCPUs may outnumber QEMU's CPUs (Xen time-slices them), but every extra one
@@ -233,6 +235,13 @@ class Lab:
         self.smp = smp
         self.memory_mb = memory_mb
         self.boot_timeout = boot_timeout
+        if stub == "gdbsx" and "sched=" not in xen_args:
+            # Xen's default credit2 scheduler lost a wakeup in the gdbsx lab: with a 2-vCPU
+            # PVH domU paused and unpaused at every hit, dom0's vCPU sat runnable in the
+            # run queue while both pCPUs idled, untickled ('r' key), and recording and
+            # dom0 stopped (3 of 4 runs, 2026-11). Under credit (credit1) 6 of 6 runs of
+            # 400 snapshots completed.
+            xen_args = f"{xen_args} {GDBSX_SCHED}"
         self.xen_args = xen_args
         self.dom0_args = dom0_args
         self.progress = progress
