@@ -91,10 +91,11 @@ def test_lab_guest_fifo_structs_match_the_abi(tmp_path: Path) -> None:
         '#include <stddef.h>\n#include <stdio.h>\n#include "lab.h"\nint main(void) {\n'
         'printf("%zu %zu %zu %zu %u %u %u %u %u %u %u\\n", '
         "sizeof(struct lab_fifo_control_block), "
-        "offsetof(struct lab_fifo_control_block, head), sizeof(lab_event_array), "
+        "offsetof(struct lab_fifo_control_block, head), "
+        "sizeof(lab_event_array) / LAB_FIFO_MAX_PAGES, "
         "sizeof(lab_event_array[0]), LAB_FIFO_PENDING, LAB_FIFO_MASKED, LAB_FIFO_LINKED, "
         "LAB_FIFO_BUSY, LAB_FIFO_LINK_MASK, LAB_FIFO_MAX_QUEUES, LAB_FIFO_PRIO_TIMER);\n"
-        "return 0;\n}\nuint32_t lab_event_array[LAB_FIFO_WORDS];\n")
+        "return 0;\n}\nuint32_t lab_event_array[LAB_FIFO_MAX_PAGES * LAB_FIFO_WORDS];\n")
     exe = tmp_path / "probe_lab"
     subprocess.run(["gcc", "-I", str(guest), "-o", str(exe), str(src)], check=True,
                    capture_output=True, text=True)

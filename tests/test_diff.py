@@ -96,7 +96,7 @@ def test_cli_diff_text_json_and_exit_codes(tmp_path: Path) -> None:
     assert "port 1 (xenstore): A [0/0/0]  B [1/0/1]" in res.output
     doc = json.loads(run("diff", ok, hang, "--json").output)
     assert set(doc) == {"a", "b", "divergence", "divergences", "patterns", "aligned",
-                        "findings", "stats"}
+                        "findings", "stats", "rest"}
     assert doc["divergence"]["side"] == "b" and doc["divergence"]["snapshot"] == at["upcall"]
     assert doc["divergence"]["seen"]["after"] == "hang"
     assert doc["patterns"]["a"]["followups"] == {"bottom-half": 5}

@@ -12,7 +12,7 @@ from xreplay import debugkeys as dk
 from xreplay.abi import fifo as fa
 from xreplay.abi import layout
 from xreplay.errors import XReplayError
-from xreplay.replay import replay
+from xreplay.replay import fifo_explain, replay
 from xreplay.replay.fifo_model import EvtchnFifo
 from xreplay.xrr import ProbeSpec, RecordingHeader, XrrReader, XrrWriter
 
@@ -309,7 +309,13 @@ def test_diff_and_show_changes_speak_fifo(tmp_path: Path) -> None:
     assert d.stats["a"]["findings"] == {}  # judged on the FIFO rules, not the 2-level ones
     assert d.stats["b"]["findings"] == {"fifo-stranded": 1}
     end = d.aligned[-1]
-    assert end.ports == [{"port": 2, "label": "console", "a": "[0/0/-]", "b": "[1/0/-]"}]
+    assert end.ports == [{"port": 2, "label": "console", "a": "[0/0/-]", "b": "[1/0/-]",
+                          "fields": ["PENDING"], "a_queue": None, "b_queue": None}]
+    # B holds at a block what A never does, first the console PENDING behind its mask
+    (rest,) = d.rest
+    assert (rest.side, rest.snapshot) == ("b", 6)
+    assert rest.facts == ["port 2 (console) PENDING and MASKED"]
+    assert d.diverged
     # within one recording: the timer's word and the ready bit, not 2-level selectors
     sd = diff_snapshots(a, 0, 1)
     assert sd.text == ["event_array.PENDING port 3 (timer) 0->1",
@@ -318,11 +324,22 @@ def test_diff_and_show_changes_speak_fifo(tmp_path: Path) -> None:
                                "evtchn_upcall_pending vcpu 0 0->1"]
     assert {"vcpu": 0, "field": "control_block.ready", "a": 0, "b": 1} in sd.state.vcpus
     assert not any(v["field"] == "evtchn_pending_sel" for v in sd.state.vcpus)
-    out = CliRunner().invoke(main, ["replay", str(a), "--explain", "0..2"])
-    assert out.exit_code == 2 and "FIFO recording" in out.output
-    vcd = tmp_path / "a.vcd"
-    out = CliRunner().invoke(main, ["export", str(a), "-o", str(vcd)])
-    assert out.exit_code == 2 and "FIFO recording" in out.output and not vcd.exists()
+    # --explain judges the direct clear of MASKED on the FIFO rules
+    out = CliRunner().invoke(main, ["replay", str(b), "--explain", "0.."])
+    assert out.exit_code == 1, out.output
+    assert ("event_array.MASKED port 2 (console) 1->0 by guest (a direct clear of MASKED): "
+            "PENDING yet not LINKED") in out.output
+    # the later hit is an upcall, so a step the probes did not see may explain it
+    assert "is stranded, unless the guest consumed it since" in out.output
+    assert "history of fifo-stranded at #" in out.output
+    with XrrReader(b) as r:
+        snaps = list(r.snapshots())
+    k = next(i for i in range(1, len(snaps)) if snaps[i - 1].fifo.words[2] >> 30 & 1
+             and not snaps[i].fifo.words[2] >> 30 & 1)
+    (e,) = [e for e in fifo_explain.explain(snaps[k - 1], snaps[k], settled=True)
+            if e.change.field == "event_array.MASKED"]
+    assert not e.legal and e.describe(LABELS).endswith("the event is stranded [breaks the "
+                                                       "FIFO ABI]")
 
 
 def test_head_outside_the_recorded_array_is_a_warning(tmp_path: Path) -> None:
@@ -333,3 +350,64 @@ def test_head_outside_the_recorded_array_is_a_warning(tmp_path: Path) -> None:
     (f,) = res.by_kind("fifo-head-unlinked")
     assert (f.snapshot, f.severity, f.ports) == (k, "warning", [5000])
     assert "re-record" in f.message
+
+
+def test_pages_the_guest_adds_are_followed_by_its_page_count(tmp_path: Path) -> None:
+    """A fifo_page_count region (Linux's event_array_pages) says which declared pages are
+    in use at each hit: pages not in use yet are neither ports nor unreadable, a page in
+    use that was not read is missing, and pages in use past those declared are missing
+    (never taken for no ports)."""
+    from xreplay.inspect import summary
+
+    h = RecordingHeader.for_arch("x86_64", LINUX_PROBES, fifo_pages=3,
+                                 fifo_page_count="0xffffffff82c43140", labels=LABELS)
+    assert [(r.name, r.kind, r.size) for r in h.regions[1:3]] == [
+        ("control_block.0", "fifo_control_block", 72),
+        ("event_array_pages", "fifo_page_count", 4)]
+    assert RecordingHeader.from_json(h.to_json()).regions == h.regions
+    for broken, why in ((lambda j: j["regions"][2].update(size=8), "4-byte page count"),
+                        (lambda j: j["regions"].append(dict(j["regions"][2], name="n2")),
+                         "more than one fifo_page_count"),
+                        (lambda j: j.update(regions=j["regions"][:3]), "no fifo_event_page")):
+        bad = h.to_json()
+        broken(bad)
+        with pytest.raises(XReplayError, match=why):
+            RecordingHeader.from_json(bad)
+
+    m = EvtchnFifo((0,), pages=2)  # Xen's view once the guest has given it page 1
+    for p in LABELS:
+        m.bind(p, 0, fa.EVTCHN_FIFO_PRIORITY_DEFAULT)
+        m.guest_unmask(p)
+    shared = bytes(layout("x86_64").shared_info.sizeof())
+
+    def n(count: int) -> bytes:
+        return count.to_bytes(4, "little")
+
+    hits = [  # (page count, page 0, page 1, page 2)
+        (n(1), m.page(0), None, None),  # #0-1: one page in use, two declared spare
+        (n(1), m.page(0), None, None)]
+    m.bind(1100, 0, fa.EVTCHN_FIFO_PRIORITY_DEFAULT)  # expand_array, then bind and unmask
+    m.guest_unmask(1100)
+    m.evtchn_fifo_set_pending(1100)
+    hits += [(n(2), m.page(0), m.page(1), None),  # #2: page 1 read from here on
+             (n(2), m.page(0), None, None),  # #3: in use but not read: missing
+             (n(4), m.page(0), m.page(1), bytes(4096)),  # #4: page 3 in use, not declared
+             (None, m.page(0), None, None)]  # #5: the count not read
+    path = tmp_path / "grow.xrr"
+    with XrrWriter(path, h) as w:
+        for i, (count, *pages) in enumerate(hits):
+            w.append(probe="upcall", vcpu=0, pc=0x1000, t_ns=i,
+                     regions=[shared, m.control_block(0), count, *pages])
+    with XrrReader(path) as r:
+        snaps = list(r.snapshots())
+        info = summary(r)
+    assert [s.fifo.nr_ports for s in snaps[:3]] == [1024, 1024, 2048]
+    assert [s.missing for s in snaps] == [
+        (), (), (), ("event_array.1",), ("event_array.3",),
+        ("event_array_pages", "event_array.1", "event_array.2")]
+    assert snaps[0].fifo.word(1100) is None
+    assert (snaps[2].port_state(1100).pending, snaps[2].port_state(1100).linked) == (True, True)
+    assert {k: v["snapshots"] for k, v in info["unreadable"].items()} == {
+        "event_array.1": 2, "event_array.2": 1, "event_array_pages": 1}
+    res = replay(path)
+    assert res.stats["snapshots"] == 3 and res.stats["recorded"] == 6  # judged: #0-2 only

@@ -40,3 +40,26 @@ def test_xenlab_recording_is_clean() -> None:
     ups = [s for s in snaps if s.probe == "upcall"]
     assert ups and all(s.vcpus[0].source == "registered" for s in ups)
     assert any(s.is_pending(3) and s.vcpus[0].evtchn_upcall_pending for s in ups)
+
+
+def test_the_fifo_domu_blocks_in_its_gdbsx_recording() -> None:
+    """recordings/xenlab-pv-domu-fifo-gdbsx.xrr: a Linux FIFO guest at its block probe
+    (xen_safe_halt), so replay's block-time FIFO checks ran on a real Linux guest."""
+    path = Path(__file__).parent.parent / "recordings" / "xenlab-pv-domu-fifo-gdbsx.xrr"
+    with XrrReader(path) as r:
+        assert r.header.abi == "fifo" and r.header.target["kind"] == "gdbsx"
+        snaps = list(r.snapshots())
+    blocks = [i for i, s in enumerate(snaps) if s.probe == "block"]
+    assert len(blocks) == 14
+    woke = 0
+    for i in blocks:
+        s = snaps[i]
+        assert s.vcpus[0].evtchn_upcall_mask == 1  # PV Linux blocks masked (SCHEDOP_block)
+        if s.vcpus[0].evtchn_upcall_pending and s.fifo.control_blocks[0].ready:
+            woke += 1  # an event came meanwhile: the next hit is its upcall
+            assert snaps[i + 1].probe == "upcall"
+            assert s.port_state(3).pending and s.port_state(3).linked  # VIRQ_TIMER
+    assert woke == 9
+    res = replay(path)
+    assert res.stats["quiescent_snapshots"] == 14
+    assert [f.kind for f in res.findings] == []

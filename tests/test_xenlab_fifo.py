@@ -22,6 +22,7 @@ from xreplay.lab.xen import Lab
 from xreplay.lab.xen.initramfs import domu_config
 from xreplay.lab.xen.record import cross_check, record_lab
 from xreplay.profiles import linux_profile
+from xreplay.profiles.linux import FIFO_SPARE_PAGES
 from xreplay.replay import replay
 from xreplay.xrr import XrrReader
 
@@ -65,8 +66,12 @@ def test_profile_reads_the_fifo_pages_in_use_and_control_blocks(tmp_path: Path) 
     assert kw["fifo_control_block"] == {
         0: "$xr_u64($xr_u64(0xffffffff8241cb60) + 0x2f400)",
         1: "$xr_u64($xr_u64(0xffffffff8241cb68) + 0x2f400)"}
-    assert kw["fifo_event_pages"] == ["$xr_u64(0xffffffff82c43160)",
-                                      "$xr_u64(0xffffffff82c43168)"]
+    # the pages in use at the check and FIFO_SPARE_PAGES more, each read only while
+    # event_array_pages (read at every hit) counts it
+    assert kw["fifo_event_pages"] == [f"$xr_u64({0xFFFFFFFF82C43160 + 8 * i:#x})"
+                                      for i in range(2 + FIFO_SPARE_PAGES)]
+    assert kw["fifo_page_count"] == "0xffffffff82c43140"
+    assert len(linux_profile(m, abi="fifo", fifo_pages=128)["fifo_event_pages"]) == 128
     assert "FIFO" in kw["description"]
     assert "fifo_event_pages" not in linux_profile(m, vcpus=[0])  # 2-level: unchanged
     with pytest.raises(XReplayError, match="event_array_pages=0"):
@@ -113,10 +118,14 @@ def test_recording_shows_a_linux_fifo_guest_at_work(recorded) -> None:
     with XrrReader(path) as reader:
         assert reader.header.abi == "fifo"
         assert [r.name for r in reader.header.regions if r.kind.startswith("fifo")] == [
-            "control_block.0", "event_array.0"]
+            "control_block.0", "event_array_pages",
+            *(f"event_array.{i}" for i in range(1 + FIFO_SPARE_PAGES))]
         labels = reader.header.labels
         timer = next(p for p, name in labels.items() if name == "VIRQ_TIMER")
         snaps = list(reader.snapshots())
+    # event_array_pages read at every hit: one page in use, the spare ones not read and
+    # not taken for unreadable (a hit reads the pages in use only)
+    assert all(not s.missing and s.fifo.nr_ports == fa.EVENT_WORDS_PER_PAGE for s in snaps)
     by_probe: dict[str, list] = {}
     for s in snaps:
         by_probe.setdefault(s.probe, []).append(s)

@@ -116,9 +116,9 @@ def test_the_projects_gdbsx_patch_says_why() -> None:
 
 # ---------------------------------------------------------------- the booted lab
 def boot_gdbsx_lab(tmp_path_factory: pytest.TempPathFactory, name: str, *, domu: str,
-                   domu_vcpus: int = 1):
+                   domu_vcpus: int = 1, evtchn: str = "2l"):
     """Set up the stage and the gdbsx hypervisor (skip with the reason when they cannot be
-    had), boot, yield, stop by PID."""
+    had), boot, yield, stop by PID. ``evtchn="fifo"``: the domU on Linux's FIFO ABI."""
     from xreplay.lab.xen import setup
 
     if shutil.which("gdb") is None:
@@ -133,7 +133,7 @@ def boot_gdbsx_lab(tmp_path_factory: pytest.TempPathFactory, name: str, *, domu:
     # a generous boot timeout: on a loaded two-core CI machine the PVH domU has taken
     # more than 300 s to come up under TCG
     lab = Lab(tmp_path_factory.mktemp(name), domu=domu, domu_vcpus=domu_vcpus, stub="gdbsx",
-              boot_timeout=900, progress=print)
+              evtchn=evtchn, boot_timeout=900, progress=print)
     try:
         lab.start()
         yield lab

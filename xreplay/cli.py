@@ -225,7 +225,12 @@ def _record_epilog() -> str:
               "evtchn_fifo_control_block lives (repeatable; with --fifo-event-page).")
 @click.option("--fifo-event-page", "fifo_event_page", multiple=True, metavar="EXPR",
               help="FIFO ABI guest: one event-array page in use, in page order "
-              "(repeatable; only the pages the guest gave Xen).")
+              "(repeatable; only the pages the guest gave Xen, or, with "
+              "--fifo-page-count, every page the run may follow).")
+@click.option("--fifo-page-count", "fifo_page_count", default=None, metavar="EXPR",
+              help="FIFO ABI guest: address of the guest's count of event-array pages in "
+              "use (an unsigned int, Linux's event_array_pages), read at every hit: each "
+              "--fifo-event-page is read from the hit where the count covers it.")
 @click.option("--watch", multiple=True, metavar="NAME=EXPR[:LEN]",
               help="Extra guest memory stored with each snapshot (repeatable; quote it: "
               "'shadow=&evtchn_callback_ml').")
@@ -272,7 +277,8 @@ def record(target: str | None, launch: str | None, elf: Path | None, arch: str |
            profile: str | None, upcall: str | None, bottom_half: str | None,
            block: str | None, extra_probes: tuple[str, ...], shared_info: str | None,
            vcpu_info: tuple[str, ...], fifo_control_block: tuple[str, ...],
-           fifo_event_page: tuple[str, ...], watch: tuple[str, ...], label: tuple[str, ...],
+           fifo_event_page: tuple[str, ...], fifo_page_count: str | None,
+           watch: tuple[str, ...], label: tuple[str, ...],
            bind: tuple[str, ...], vcpus: str | None, count: int | None,
            duration: float | None, hang_after: float | None, kill_target: bool | None,
            dedupe: bool | None, is_qemu: bool, filter_expr: str | None, vcpu_expr: str | None,
@@ -288,7 +294,8 @@ def record(target: str | None, launch: str | None, elf: Path | None, arch: str |
         upcall=upcall, bottom_half=bottom_half, block=block,
         probes=_parse_kv(extra_probes, "--probe", key_int=False), shared_info=shared_info,
         vcpu_info=list(vcpu_info), fifo_control_block=list(fifo_control_block),
-        fifo_event_pages=list(fifo_event_page), watch=list(watch),
+        fifo_event_pages=list(fifo_event_page), fifo_page_count=fifo_page_count,
+        watch=list(watch),
         labels=_parse_kv(label, "--label"),
         notify=_parse_int_map(bind, "--bind"), vcpus=vcpus, count=count, duration=duration,
         hang_after=hang_after, kill_target=kill_target, dedupe=dedupe, qemu=is_qemu,
@@ -397,11 +404,8 @@ def export(file: Path, fmt: str, output: str) -> None:
     from xreplay.export import FORMATS
     from xreplay.xrr import XrrReader
 
-    with XrrReader(file) as reader:  # validate before creating the output
-        if reader.header.abi == "fifo":
-            raise XReplayError(f"{file}: export knows the 2-level fields only and this is a "
-                               "FIFO recording (its PENDING/MASKED live in the event words): "
-                               "use xreplay show --changes or show --json")
+    with XrrReader(file):  # validate before creating the output
+        pass
     if output != "-":
         from xreplay.paths import check_output
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from xreplay.abi import layout
 from xreplay.lab.guests import (
+    FIFO_PAGES,
     FIFO_REGIONS,
     FIFO_VARIANTS,
     LAB_PROBES,
@@ -52,7 +53,8 @@ def lab_record_options(guest: LabGuest, output: Path, **overrides) -> RecordOpti
                   "vector": UPCALL_VECTOR})
     if guest.variant in FIFO_VARIANTS:  # the FIFO ABI's memory, not shared_info's bitmaps
         opts.fifo_control_block = {0: FIFO_REGIONS["control_block"]}
-        opts.fifo_event_pages = [FIFO_REGIONS["event_array"]]
+        opts.fifo_event_pages = list(FIFO_PAGES)  # read while lab_event_array_pages says
+        opts.fifo_page_count = FIFO_REGIONS["page_count"]
     for key, value in overrides.items():
         setattr(opts, key, value)
     return opts

@@ -147,6 +147,7 @@ class FifoState:
 
     words: list[int]
     control_blocks: dict[int, fifo_abi.ControlBlock]
+    raw: bytes | None = None  # the pages' bytes, when decoded from them (fast bitmaps)
 
     @property
     def nr_ports(self) -> int:
@@ -182,16 +183,19 @@ class FifoState:
                      ) -> FifoState:
         """From the raw ``fifo_event_page`` (page index -> 4 KiB) and ``fifo_control_block``
         (vCPU -> bytes) regions read at a hit; the array stops at the first page not read."""
-        words: list[int] = []
-        page = 0
-        while page in pages:
-            words.extend(fifo_abi.words(pages[page]))
-            page += 1
-        return cls(words, {v: fifo_abi.ControlBlock.parse(raw)
-                           for v, raw in sorted(control_blocks.items())})
+        read = []
+        while len(read) in pages:
+            read.append(pages[len(read)])
+        raw = b"".join(read)
+        return cls(fifo_abi.words(raw), {v: fifo_abi.ControlBlock.parse(block)
+                                         for v, block in sorted(control_blocks.items())}, raw)
 
     def bitmaps(self) -> tuple[int, int]:
         """(PENDING, MASKED) of every port as 2-level-style bitmaps, port *p* = bit *p*."""
+        if self.raw is not None and len(self.raw) == 4 * len(self.words):
+            return (fifo_abi.ports_with(self.raw, fifo_abi.EVTCHN_FIFO_PENDING, True),
+                    ((1 << len(self.words)) - 1)
+                    & ~fifo_abi.ports_with(self.raw, fifo_abi.EVTCHN_FIFO_MASKED, False))
         pending = mask = 0
         for p, w in enumerate(self.words):
             if w >> fifo_abi.EVTCHN_FIFO_PENDING & 1:

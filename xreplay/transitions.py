@@ -89,6 +89,47 @@ def bit_changes(a: Snapshot, b: Snapshot) -> list[BitChange]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class ValueChange:
+    """A FIFO field that holds a port number rather than a bit: an event word's LINK
+    (``event_array.LINK``, index = port) or a queue's ``control_block.head`` (index = queue,
+    with ``vcpu``)."""
+
+    field: str
+    index: int
+    old: int
+    new: int
+    vcpu: int | None = None
+
+    @property
+    def set(self) -> bool:  # as a BitChange: the field now names a port
+        return self.new != 0
+
+    def describe(self, labels: dict[int, str] | None = None) -> str:
+        if self.field == "event_array.LINK":
+            label = (labels or {}).get(self.index)
+            where = f"port {self.index}" + (f" ({label})" if label else "")
+            return f"{self.field} {where} {self.old}->{self.new}"
+        return f"control_block.head[{self.index}] vcpu {self.vcpu} {self.old}->{self.new}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"field": self.field, "index": self.index, "old": self.old, "new": self.new,
+                "vcpu": self.vcpu}
+
+
+def value_changes(a: FifoState, b: FifoState) -> list[ValueChange]:
+    """The LINKs and heads that differ from ``a`` to ``b`` (the bits are :func:`bit_changes`')."""
+    mask = fifo_abi.EVTCHN_FIFO_LINK_MASK
+    out = [ValueChange("event_array.LINK", p, wa & mask, wb & mask)
+           for p, (wa, wb) in enumerate(zip(a.words, b.words, strict=False))
+           if wa != wb and (wa ^ wb) & mask]
+    for v in sorted(set(a.control_blocks) & set(b.control_blocks)):
+        ha, hb = a.control_blocks[v].head, b.control_blocks[v].head
+        out += [ValueChange("control_block.head", q, x, y, v)
+                for q, (x, y) in enumerate(zip(ha, hb, strict=True)) if x != y]
+    return out
+
+
 def watch_changes(a: Snapshot, b: Snapshot) -> dict[str, int]:
     """Number of changed bytes per watch region."""
     out = {}

@@ -77,6 +77,9 @@ class _Region:
         self.pointer_at = None  # address of the pointer variable, when followed by value
         self.pointer_size = 0
         self.reeval = bool(spec.get("reeval"))
+        # a FIFO event-array page: read only while the guest's page count (the region at
+        # index ``count``, read earlier in the same hit) says page ``page`` is in use
+        self.gate = spec.get("in_use")
         self.info = {"name": self.name, "expr": self.expr}
         try:
             value = gdb.parse_and_eval(self.expr)
@@ -220,7 +223,8 @@ class Agent:
         regions = []
         for r in self.regions:
             regions.append({"address": r.address, "size": r.size, "reeval": r.reeval,
-                            "pointer_at": r.pointer_at, "pointer_size": r.pointer_size})
+                            "pointer_at": r.pointer_at, "pointer_size": r.pointer_size,
+                            "in_use": r.gate})
         threads = {}
         for t in self.inferior.threads():
             pid, lwp, tid = t.ptid
@@ -321,6 +325,16 @@ class Agent:
     def read_regions(self):
         out = []
         for r in self.regions:
+            if r.gate is not None and not self.page_in_use(out, r.gate):
+                # not given to Xen (yet): no read at all, so a hit costs only the pages in
+                # use; the address is forgotten, and the region-moved note when it
+                # appears says from which hit it is read
+                if r.address is not None:
+                    r.address = None
+                    self.send_json({"event": "region-moved", "region": r.name,
+                                    "address": None, "hit": self.hits})
+                out.append(None)
+                continue
             if r.follows:
                 addr = r.locate()
                 if addr != r.address:
@@ -335,6 +349,15 @@ class Agent:
             except gdb.MemoryError:
                 out.append(None)
         return out
+
+    @staticmethod
+    def page_in_use(read, gate):
+        """Whether the page count read at this hit (``read[gate["count"]]``, 4 bytes)
+        covers page ``gate["page"]``; an unreadable count reads no page."""
+        raw = read[gate["count"]] if gate["count"] < len(read) else None
+        if raw is None:
+            return False
+        return int.from_bytes(raw[:4], "little") > gate["page"]
 
     # -- hits ----------------------------------------------------------------------
 

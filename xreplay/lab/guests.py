@@ -52,8 +52,17 @@ FIFO_VARIANTS: tuple[str, ...] = ("fifo", "fifo-lost-link")
 """Variants on the FIFO event-channel ABI (``lab_event_array``, ``lab_control_block``):
 ``fifo`` is correct, ``fifo-lost-link`` clears LINKED with a plain store (a lost link)."""
 
-FIFO_REGIONS = {"control_block": "lab_control_block", "event_array": "lab_event_array"}
-"""The FIFO variants' shared memory, by symbol (one event-array page, vCPU 0's block)."""
+FIFO_REGIONS = {"control_block": "lab_control_block", "event_array": "lab_event_array",
+                "page_count": "&lab_event_array_pages"}
+"""The FIFO variants' shared memory, by symbol: vCPU 0's block, the event array (its first
+page; ``lab_event_pages[i]`` points at page *i*) and how many pages are in use."""
+
+FIFO_PAGES = tuple(f"lab_event_pages[{i}]" for i in range(2))
+"""The event-array page pointers (``LAB_FIFO_MAX_PAGES`` of them), as Linux's
+``event_array[]``: the ``fifo`` variant adds the second page half way through its run."""
+
+FIFO_HIGH_PORT = 1100
+"""The port the ``fifo`` variant binds half way through (``LAB_PORT_HIGH``, page 1)."""
 
 LAB_PROBES: dict[str, str] = {
     "upcall": "evtchn_upcall_handler",

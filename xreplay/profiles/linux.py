@@ -23,7 +23,7 @@ booted with ``xen.fifo_events=0``, and then the 2-level bitmaps are never touche
 guest (``drivers/xen/events/events_fifo.c``) is recorded through the same map: the bottom
 half is ``evtchn_fifo_handle_events``, each vCPU's control block is the page the per-cpu
 pointer ``cpu_control_block`` names, and the event array is the ``event_array[]`` page
-pointers, of which only the first ``event_array_pages`` (read at the check) are recorded.
+pointers, of which only the first ``event_array_pages`` (read at every hit) are read.
 """
 
 from __future__ import annotations
@@ -250,6 +250,18 @@ class LinuxSymbols:
         return out
 
 
+#: Event-array pages a FIFO recording declares beyond those in use at the guest check:
+#: Linux adds one page per 1024 ports it binds (``evtchn_fifo_setup`` -> ``expand_array``),
+#: and only the pages ``event_array_pages`` counts are read at a hit, so a declared page
+#: costs nothing until the guest gives it to Xen.
+FIFO_SPARE_PAGES = 3
+
+
+def fifo_declared_pages(in_use: int) -> int:
+    """How many event-array pages a recording follows when ``in_use`` are in use now."""
+    return min(MAX_EVENT_ARRAY_PAGES, max(in_use, 1) + FIFO_SPARE_PAGES)
+
+
 def _deref(address: int, safe: bool) -> str:
     return f"$xr_u64({address:#x})" if safe else f"*(unsigned long *){address:#x}"
 
@@ -286,8 +298,12 @@ def linux_profile(symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] = (0,
     same fixmap address).
 
     ``abi="fifo"`` records a FIFO guest: the FIFO bottom half, each vCPU's control block
-    and the first ``fifo_pages`` event-array pages (Linux's ``event_array_pages`` at the
-    check), all re-read at every hit like the vcpu_info.
+    and the event-array pages, all re-read at every hit like the vcpu_info. Linux's
+    ``event_array_pages`` is read at every hit too, and only the pages it counts are read:
+    the header declares the ``fifo_pages`` in use at the check plus
+    :data:`FIFO_SPARE_PAGES`, so pages the guest adds while it is recorded are read from
+    the hit where they appear (a region-moved note says which); pages past those are
+    reported as not recorded, never taken for absent ports.
     """
     s = _symbols(symbols)
     if abi not in ("2l", "fifo"):
@@ -310,9 +326,11 @@ def linux_profile(symbols: str | Path | LinuxSymbols, vcpus: Iterable[int] = (0,
     where = f" ({domain})" if domain else ""
     fifo: dict[str, Any] = {}
     if abi == "fifo":
+        assert s.event_array_pages is not None
         fifo = {"fifo_control_block": {c: s.control_block_expr(c, safe=True) for c in cpus},
                 "fifo_event_pages": [s.event_page_expr(i, safe=True)
-                                     for i in range(fifo_pages)]}
+                                     for i in range(fifo_declared_pages(fifo_pages))],
+                "fifo_page_count": f"{s.event_array_pages:#x}"}
     bh_name = FIFO_BOTTOM_HALF_SYMBOL if abi == "fifo" else BOTTOM_HALF_SYMBOL
     return {
         **fifo,

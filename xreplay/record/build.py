@@ -39,6 +39,7 @@ class RecordChoices:
     vcpu_info: list[str] = field(default_factory=list)  # [VCPU=]EXPR
     fifo_control_block: list[str] = field(default_factory=list)  # [VCPU=]EXPR
     fifo_event_pages: list[str] = field(default_factory=list)  # EXPR per page, in order
+    fifo_page_count: str | None = None  # EXPR: the guest's count of pages in use
     watch: list[str] = field(default_factory=list)
     labels: dict[int, str] = field(default_factory=dict)
     notify: dict[int, int] = field(default_factory=dict)
@@ -105,6 +106,9 @@ def build_options(c: RecordChoices) -> RecordOptions:
     if bool(blocks) != bool(c.fifo_event_pages):
         raise XReplayError("a FIFO guest needs both --fifo-control-block (one per vCPU) and "
                            "--fifo-event-page (each event-array page in use)")
+    if c.fifo_page_count and not c.fifo_event_pages:
+        raise XReplayError("--fifo-page-count counts the pages --fifo-event-page names: "
+                           "give both (and --fifo-control-block)")
     if len(c.fifo_event_pages) > MAX_EVENT_ARRAY_PAGES:
         raise XReplayError(f"{len(c.fifo_event_pages)} --fifo-event-page: the FIFO event "
                            f"array has at most {MAX_EVENT_ARRAY_PAGES} pages")
@@ -114,6 +118,7 @@ def build_options(c: RecordChoices) -> RecordOptions:
         shared_info=c.shared_info or (g.shared_info if g else "HYPERVISOR_shared_info"),
         vcpu_info=vinfo, watch=watch, labels=dict(c.labels), notify=dict(c.notify),
         fifo_control_block=blocks, fifo_event_pages=list(c.fifo_event_pages),
+        fifo_page_count=c.fifo_page_count,
         vcpus=sorted(set(vcpus or [0]) | set(vinfo) | set(blocks)), count=c.count,
         duration=c.duration,
         hang_after=c.hang_after, kill_target=c.kill_target, gdb=c.gdb, dedupe=c.dedupe,
@@ -165,6 +170,8 @@ def command_line(o: RecordOptions) -> str:
         args += ["--fifo-control-block", q(f"{vcpu}={expr}")]
     for expr in o.fifo_event_pages:
         args += ["--fifo-event-page", q(expr)]
+    if o.fifo_page_count:
+        args += ["--fifo-page-count", q(o.fifo_page_count)]
     for w in o.watch:
         args += ["--watch", q(f"{w.name}={w.expr}" + (f":{w.size}" if w.size else ""))]
     args += [a for port, name in sorted(o.labels.items()) for a in ("--label", q(f"{port}={name}"))]

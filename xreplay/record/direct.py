@@ -110,6 +110,9 @@ def plan(info: dict[str, Any], *, stub: StubKind, region_names: list[str], ack: 
             probes.setdefault(int(a), pid)
     regions = []
     for name, r in zip(region_names, info.get("regions") or [], strict=False):
+        if r.get("in_use"):
+            return (f"region {name} is read only while the guest's FIFO page count says it "
+                    "is in use (the agent's loop does that)")
         if r.get("reeval"):
             return f"region {name} is an expression gdb re-evaluates at each hit"
         regions.append(RegionPlan(name, r.get("address"), int(r["size"]), r.get("pointer_at"),

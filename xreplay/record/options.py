@@ -57,6 +57,11 @@ class RecordOptions:
     #: event-array page in use (re-read at every hit when ``reeval_vcpu_info``)
     fifo_control_block: dict[int, str] = field(default_factory=dict)
     fifo_event_pages: list[str] = field(default_factory=list)
+    #: where the guest counts the event-array pages it has given Xen (Linux's
+    #: ``event_array_pages``, an unsigned int): read at every hit, and then
+    #: ``fifo_event_pages`` lists the pages the run may follow (each read only from the hit
+    #: where the count covers it), not just those in use when it starts
+    fifo_page_count: str | None = None
     labels: dict[int, str] = field(default_factory=dict)
     notify: dict[int, int] = field(default_factory=dict)  # port -> notify vCPU (Xen's n=)
     vcpus: list[int] = field(default_factory=lambda: [0])

@@ -40,7 +40,7 @@ from xreplay.record.options import EndReason, Progress, RecordOptions, RecordRes
 from xreplay.record.sink import RecordingSink
 from xreplay.record.target import LaunchedTarget, launch_log_path
 from xreplay.xrr import ProbeSpec, RecordingHeader, RegionSpec
-from xreplay.xrr.header import FIFO_KINDS, fifo_regions
+from xreplay.xrr.header import FIFO_KINDS, PAGE_COUNT_KIND, fifo_regions
 
 HANG_PROBE = "hang"
 #: the GIL switch interval while the direct loop runs (CPython's default is 5 ms)
@@ -278,7 +278,7 @@ class Recorder:
             exprs = {f"control_block.{v}": e for v, e in o.fifo_control_block.items()}
             exprs |= {f"event_array.{i}": e for i, e in enumerate(o.fifo_event_pages)}
             regions += fifo_regions(sorted(o.fifo_control_block), len(o.fifo_event_pages),
-                                    exprs)
+                                    exprs, o.fifo_page_count)
         regions += [RegionSpec(w.name, "watch", w.size, w.expr) for w in o.watch]
         return regions
 
@@ -308,13 +308,17 @@ class Recorder:
         self._check_ports_and_vcpus()
         self.regions = self._make_regions()
         dedupe = self.stub.dedupe if o.dedupe is None else o.dedupe
+        count_at = next((i for i, r in enumerate(self.regions) if r.kind == PAGE_COUNT_KIND),
+                        None)
         config = {
             "socket": ch.path,
             "probes": [{"name": p.name, "location": p.location} for p in o.probes],
             "regions": [{"name": r.name, "expr": r.expr, "size": r.size,
                          "reeval": (o.reeval_vcpu_info
                                     and r.kind in ("vcpu_info", *FIFO_KINDS))
-                         or (o.reeval_shared_info and r.kind == "shared_info")}
+                         or (o.reeval_shared_info and r.kind == "shared_info"),
+                         **({"in_use": {"count": count_at, "page": r.page}}
+                            if count_at is not None and r.kind == "fifo_event_page" else {})}
                         for r in self.regions],
             "flags_register": flags_register(self.arch),
             "count": o.count or 0,

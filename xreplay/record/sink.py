@@ -16,6 +16,7 @@ from typing import Any
 
 from xreplay.errors import XReplayError
 from xreplay.xrr import RecordingHeader, XrrWriter
+from xreplay.xrr.header import PAGE_COUNT_KIND
 
 
 class RecordingSink:
@@ -67,7 +68,11 @@ class RecordingSink:
             except (OSError, XReplayError) as e:
                 self._fail(e)
                 return None
+        in_use = self._pages_in_use(regions)
         for spec, data in zip(self.header.regions, regions, strict=False):
+            if data is None and in_use is not None and spec.kind == "fifo_event_page" and (
+                    spec.page is None or spec.page >= in_use):
+                continue  # a FIFO page the guest has not given Xen yet: nothing to read
             if data is None:
                 self.unreadable[spec.name] += 1
             elif spec.kind == "shared_info":
@@ -75,6 +80,14 @@ class RecordingSink:
         if snapshot.get("hang"):
             self.hang_seq = seq
         return seq
+
+    def _pages_in_use(self, regions: list[bytes | None]) -> int | None:
+        """The guest's FIFO page count read at this hit, if the header has one."""
+        assert self.header is not None
+        for spec, data in zip(self.header.regions, regions, strict=False):
+            if spec.kind == PAGE_COUNT_KIND:
+                return None if data is None else int.from_bytes(data[:4], "little")
+        return None
 
     def guest_time(self, icount: int) -> None:
         """The guest position (QEMU icount) of the snapshot appended last."""

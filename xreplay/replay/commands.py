@@ -21,7 +21,7 @@ import click
 
 from xreplay.errors import XReplayError
 from xreplay.output import emit_json
-from xreplay.replay.detectors import Finding, ReplayOptions, ReplayResult, Walk
+from xreplay.replay.detectors import Finding, ReplayOptions, ReplayResult
 from xreplay.snapshot import Snapshot
 
 _WRAP = 96
@@ -115,7 +115,13 @@ def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | N
                      else debugkeys.parse_file(dump))
             section = pick_domain(dumps, domain, str(dump))
             check = check_debugkeys(snaps[last_index], section)
-        explained = _explain(reader, explain_range) if explain_range else None
+        explained = histories = None
+        if explain_range:
+            from xreplay.inspect import parse_range
+            from xreplay.replay.explain import explain_range as explain_rows
+
+            explained, histories = explain_rows(reader, *parse_range(explain_range),
+                                                result.findings)
         writers = None
         if reader.header.replay and not no_last_writer and result.failed:
             from xreplay.rr.writers import finding_writers
@@ -128,11 +134,12 @@ def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | N
             data["debugkeys"] = check.to_json()
         if explained is not None:
             data["explain"] = explained
+            data["history"] = [hs.to_json() for hs in histories or []]
         if writers is not None:
             data["last_writers"] = [w.to_json() for w in writers]
         emit_json(data)
     else:
-        _print_replay(str(file), result, snaps, tables, check, explained)
+        _print_replay(str(file), result, snaps, tables, check, explained, histories)
         if writers:
             click.echo("\nlast writers (on a replay of the run):")
             for w in writers:
@@ -153,7 +160,8 @@ def _shown(result: ReplayResult) -> list[Finding]:
 
 
 def _print_replay(name: str, result: ReplayResult, snaps: dict[int, Snapshot], tables: int,
-                  check: Any, explained: list[dict[str, Any]] | None) -> None:
+                  check: Any, explained: list[dict[str, Any]] | None,
+                  histories: list[Any] | None = None) -> None:
     st = result.stats
     hits = ", ".join(f"{role} {n}" for role, n in sorted(st["hits"].items()))
     click.echo(f"{name}: {st['arch']} recording, {st['snapshots']} snapshots over "
@@ -182,6 +190,18 @@ def _print_replay(name: str, result: ReplayResult, snaps: dict[int, Snapshot], t
                        + (", quiet" if row["quiet"] else "") + "):")
             for text in row["text"] or ["no event-channel bit changed"]:
                 click.echo(f"    {text}")
+    for hs in histories or []:
+        f = hs.finding
+        click.echo("")
+        click.echo(f"history of {f.kind} at #{f.snapshot} ({', '.join(hs.subjects)}):")
+        if hs.earlier:
+            click.echo(f"    ({hs.earlier} earlier change(s) in the range not shown)")
+        rows = hs.rows
+        for row in rows:
+            click.echo(f"  #{row['from']} -> #{row['to']} ({row['probe']}"
+                       + (", quiet" if row["quiet"] else "") + f"): {row['text']}")
+        if not rows:
+            click.echo("    none of its fields changed in the range")
     if check is not None:
         click.echo("")
         click.echo(f"Xen's 'e' key for domain {check.domain} vs the last snapshot "
@@ -232,48 +252,6 @@ def _finding_head(f: Finding, t: float | None = None) -> str:
     return "; ".join(bits)
 
 
-def _explain(reader: Any, text: str) -> list[dict[str, Any]]:
-    """Explained transitions for FROM..TO, walking from the start to know what was quiet."""
-    from xreplay.inspect import parse_range
-    from xreplay.replay.detectors import HANG
-    from xreplay.replay.model import explain
-    from xreplay.snapshot import interrupts_enabled
-    from xreplay.transitions import bit_changes
-
-    lo, hi = parse_range(text)
-    if reader.header.abi == "fifo":
-        raise XReplayError(f"{reader.name}: --explain knows the 2-level rules only; this is a "
-                           "FIFO recording: use xreplay show --changes, or diff --at N M")
-    h = reader.header
-    w = Walk(h, ReplayOptions())
-    names = [p.name for p in h.probes]
-    prev: Snapshot | None = None
-    last = None
-    rows = []
-    for hit in reader.deltas():  # only the range's snapshots are decoded whole
-        if hi is not None and hit.seq > hi:
-            break
-        quiet = last is not None and w.quiet()
-        role = HANG if hit.hang else w.roles.get(names[hit.probe], "other")
-        w.update_track(hit.vcpu, hit.seq, hit.t_ns, role,
-                       interrupts_enabled(h.arch, hit.regflags))
-        last = hit.seq
-        if hit.seq < lo:
-            continue
-        snap = reader.snapshot_of_hit(hit)
-        if prev is not None:
-            ch = bit_changes(prev, snap)
-            ex = explain(prev, snap, w.geometry, w.routing, quiet=quiet, changes=ch)
-            rows.append({"from": prev.index, "to": snap.index, "probe": snap.probe,
-                         "vcpu": snap.vcpu, "quiet": quiet,
-                         "changes": [e.to_json() for e in ex],
-                         "text": [e.describe(reader.header.labels) for e in ex]})
-        prev = snap
-    if prev is None or prev.index < lo:
-        raise XReplayError(f"{reader.name}: no snapshot #{lo} (the recording has fewer)")
-    return rows
-
-
 # --------------------------------------------------------------------------- diff
 
 
@@ -318,15 +296,25 @@ def diff_command(files: tuple[Path, ...], at: tuple[int, int] | None, as_json: b
 
 
 def _print_state(sd: Any, a: str = "A", b: str = "B", indent: str = "  ") -> None:
+    from xreplay.abi.fifo import ready_queues
+
     for p in sd.ports:
         label = f" ({p['label']})" if p["label"] else ""
-        click.echo(f"{indent}port {p['port']}{label}: {a} {p['a']}  {b} {p['b']}")
+        fifo = ""
+        if p.get("fields"):  # FIFO: which event-word fields, and the queues reached from
+            queues = (f"; queue {a} {_or_none(p['a_queue'])} {b} {_or_none(p['b_queue'])}"
+                      if "queue" in p["fields"] else "")
+            fifo = f"  ({', '.join(f for f in p['fields'] if f != 'queue')}{queues})"
+        click.echo(f"{indent}port {p['port']}{label}: {a} {p['a']}  {b} {p['b']}{fifo}")
+    show = {"evtchn_pending_sel": hex, "control_block.ready": ready_queues}
     for v in sd.vcpus:
-        x = v["a"] if not isinstance(v["a"], int) or v["field"] != "evtchn_pending_sel" \
-            else hex(v["a"])
-        y = v["b"] if not isinstance(v["b"], int) or v["field"] != "evtchn_pending_sel" \
-            else hex(v["b"])
+        x, y = ((show[v["field"]](z) if isinstance(z, int) and v["field"] in show else z)
+                for z in (v["a"], v["b"]))
         click.echo(f"{indent}vcpu {v['vcpu']} {v['field']}: {a} {x}  {b} {y}")
+
+
+def _or_none(q: int | None) -> str:
+    return "none" if q is None else str(q)
 
 
 def _print_diff(r: Any) -> None:
@@ -347,6 +335,9 @@ def _print_diff(r: Any) -> None:
         click.echo(f"  {me}: {context_text(d.seen)}")
         if d.match is not None:
             click.echo(f"  {them}: {context_text(d.match)}")
+    for rest in r.rest:  # FIFO: what one holds at rest and the other never does
+        click.echo("")
+        click.echo(_wrap("FIFO state at rest: " + rest.message, ""))
     if r.aligned:
         click.echo("")
         click.echo("state at aligned points:")

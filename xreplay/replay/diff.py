@@ -26,16 +26,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xreplay import debugkeys
+from xreplay.abi import fifo as fifo_abi
 from xreplay.abi import iter_bits
 from xreplay.debugkeys import DomainEvtchnDump
 from xreplay.errors import XReplayError
 from xreplay.replay.detectors import HANG, Replayer, ReplayOptions
-from xreplay.snapshot import Snapshot
+from xreplay.snapshot import PortState, Snapshot
 from xreplay.transitions import bit_changes, watch_changes
 from xreplay.xrr import XrrReader
 
 MAX_EPISODE = 12  # roles kept per episode; longer ones end in "..."
 MAX_SHAPES = 512  # distinct episode shapes kept per recording
+MAX_REST_HITS = 1 << 20  # FIFO rest hits remembered by ordinal (for the aligned point)
 CONTEXT = 5  # roles of history kept with the first occurrence of each step
 START = "start"  # first role of a prologue episode (before the vCPU's first bottom half)
 END = "end"
@@ -183,6 +185,104 @@ class PatternSummary:
                 "dropped_episodes": self.dropped_shapes}
 
 
+# --------------------------------------------------------------------------- FIFO at rest
+
+RestFact = tuple[Any, ...]  # ("port", p, state) | ("queue", v, q, state) | ("vcpu", v, state)
+
+
+def rest_facts(snap: Snapshot) -> set[RestFact]:
+    """What a FIFO guest holds at a block or hang hit, where it consumes nothing: each
+    PENDING port's place (masked, on a ready queue, queued behind a clear ready bit, LINKED
+    on no queue, not LINKED), each queue whose ``ready`` and ``head`` disagree, and a vCPU
+    blocking with its upcall pending and queues ready."""
+    fs = snap.fifo
+    if fs is None:
+        return set()
+    ready = fs.queues(ready_only=True)
+    every = fs.queues()
+    out: set[RestFact] = set()
+    for p in iter_bits(snap.evtchn_pending):
+        if p == 0 or p >= fs.nr_ports:
+            continue
+        w = fifo_abi.EventWord(fs.words[p])
+        state = ("PENDING and MASKED" if w.masked else
+                 "PENDING on a ready queue" if p in ready else
+                 "PENDING, queued behind a clear ready bit" if p in every else
+                 "PENDING and LINKED on no queue a head leads to" if w.linked else
+                 "PENDING, unmasked and not LINKED")
+        out.add(("port", p, state))
+    for v, cb in fs.control_blocks.items():
+        for q, head in enumerate(cb.head):
+            linked = 0 < head < fs.nr_ports and bool(
+                fs.words[head] >> fifo_abi.EVTCHN_FIFO_LINKED & 1)
+            if cb.is_ready(q) and not linked:
+                out.add(("queue", v, q, "ready, head not LINKED"))
+            elif linked and not cb.is_ready(q):
+                out.add(("queue", v, q, "head LINKED, ready clear"))
+        vi = snap.vcpus.get(v)
+        if vi is not None and vi.evtchn_upcall_pending and cb.ready:
+            out.add(("vcpu", v, "evtchn_upcall_pending=1 with ready queues"))
+    return out
+
+
+def fact_text(fact: RestFact, labels: dict[int, str]) -> str:
+    if fact[0] == "port":
+        label = labels.get(fact[1])
+        return f"port {fact[1]}" + (f" ({label})" if label else "") + f" {fact[2]}"
+    if fact[0] == "queue":
+        return f"vCPU {fact[1]} queue {fact[2]}: {fact[3]}"
+    return f"vCPU {fact[1]}: {fact[2]}"
+
+
+class RestSummary:
+    """Streaming: the first block/hang hit (and its ordinal among them) at which each
+    :func:`rest_facts` fact is seen."""
+
+    def __init__(self) -> None:
+        self.first: dict[RestFact, tuple[int, int]] = {}
+        self.hits: list[int] = []  # rest hits by ordinal, capped
+        self.count = 0
+
+    def feed(self, snap: Snapshot, role: str) -> None:
+        if role not in ("block", HANG):
+            return
+        if len(self.hits) < MAX_REST_HITS:
+            self.hits.append(snap.index)
+        for fact in rest_facts(snap):
+            self.first.setdefault(fact, (snap.index, self.count))
+        self.count += 1
+
+
+@dataclass
+class RestDivergence:
+    """FIFO: the first block or hang hit of ``side`` holding what the other recording never
+    holds at one (``facts``), and the other's rest hit of the same ordinal."""
+
+    side: str
+    snapshot: int
+    message: str
+    facts: list[str]
+    other_snapshot: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"side": self.side, "snapshot": self.snapshot, "message": self.message,
+                "facts": self.facts, "other_snapshot": self.other_snapshot}
+
+
+def rest_divergence(side: str, mine: RestSummary, other: RestSummary,
+                    labels: dict[int, str]) -> RestDivergence | None:
+    new = {f: at for f, at in mine.first.items() if f not in other.first}
+    if not new or not other.count:
+        return None
+    index, ordinal = min(new.values())
+    facts = sorted(fact_text(f, labels) for f, at in new.items() if at[0] == index)
+    me, them = _names(side)
+    theirs = other.hits[min(ordinal, len(other.hits) - 1)] if other.hits else None
+    msg = (f"in {me}, at rest (block or hang) #{index}: " + "; ".join(facts)
+           + f", which {them} never holds at any of its {other.count} block or hang hits")
+    return RestDivergence(side, index, msg, facts, theirs)
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -237,6 +337,7 @@ class DiffResult:
     aligned: list[StateDiff]
     findings: dict[str, list[dict[str, Any]]]
     stats: dict[str, dict[str, Any]]
+    rest: list[RestDivergence] = field(default_factory=list)  # FIFO: states at rest
 
     @property
     def divergence(self) -> Divergence | None:
@@ -245,8 +346,8 @@ class DiffResult:
 
     @property
     def diverged(self) -> bool:
-        """The two recordings differ in pattern (either way round)."""
-        return bool(self.divergences)
+        """The two recordings differ in pattern, or (FIFO) in what they hold at rest."""
+        return bool(self.divergences or self.rest)
 
     def to_json(self) -> dict[str, Any]:
         return {"a": self.a, "b": self.b,
@@ -254,7 +355,8 @@ class DiffResult:
                 "divergences": [d.to_json() for d in self.divergences],
                 "patterns": {k: p.to_json() for k, p in self.patterns.items()},
                 "aligned": [s.to_json() for s in self.aligned],
-                "findings": self.findings, "stats": self.stats}
+                "findings": self.findings, "stats": self.stats,
+                "rest": [r.to_json() for r in self.rest]}
 
 
 @dataclass
@@ -286,14 +388,20 @@ def compare_states(a: Snapshot, b: Snapshot, label: str,
     ports = set(a.interesting_ports()) | set(b.interesting_ports())
     ports |= set(iter_bits(a.evtchn_pending)) | set(iter_bits(b.evtchn_pending))
     out = StateDiff(label, a.index, b.index, a.probe, b.probe)
+    fa, fb = getattr(a, "fifo", None), getattr(b, "fifo", None)
+    fifo = fa is not None and fb is not None
+    table_a = {st.port: st for st in a.port_table(sorted(ports))} if fifo else {}
+    table_b = {st.port: st for st in b.port_table(sorted(ports))} if fifo else {}
     for p in sorted(ports):
         if p >= min(a.nr_ports, b.nr_ports):
             continue
-        pa, pb = a.port_state(p), b.port_state(p)
-        if pa.pms != pb.pms:
-            out.ports.append({"port": p, "label": labels.get(p), "a": pa.pms, "b": pb.pms})
-    fa, fb = getattr(a, "fifo", None), getattr(b, "fifo", None)
-    fifo = fa is not None and fb is not None
+        pa, pb = (table_a[p], table_b[p]) if fifo else (a.port_state(p), b.port_state(p))
+        fields = _fifo_fields(pa, pb) if fifo else []
+        if pa.pms != pb.pms or fields:
+            row: dict[str, Any] = {"port": p, "label": labels.get(p), "a": pa.pms, "b": pb.pms}
+            if fifo:
+                row.update(fields=fields, a_queue=pa.priority, b_queue=pb.priority)
+            out.ports.append(row)
     names = ("evtchn_upcall_pending", "evtchn_upcall_mask") + (
         () if fifo else ("evtchn_pending_sel",))  # FIFO guests do not use the selector
     if fa is not None and fb is not None:
@@ -315,6 +423,17 @@ def compare_states(a: Snapshot, b: Snapshot, label: str,
             y = None if vb is None else getattr(vb, name)
             if x != y:
                 out.vcpus.append({"vcpu": v, "field": name, "a": x, "b": y})
+    return out
+
+
+def _fifo_fields(a: PortState, b: PortState) -> list[str]:
+    """The event-word fields (and the queue the event is reached from) that differ."""
+    pairs = (("PENDING", a.pending, b.pending), ("MASKED", a.masked, b.masked),
+             ("LINKED", a.linked, b.linked), ("BUSY", a.busy, b.busy),
+             ("queue", a.priority, b.priority))
+    out = [name for name, x, y in pairs if x != y]
+    if a.linked and b.linked and a.link != b.link:  # LINK means something only when LINKED
+        out.insert(4, "LINK")
     return out
 
 
@@ -391,27 +510,33 @@ def _open(source: XrrReader | str | os.PathLike[str], stack: ExitStack) -> XrrRe
     return stack.enter_context(XrrReader(source))
 
 
-def _pass(reader: XrrReader, options: ReplayOptions | None) -> tuple[PatternSummary, Any, Any]:
+def _pass(reader: XrrReader, options: ReplayOptions | None
+          ) -> tuple[PatternSummary, Any, Any, RestSummary | None]:
     """One walk of a recording on the delta path: its pattern, its replay, its last hit
-    (a FIFO recording walks its snapshots, judged on the FIFO rules)."""
+    (a FIFO recording walks its snapshots, judged on the FIFO rules, and summarises what
+    it holds at rest)."""
     if reader.header.abi == "fifo":
         from xreplay.replay.fifo_detectors import FifoReplayer
         frep = FifoReplayer(reader.header, options)
         fpat = PatternSummary()
+        rest = RestSummary()
         flast: int | None = None
         for snap in reader.snapshots():
             frep.feed(snap)
-            fpat.feed(snap.index, snap.vcpu, frep.role_of(snap))
+            role = frep.role_of(snap)
+            fpat.feed(snap.index, snap.vcpu, role)
+            if not snap.missing:  # a region not read says nothing about what is held
+                rest.feed(snap, role)
             flast = snap.index
         fpat.finish(flast)
-        return fpat, frep.finish(reader.trailer, reader.problems), flast
+        return fpat, frep.finish(reader.trailer, reader.problems), flast, rest
     rep = Replayer(reader.header, options)
     pat = PatternSummary()
     for hit in reader.deltas():
         role = rep.feed_hit(hit, reader.buffers)
         pat.feed(hit.seq, hit.vcpu, role)
     pat.finish(rep.last)
-    return pat, rep.finish(reader.trailer, reader.problems), rep.last
+    return pat, rep.finish(reader.trailer, reader.problems), rep.last, None
 
 
 def fetch(reader: XrrReader, wanted: Iterable[int]) -> dict[int, Snapshot]:
@@ -434,10 +559,15 @@ def diff_recordings(a: XrrReader | str | os.PathLike[str], b: XrrReader | str | 
     """Stream both recordings once (plus one short pass each to fetch aligned snapshots)."""
     with ExitStack() as stack:
         ra, rb = _open(a, stack), _open(b, stack)
-        pa, fa, la = _pass(ra, options)
-        pb, fb, lb = _pass(rb, options)
+        pa, fa, la, rest_a = _pass(ra, options)
+        pb, fb, lb, rest_b = _pass(rb, options)
         pats = {"a": pa, "b": pb}
         divs = [d for d in (divergence("b", pb, pa), divergence("a", pa, pb)) if d is not None]
+        labels = {**ra.header.labels, **rb.header.labels}
+        rest: list[RestDivergence] = []
+        if rest_a is not None and rest_b is not None:
+            rest = [r for r in (rest_divergence("b", rest_b, rest_a, labels),
+                                rest_divergence("a", rest_a, rest_b, labels)) if r is not None]
         # Aligned points: where both were at the same role, where B (or A) went elsewhere,
         # and the two ends.
         pairs: list[tuple[str, int, int]] = []
@@ -447,6 +577,11 @@ def diff_recordings(a: XrrReader | str | os.PathLike[str], b: XrrReader | str | 
             for label, k in (("same step", 0), ("different step", 1)):
                 x, y = (theirs[k], mine[k]) if d.side == "b" else (mine[k], theirs[k])
                 pairs.append((f"{label} ({d.seen.before if k == 0 else 'next'})", x, y))
+        for r in rest[:1]:  # where one first holds at rest what the other never does
+            if r.other_snapshot is not None:
+                x, y = ((r.other_snapshot, r.snapshot) if r.side == "b"
+                        else (r.snapshot, r.other_snapshot))
+                pairs.append(("at rest (the same block/hang ordinal)", x, y))
         if la is not None and lb is not None:
             pairs.append(("end", la, lb))
         snaps_a = fetch(ra, [p[1] for p in pairs])
@@ -457,15 +592,14 @@ def diff_recordings(a: XrrReader | str | os.PathLike[str], b: XrrReader | str | 
             if (i, j) in seen or i not in snaps_a or j not in snaps_b:
                 continue
             seen.add((i, j))
-            aligned.append(compare_states(snaps_a[i], snaps_b[j], label,
-                                          {**ra.header.labels, **rb.header.labels}))
+            aligned.append(compare_states(snaps_a[i], snaps_b[j], label, labels))
         findings = {k: [{"kind": f.kind, "snapshot": f.snapshot, "severity": f.severity,
                          "vcpu": f.vcpu, "ports": f.ports} for f in r.findings[:50]]
                     for k, r in (("a", fa), ("b", fb))}
         stats = {k: {"file": r.name, "arch": r.header.arch, "snapshots": res.stats["snapshots"],
                      "findings": res.stats["findings"]}
                  for k, r, res in (("a", ra, fa), ("b", rb, fb))}
-        return DiffResult(ra.name, rb.name, divs, pats, aligned, findings, stats)
+        return DiffResult(ra.name, rb.name, divs, pats, aligned, findings, stats, rest)
 
 
 def diff_snapshots(source: XrrReader | str | os.PathLike[str], n: int, m: int,

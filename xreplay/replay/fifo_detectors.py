@@ -188,7 +188,7 @@ class FifoReplayer:
                 "fifo-missed-clear", snap.index, block_snapshot=first, vcpu=v,
                 fields=[f"vcpu_info[{v}].evtchn_upcall_pending", f"control_block[{v}].ready"],
                 message=(f"vCPU {v} blocks with evtchn_upcall_pending=1 and ready queues "
-                         f"{fifo_abi_queues(cb.ready)} from #{first} to #{snap.index} and no "
+                         f"{fifo_abi.ready_queues(cb.ready)} from #{first} to #{snap.index} and no "
                          "upcall ran between: the upcall that should walk those queues was "
                          "consumed without clearing or never taken")))
         else:
@@ -233,11 +233,6 @@ class FifoReplayer:
             "problems": list(problems),
         }
         return ReplayResult(findings, stats)
-
-
-def fifo_abi_queues(ready: int) -> str:
-    return "{" + ",".join(str(q) for q in range(fifo_abi.EVTCHN_FIFO_MAX_QUEUES)
-                          if ready >> q & 1) + "}"
 
 
 def replay_fifo(reader: XrrReader, options: ReplayOptions | None = None) -> ReplayResult:

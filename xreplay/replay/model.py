@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from xreplay.abi import Geometry, iter_bits
 from xreplay.snapshot import Snapshot
-from xreplay.transitions import BitChange, bit_changes
+from xreplay.transitions import BitChange, ValueChange, bit_changes
 
 XEN = "Xen"
 GUEST = "guest"
@@ -251,17 +251,18 @@ class Explanation:
     """One changed bit, who may have changed it (``actor``), through what (``op``), and
     whether the 2-level rules allow it (``legal``); ``note`` says what follows from it."""
 
-    change: BitChange
+    change: BitChange | ValueChange
     actor: str
     op: str
     legal: bool = True
     note: str = ""
+    abi: str = "2-level"  # whose rules ``legal`` is judged by (FIFO: fifo_explain.py)
 
     def describe(self, labels: dict[int, str] | None = None) -> str:
         text = f"{self.change.describe(labels)} by {self.actor} ({self.op})"
         if self.note:
             text += f": {self.note}"
-        return text if self.legal else f"{text} [breaks the 2-level ABI]"
+        return text if self.legal else f"{text} [breaks the {self.abi} ABI]"
 
     def to_json(self) -> dict:
         return {**self.change.to_json(), "actor": self.actor, "op": self.op,

@@ -27,9 +27,17 @@ from xreplay.xrr import format as fmt
 PROBE_ROLES = ("upcall", "bottom-half", "block", "other")
 # fifo_* (FIFO ABI guests, format 1.0 and 2.0 alike: a region kind is header JSON only):
 # one fifo_control_block per vCPU (``vcpu`` set) and one fifo_event_page per event-array
-# page in use (``page`` set).  Readers that predate them refuse the file by kind.
-REGION_KINDS = ("shared_info", "vcpu_info", "watch", "fifo_control_block", "fifo_event_page")
+# page in use (``page`` set), and optionally one fifo_page_count: the guest's own count of
+# the pages it has given Xen (Linux's ``event_array_pages``, a u32) read at every hit, so
+# pages added during the run are read from the hit where they appear and pages declared
+# but not in use yet are not taken for unreadable ones.  Readers that predate them refuse
+# the file by kind.
+REGION_KINDS = ("shared_info", "vcpu_info", "watch", "fifo_control_block", "fifo_event_page",
+                "fifo_page_count")
 FIFO_KINDS = ("fifo_control_block", "fifo_event_page")
+PAGE_COUNT_KIND = "fifo_page_count"
+PAGE_COUNT_REGION = "event_array_pages"
+PAGE_COUNT_SIZE = 4  # unsigned int, as Linux's event_array_pages
 
 
 @dataclass(frozen=True)
@@ -53,11 +61,16 @@ class RegionSpec:
     page: int | None = None  # for fifo_event_page regions: the event-array page index
 
 
-def fifo_regions(vcpus: list[int], pages: int, exprs: dict[str, str]) -> list[RegionSpec]:
-    """A FIFO guest's regions: each vCPU's control block, then the event-array pages in
-    use (``exprs`` maps region names to where the recorder reads them)."""
+def fifo_regions(vcpus: list[int], pages: int, exprs: dict[str, str],
+                 page_count: str | None = None) -> list[RegionSpec]:
+    """A FIFO guest's regions: each vCPU's control block, the page count if the guest
+    keeps one (``page_count``: where it is read), then the event-array pages (``exprs``
+    maps region names to where the recorder reads them). With a page count, ``pages`` is
+    how many pages the header declares (the most the run can follow), not those in use."""
     out = [RegionSpec(f"control_block.{v}", "fifo_control_block", CONTROL_BLOCK_SIZE,
                       exprs.get(f"control_block.{v}", ""), v) for v in sorted(vcpus)]
+    if page_count is not None:
+        out.append(RegionSpec(PAGE_COUNT_REGION, PAGE_COUNT_KIND, PAGE_COUNT_SIZE, page_count))
     out += [RegionSpec(f"event_array.{i}", "fifo_event_page", PAGE_SIZE,
                        exprs.get(f"event_array.{i}", ""), None, i) for i in range(pages)]
     return out
@@ -100,8 +113,10 @@ class RecordingHeader:
         fifo_pages = kw.pop("fifo_pages", 0)
         if fifo_pages:
             regions.extend(fifo_regions(vcpus or [0], fifo_pages,
-                                        kw.pop("fifo_exprs", None) or {}))
+                                        kw.pop("fifo_exprs", None) or {},
+                                        kw.pop("fifo_page_count", None)))
         kw.pop("fifo_exprs", None)
+        kw.pop("fifo_page_count", None)
         regions.extend(watch or [])
         return cls(arch=arch, probes=probes, regions=regions, vcpus=vcpus or [0], **kw)
 
@@ -286,6 +301,9 @@ class _HeaderParser:
             if kind == "fifo_event_page" and size != PAGE_SIZE:
                 raise self.bad(f"FIFO region {name!r} is {size} bytes, not a {PAGE_SIZE}-byte "
                                "event-array page")
+            if kind == PAGE_COUNT_KIND and size != PAGE_COUNT_SIZE:
+                raise self.bad(f"FIFO region {name!r} is {size} bytes, not a "
+                               f"{PAGE_COUNT_SIZE}-byte page count")
             if kind == "fifo_control_block" and size < CONTROL_BLOCK_SIZE:
                 raise self.bad(f"FIFO region {name!r} is {size} bytes, smaller than struct "
                                f"evtchn_fifo_control_block ({CONTROL_BLOCK_SIZE})")
@@ -293,6 +311,11 @@ class _HeaderParser:
             regions.append(RegionSpec(name, kind, size, expr, vcpu, page))
         if sum(r.kind == "shared_info" for r in regions) != 1:
             raise self.bad("must declare exactly one shared_info region")
+        if sum(r.kind == PAGE_COUNT_KIND for r in regions) > 1:
+            raise self.bad(f"declares more than one {PAGE_COUNT_KIND} region")
+        if any(r.kind == PAGE_COUNT_KIND for r in regions) and not any(
+                r.kind == "fifo_event_page" for r in regions):
+            raise self.bad(f"declares a {PAGE_COUNT_KIND} region but no fifo_event_page")
         return regions
 
 

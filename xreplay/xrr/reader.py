@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 
 from construct import ConstructError
 
+from xreplay.abi.fifo import MAX_EVENT_ARRAY_PAGES
 from xreplay.errors import RecordingFormatError, UsageError, XReplayError
 from xreplay.snapshot import FifoState, Snapshot, SnapshotDecoder, VcpuState
 from xreplay.xrr import format as fmt
@@ -33,7 +34,12 @@ from xreplay.xrr.deltas import (
     decode_snapshot_v1,
     snapshot_prefix_v1,
 )
-from xreplay.xrr.header import RecordingHeader, parse_json_object
+from xreplay.xrr.header import (
+    PAGE_COUNT_KIND,
+    PAGE_COUNT_SIZE,
+    RecordingHeader,
+    parse_json_object,
+)
 
 _CHUNK = 1 << 18  # bytes read at a time
 # Plain ints: IntFlag arithmetic runs in Python, per snapshot.
@@ -125,6 +131,8 @@ class XrrReader:
         self._probe_names = [p.name for p in self.header.probes]
         self._sizes = [r.size for r in self.header.regions]
         self._vcpu_plan = self._plan_vcpus()
+        self._page_count_index = next((i for i, r in enumerate(self.header.regions)
+                                       if r.kind == PAGE_COUNT_KIND), None)
 
     # -- header ---------------------------------------------------------------------
 
@@ -431,6 +439,7 @@ class XrrReader:
                   else decode_snapshot_v1)
         reset = start > 0
         never = (1 << len(sizes)) - 1  # regions not read so far
+        gated = self._page_count_index is not None
         for pos, kind, buf, i, end in self._frames(begin, index):
             if kind != _KIND_SNAPSHOT:
                 continue  # notes are indexed by _frames; unknown kinds (newer minors) skipped
@@ -448,6 +457,8 @@ class XrrReader:
             if never and hit.touched & never:
                 never &= ~hit.touched
             hit.missing = hit.unread | never
+            if gated and hit.missing:
+                hit.missing &= ~self._not_in_use(bufs, hit.missing)
             if hit.seq >= start:
                 hit.offset = pos
                 if reset:
@@ -523,7 +534,11 @@ class XrrReader:
         missing: list[str] = []
         fifo_pages: dict[int, bytes] = {}
         fifo_blocks: dict[int, bytes] = {}
+        in_use = self._pages_in_use(rec)
         for i, (spec, data) in enumerate(zip(h.regions, rec.regions, strict=True)):
+            if in_use is not None and spec.kind == "fifo_event_page" and (
+                    spec.page is None or spec.page >= in_use):
+                continue  # not given to Xen yet at this hit: no port lives there
             if data is None or rec.unread >> i & 1:
                 missing.append(spec.name)
                 continue
@@ -535,6 +550,11 @@ class XrrReader:
                 fifo_blocks[spec.vcpu] = data
             elif spec.kind == "watch":
                 watch[spec.name] = data
+        if in_use is not None:
+            # pages in use past those the header declares were not recorded: their ports
+            # are unknown, not absent
+            declared = {r.page for r in h.regions if r.kind == "fifo_event_page"}
+            missing += [f"event_array.{p}" for p in range(in_use) if p not in declared]
         pending = mask = 0
         fifo = None
         if h.abi == "fifo":  # PENDING/MASKED live in the event words, not shared_info
@@ -570,6 +590,34 @@ class XrrReader:
                         pc=rec.pc, flags=rec.regflags, evtchn_pending=pending,
                         evtchn_mask=mask, vcpus=vcpus, hang=rec.hang, watch=watch,
                         labels=h.labels, notify=h.notify, missing=tuple(missing), fifo=fifo)
+
+    def _not_in_use(self, bufs: list[bytearray | None], missing: int) -> int:
+        """Bits of the event-array pages the guest's page count (read at this hit: not in
+        ``missing``) says are not in use: not read because they do not exist yet."""
+        i = self._page_count_index
+        assert i is not None
+        raw = bufs[i]
+        if raw is None or missing >> i & 1:
+            return 0
+        n = int.from_bytes(raw[:PAGE_COUNT_SIZE], "little")
+        out = 0
+        for j, r in enumerate(self.header.regions):
+            if r.kind == "fifo_event_page" and (r.page is None or r.page >= n):
+                out |= 1 << j
+        return out
+
+    def _pages_in_use(self, rec: Record) -> int | None:
+        """The event-array pages in use at ``rec`` by the guest's own count (a
+        ``fifo_page_count`` region), or None: no count recorded (every declared page is
+        in use), or the count was not read at this hit (then every page is judged by
+        whether it was read, and a missing count makes the snapshot incomplete anyway)."""
+        i = self._page_count_index
+        if i is None:
+            return None
+        raw = rec.regions[i]
+        if raw is None or rec.unread >> i & 1:
+            return None
+        return min(int.from_bytes(raw[:PAGE_COUNT_SIZE], "little"), MAX_EVENT_ARRAY_PAGES)
 
     def snapshot_of_hit(self, hit: Hit) -> Snapshot:
         """The full :class:`Snapshot` at ``hit``, from :attr:`buffers` as they are now (call

@@ -24,7 +24,9 @@
  *                      is left pending, unmasked, without selector bit: deaf
  *   ffs-off-by-one     the bottom half's "find next port" uses libc's 1-based
  *                      ffs() as a 0-based index: see demux_word_ffs_bug()
- *   fifo               the FIFO ABI (Linux's events_fifo.c consumption), correct
+ *   fifo               the FIFO ABI (Linux's events_fifo.c consumption), correct;
+ *                      half way through it binds port 1100, which needs a second
+ *                      event-array page (expand_array), and Xen raises it once
  *   fifo-lost-link     the FIFO ABI with clear_linked() as a plain read and store:
  *                      a LINK Xen sets between the two is wiped, and the queue's
  *                      events behind it are never seen (see fifo_clear_linked())
@@ -285,7 +287,7 @@ static bool fifo_consume_one(unsigned q, uint32_t *ready)
 	if (head == 0)
 		head = READ_ONCE(lab_control_block.head[q]);
 	port = head;
-	if (port == 0 || port >= LAB_FIFO_WORDS) { /* nothing there: the bit was stale */
+	if (port == 0 || port >= hv_fifo_ports()) { /* nothing there: the bit was stale */
 		*ready &= ~(1u << q);
 		lab_fifo_queue_head[q] = 0;
 		return false;
@@ -296,13 +298,35 @@ static bool fifo_consume_one(unsigned q, uint32_t *ready)
 	w = __atomic_load_n(&lab_event_array[port], __ATOMIC_SEQ_CST);
 	if ((w & LAB_FIFO_PENDING) && !(w & LAB_FIFO_MASKED)) {
 		/* as the 2-level bottom half: mark, mask, clear (EVTCHNOP_unmask later) */
-		evtchn_callback_ml[port] = 1;
+		if (port < LAB_NR_PORTS) /* the shadow has the 2-level ports only */
+			evtchn_callback_ml[port] = 1;
 		__atomic_fetch_or(&lab_event_array[port], LAB_FIFO_MASKED, __ATOMIC_SEQ_CST);
 		__atomic_fetch_and(&lab_event_array[port], ~LAB_FIFO_PENDING, __ATOMIC_SEQ_CST);
 		marked = true;
 	}
 	lab_fifo_queue_head[q] = head;
 	return marked;
+}
+
+/*
+ * evtchn_fifo_setup() -> expand_array(): a port past the pages in use needs a new page,
+ * every word MASKED, handed to Xen (EVTCHNOP_expand_array: here, the pointer and then the
+ * count), before the port is bound and unmasked.
+ */
+static void fifo_bind_high_port(void)
+{
+	uint32_t page = LAB_PORT_HIGH / LAB_FIFO_WORDS;
+
+	while (lab_event_array_pages <= page && lab_event_array_pages < LAB_FIFO_MAX_PAGES) {
+		uint32_t *words = &lab_event_array[lab_event_array_pages * LAB_FIFO_WORDS];
+
+		for (unsigned p = 0; p < LAB_FIFO_WORDS; p++)
+			words[p] = LAB_FIFO_MASKED;
+		lab_event_pages[lab_event_array_pages] = words;
+		__atomic_store_n(&lab_event_array_pages, lab_event_array_pages + 1, __ATOMIC_SEQ_CST);
+	}
+	evtchn_unmask(LAB_PORT_HIGH);
+	hv_fifo_bind_notify(LAB_PORT_HIGH);
 }
 
 /* __evtchn_fifo_handle_events(): take ready with xchg, consume every ready queue. */
@@ -532,12 +556,19 @@ void lab_main(const char *cmdline)
 		s->evtchn_mask[w] = ~(lab_ulong_t)0;
 	for (unsigned p = 0; p < LAB_FIFO_WORDS; p++) /* FIFO: Linux masks every event too */
 		lab_event_array[p] = LAB_FIFO_MASKED;
+	lab_event_pages[0] = lab_event_array; /* EVTCHNOP_init_control: the first page */
+	lab_event_array_pages = 1;
 	hv_init(lab_seed, lab_events);
 	for (unsigned i = 0; i < LAB_NLISTEN; i++)
 		evtchn_unmask(lab_listen_ports[i]);
 
 	plat_sti(); /* the main loop runs with interrupts on, like OCaml code */
+	bool grown = lab_variant != LAB_FIFO; /* only the correct FIFO variant grows */
 	for (;;) {
+		if (!grown && lab_handled() >= lab_events / 2) {
+			fifo_bind_high_port();
+			grown = true;
+		}
 		if (evtchn_demux_pending()) {
 			hv_spend(LAB_DISPATCH_COST);
 			lab_run_handlers();

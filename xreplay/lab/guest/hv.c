@@ -74,7 +74,10 @@ static uint32_t hv_races, hv_race_hit;
 static uint32_t hv_fifo_tail[LAB_FIFO_MAX_QUEUES]; /* Xen's own, not in the guest's view */
 
 /* The FIFO ABI's shared memory (EVTCHNOP_init_control / EVTCHNOP_expand_array). */
-LAB_DATA uint32_t lab_event_array[LAB_FIFO_WORDS] __attribute__((aligned(4096)));
+LAB_DATA uint32_t lab_event_array[LAB_FIFO_MAX_PAGES * LAB_FIFO_WORDS]
+	__attribute__((aligned(4096)));
+LAB_DATA uint32_t *lab_event_pages[LAB_FIFO_MAX_PAGES]; /* Linux's event_array[] */
+LAB_DATA uint32_t lab_event_array_pages;                /* Linux's event_array_pages */
 LAB_DATA struct lab_fifo_control_block lab_control_block __attribute__((aligned(64)));
 
 /* Backend ring producers (a guest handler consumes up to these). */
@@ -157,8 +160,16 @@ static void fifo_link(uint32_t port)
 		vcpu_mark_events_pending();
 }
 
+/* Xen has no event word for a port past the pages the guest gave it (expand_array). */
+uint32_t hv_fifo_ports(void)
+{
+	return READ_ONCE(lab_event_array_pages) * LAB_FIFO_WORDS;
+}
+
 static void hv_fifo_set_pending(uint32_t port)
 {
+	if (port >= hv_fifo_ports())
+		return;
 	uint32_t was = __atomic_fetch_or(&lab_event_array[port], LAB_FIFO_PENDING,
 					 __ATOMIC_SEQ_CST);
 
@@ -194,7 +205,7 @@ LAB_PROBE void evtchn_unmask(uint32_t port)
 	unsigned w = port / LAB_BPW, bit = port % LAB_BPW;
 
 	if (LAB_IS_FIFO) { /* evtchn_fifo_unmask(): clear MASKED, relink if PENDING */
-		if (port >= LAB_FIFO_WORDS)
+		if (port >= hv_fifo_ports())
 			return;
 		__atomic_fetch_and(&lab_event_array[port], ~LAB_FIFO_MASKED, __ATOMIC_SEQ_CST);
 		if (__atomic_load_n(&lab_event_array[port], __ATOMIC_SEQ_CST) & LAB_FIFO_PENDING)
@@ -219,6 +230,12 @@ static void hv_stop_main_sources(uint64_t now)
 		t->burst_left = hv_tail_quota;
 		t->next = now + 50 + rnd(t, 200);
 	}
+}
+
+/* A backend's first notify on a port the guest just bound (evtchn_fifo_set_pending). */
+void hv_fifo_bind_notify(uint32_t port)
+{
+	hv_fifo_set_pending(port);
 }
 
 /* One backend event at hv_vtime: produce an item, notify, plan the next. */

@@ -74,6 +74,11 @@ enum lab_variant {
 #define LAB_FIFO_LINK_MASK ((1u << 17) - 1)
 #define LAB_FIFO_MAX_QUEUES 16u
 #define LAB_FIFO_WORDS 1024u /* PAGE_SIZE / sizeof(event_word_t) */
+/* The event array grows a page at a time, as Linux's (evtchn_fifo_setup -> expand_array):
+ * lab_event_pages[] are the page pointers, lab_event_array_pages how many are in use. The
+ * fifo variant binds LAB_PORT_HIGH, on the second page, half way through its events. */
+#define LAB_FIFO_MAX_PAGES 2u
+#define LAB_PORT_HIGH 1100u
 #define LAB_FIFO_PRIO_TIMER 0u /* Linux raises VIRQ_TIMER to XEN_IRQ_PRIORITY_MAX */
 #define LAB_FIFO_PRIO_DEFAULT 7u
 struct lab_fifo_control_block {
@@ -81,7 +86,9 @@ struct lab_fifo_control_block {
 	uint32_t _rsvd;
 	uint32_t head[LAB_FIFO_MAX_QUEUES];
 };
-extern uint32_t lab_event_array[LAB_FIFO_WORDS];
+extern uint32_t lab_event_array[LAB_FIFO_MAX_PAGES * LAB_FIFO_WORDS];
+extern uint32_t *lab_event_pages[LAB_FIFO_MAX_PAGES];
+extern uint32_t lab_event_array_pages;
 extern struct lab_fifo_control_block lab_control_block;
 
 /* Symbols a debugger uses: keep them global, out of line and never cloned. */
@@ -137,6 +144,8 @@ void hv_spend(uint32_t ticks);
 void hv_window(void);
 bool hv_vcpu_block(void);
 void hv_race(void); /* FIFO: Xen runs between the guest's read and write of a word */
+uint32_t hv_fifo_ports(void); /* FIFO: ports with an event word (the pages in use) */
+void hv_fifo_bind_notify(uint32_t port); /* FIFO: a backend's first notify on a new port */
 uint64_t hv_now(void);
 
 /* ---- lab console / entry (guest.c) ---- */

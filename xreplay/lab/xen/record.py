@@ -188,7 +188,8 @@ def _gdbsx_record_options(lab: Lab, output: Path, domain: str, vcpus: list[int],
     if domain != "domu":
         raise XReplayError("gdbsx attaches to the domU only; record dom0 through QEMU's "
                            "stub (--stub qemu)")
-    facts = inspect_guest(start_gdbsx(lab), syms, None, vcpus, machine_addresses=False)
+    facts = inspect_guest(start_gdbsx(lab), syms, None, vcpus, machine_addresses=False,
+                          require_2level=False)
     own = install_own_gdbsx(lab)
     target = start_gdbsx(lab)  # the check's gdbsx exited when its gdb detached
     options = RecordOptions(output=Path(output), target=target, count=count,
