@@ -90,7 +90,9 @@ def test_the_pvh_domu_is_recorded_with_its_timer_cycle(recorded: Recorded) -> No
     assert recorded.result.reason == "count" and len(snaps) == COUNT
     assert header.vcpus == VCPUS and header.target["kind"] == "gdbsx"
     assert_both_vcpus_hit_with_live_copies(snaps)
-    assert_upcalls_see_their_own_upcall_pending(snaps)
+    # each stop through gdbsx lasts ~0.1 s, long enough for the other vCPU's own upcall
+    # to be waiting at most of them (0.71 measured): only "less often than its own"
+    assert_upcalls_see_their_own_upcall_pending(snaps, theirs_at_most=None)
     assert_timers_pend_in_their_own_selector(header, snaps)
     timers = [p for p, name in header.labels.items() if name == "VIRQ_TIMER"]
     assert len(timers) == len(VCPUS)  # one per vCPU
