@@ -7,11 +7,13 @@ and a raw remote-protocol client (:mod:`benchmarks.rsp_client`), each through th
 project's gdbsx (``patches/gdbsx-fast.patch``) and through Debian's. One gdbsx is started
 per run (it serves one connection). Ratios are xreplay/raw on the same gdbsx.
 
-The idle domU takes only so many upcalls per second, so a rate here is the smaller of
-the guest's event rate and what the stub allows; the raw client shows that ceiling.
-Uses the gdbsx lab in ``$XREPLAY_LAB_DIR`` when one runs there (``xreplay lab up --stub
-gdbsx``); with ``XREPLAY_GDBSX_BENCH_BOOT=1`` boots a PV one (about 1-2 minutes) and stops
-it by PID afterwards; else it is skipped, saying so (``make bench`` does not boot Xen).
+An idle domU takes only ~10-15 upcalls per second, so a rate there is the smaller of the
+guest's event rate and what the stub allows; ``lab up --domu-busy`` gives the domU a
+4 ms sleep loop (a timer upcall every few ms), so the stub is what limits. The raw
+client shows that ceiling. Uses the gdbsx lab in ``$XREPLAY_LAB_DIR`` when one runs there
+(``xreplay lab up --stub gdbsx [--domu-busy]``); with ``XREPLAY_GDBSX_BENCH_BOOT=1`` boots a
+busy PV one (about 1-2 minutes) and stops it by PID afterwards; else it is skipped, saying
+so (``make bench`` does not boot Xen).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _lab():  # -> tuple[Lab, bool]: the lab and whether we started it
     if not os.environ.get("XREPLAY_GDBSX_BENCH_BOOT"):
         return None, False
     lab = Lab(Path(tempfile.mkdtemp(prefix="gdbsx-bench-")), domu="pv", stub="gdbsx",
-              progress=lambda m: _log(f"  lab: {m}"))
+              domu_busy=True, progress=lambda m: _log(f"  lab: {m}"))
     lab.start()
     return lab, True
 
@@ -178,7 +180,8 @@ def main(args: BenchArgs) -> bool:
                 Method(f"raw RSP ({label} gdbsx)", f"raw-{tag}", hits,
                        lambda h, b=binary: run_raw(lab, b, h)),
             ]
-        _log(f"gdbsx benchmark on the lab in {lab.run_dir} (PV domU {lab.domid}), "
+        busy = "busy" if lab.state is not None and lab.state.domu_busy else "idle"
+        _log(f"gdbsx benchmark on the lab in {lab.run_dir} ({busy} PV domU {lab.domid}), "
              f"{hits} hits per run, {args.runs} runs, load {os.getloadavg()[0]:.1f}")
         run_interleaved(methods, args.runs, _log)
         for base in ("raw RSP (project's gdbsx)", "raw RSP (Debian's gdbsx)"):

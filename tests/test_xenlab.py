@@ -60,6 +60,9 @@ def test_qemu_command_uses_given_ports_not_1234(tmp_path: Path) -> None:
     assert "-gdb tcp:127.0.0.1:40001" in cmd and "hostfwd=tcp:127.0.0.1:40002-:7000" in cmd
     assert "smap=0" in cmd and "xen.fifo_events=0" in cmd and ":1234" not in cmd
     assert is_dom0(0x30B) and not is_dom0(0x8) and SIF_INITDOMAIN == 2
+    assert "xreplay.domu_busy" not in cmd
+    busy = " ".join(Lab(tmp_path, domu_busy=True).qemu_command(40001, 40002))
+    assert "xreplay.domu_busy=1" in busy  # dom0_init.sh adds xreplay.busy=1 to the domU's
 
 
 # ---------------------------------------------------------------- the booted lab

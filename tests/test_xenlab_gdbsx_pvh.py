@@ -4,11 +4,11 @@ Why: QEMU's whole-machine stub cannot read a PVH guest's memory under TCG's nest
 paging, so PVH can only be recorded through gdbsx (which reads through Xen). PVH Linux
 takes its upcall through the HVM callback vector (sysvec_xen_hvm_callback ->
 xen_evtchn_do_upcall on this kernel), demuxes in evtchn_2l_handle_events, idles in
-native_safe_halt, and registers its own vcpu_info per vCPU as PV does. The saved 2-vCPU
-recording is checked with the SMP PV module's per-vCPU assertions; the booted lab has
-one vCPU, because 2-vCPU PVH recordings through gdbsx stalled in 3 of 4 runs (dom0
-unresponsive too; README, Limits). One boot, one recording, the cross-check against
-Xen's 'e' and 'q', and the domU running on afterwards.
+native_safe_halt, and registers its own vcpu_info per vCPU as PV does. The saved and the
+booted lab's recordings are of a 2-vCPU domU, checked with the SMP PV module's per-vCPU
+assertions (the gdbsx lab boots Xen with the credit scheduler: under credit2 these
+recordings stalled, see ``Lab.__init__``). One boot, one recording, the cross-check
+against Xen's 'e' and 'q', and the domU running on afterwards.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def test_the_saved_pvh_recording_through_gdbsx_keeps_its_per_vcpu_facts() -> Non
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory):
-    yield from boot_gdbsx_lab(tmp_path_factory, "xenlab-gdbsx-pvh", domu="pvh")
+    yield from boot_gdbsx_lab(tmp_path_factory, "xenlab-gdbsx-pvh", domu="pvh",
+                              domu_vcpus=len(VCPUS))
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,8 @@ def test_the_pvh_profile_probes_the_hvm_paths(lab: Lab, recorded: Recorded) -> N
     assert header.delivery == {"mechanism": "callback-vector", "vector": HVM_CALLBACK_VECTOR,
                                "block": "hlt"}
     # per-cpu vcpu_info registered by the guest, not shared_info's copy
-    assert facts.vcpu_info_va.keys() == {0}
-    assert facts.vcpu_info_va[0] != facts.shared_info_va
+    assert facts.vcpu_info_va.keys() == set(VCPUS)
+    assert all(va != facts.shared_info_va for va in facts.vcpu_info_va.values())
     assert facts.shared_info_va >= 0xFFFF_8880_0000_0000  # a guest page, not a fixmap
 
 
@@ -87,19 +88,21 @@ def test_the_pvh_profile_probes_the_hvm_paths(lab: Lab, recorded: Recorded) -> N
 def test_the_pvh_domu_is_recorded_with_its_timer_cycle(recorded: Recorded) -> None:
     snaps, header = recorded.snaps, recorded.header
     assert recorded.result.reason == "count" and len(snaps) == COUNT
-    assert header.vcpus == [0] and header.target["kind"] == "gdbsx"
-    assert {s.vcpu for s in snaps} == {0}
-    assert all(s.vcpus[0].source == "registered" for s in snaps)
-    (timer,) = [p for p, name in header.labels.items() if name == "VIRQ_TIMER"]
-    rises = [b for a, b in zip(snaps, snaps[1:], strict=False)
-             if not a.is_pending(timer) and b.is_pending(timer)]
-    assert len(rises) >= 10, len(rises)
-    ups = [s for s in snaps if s.probe == "upcall"]
-    assert len(ups) >= 20 and sum(s.vcpus[0].evtchn_upcall_pending == 1
-                                  for s in ups) / len(ups) >= 0.9
+    assert header.vcpus == VCPUS and header.target["kind"] == "gdbsx"
+    assert_both_vcpus_hit_with_live_copies(snaps)
+    # each stop through gdbsx lasts ~0.1 s, long enough for the other vCPU's own upcall
+    # to be waiting at most of them (0.71 measured): only "less often than its own"
+    assert_upcalls_see_their_own_upcall_pending(snaps, theirs_at_most=None)
+    assert_timers_pend_in_their_own_selector(header, snaps)
+    timers = [p for p, name in header.labels.items() if name == "VIRQ_TIMER"]
+    assert len(timers) == len(VCPUS)  # one per vCPU
+    for timer in timers:
+        rises = [b for a, b in zip(snaps, snaps[1:], strict=False)
+                 if not a.is_pending(timer) and b.is_pending(timer)]
+        assert len(rises) >= 5, (timer, len(rises))
     handled = [s for s in snaps if s.probe == "xen_timer_interrupt"]
     assert len(handled) >= 20
-    assert sum(not s.is_pending(timer) for s in handled) / len(handled) >= 0.9
+    assert recorded.result.duplicates == 0  # no hit reported twice (gdbsx-fast.patch 4.)
     errors = [f for f in replay(recorded.path).findings if f.severity == "error"]
     assert not errors, [f.message for f in errors]
 
@@ -111,7 +114,7 @@ def test_paused_pvh_domu_agrees_with_xen_and_its_shared_info_copy_is_stale(
                         progress=print)
     print(check.report())
     assert check.agrees, check.report()
-    assert check.xen_vcpus.keys() == {0} and check.snapshot.vcpus.keys() == {0}
+    assert check.xen_vcpus.keys() == set(VCPUS) and check.snapshot.vcpus.keys() == set(VCPUS)
     assert {p.port: p.notify_vcpu for p in check.dump.ports} == recorded.header.notify
     # PVH Linux registered its own vcpu_info: the copy inside shared_info is not updated
     live = check.snapshot.vcpus
@@ -119,5 +122,5 @@ def test_paused_pvh_domu_agrees_with_xen_and_its_shared_info_copy_is_stale(
                or check.stale_vcpu_info[v].evtchn_upcall_pending
                != live[v].evtchn_upcall_pending for v in live)
     with XrrReader(tmp_path / "paused.xrr") as reader:
-        assert reader.header.vcpus == [0]
+        assert reader.header.vcpus == VCPUS
     assert_runs_on(lab)

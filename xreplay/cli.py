@@ -359,6 +359,11 @@ def _print_record_result(r: Any) -> None:
     if r.filter_errors:
         click.echo(f"xreplay: warning: gdb could not evaluate --filter at {r.filter_errors} "
                    "hits (counted as other domains')", err=True)
+    if r.unstable_reads:
+        click.echo(f"xreplay: warning: at {r.unstable_reads} hits the regions kept changing "
+                   "between read passes (Xen delivering events while gdbsx held the domain): "
+                   "those snapshots may mix two moments; a finding there wants a second "
+                   "recording", err=True)
     if r.hang_snapshot is not None:
         click.echo(f"hang snapshot: #{r.hang_snapshot} (xreplay show {r.output} --at "
                    f"{r.hang_snapshot})")

@@ -42,6 +42,8 @@ wire = _load_wire()
 FLUSH_INTERVAL = 0.02  # s
 _ADDRESS_OF = re.compile(r"^\s*&\s*[A-Za-z_]\w*\s*$")
 FLUSH_COUNT = 64
+#: passes after the first that ``stable_reads`` tries before it keeps the last one
+STABLE_READ_TRIES = 4
 FLUSH_BYTES = 1 << 18
 
 _agent = None
@@ -181,6 +183,8 @@ class Agent:
         self.filter_errors = 0
         self.count_limit = config.get("count") or 0
         self.dedupe = bool(config.get("dedupe"))
+        self.stable_reads = bool(config.get("stable_reads"))
+        self.unstable_reads = 0  # hits whose regions changed under every pair of passes
         self.filter_expr = config.get("filter")
         self.vcpu_expr = config.get("vcpu_expr")
         self.guest_time = bool(config.get("guest_time"))
@@ -323,6 +327,21 @@ class Agent:
             return None
 
     def read_regions(self):
+        """The regions at this hit. With ``stable_reads`` (a stub that pauses only the
+        domain while Xen runs on: gdbsx) they are read again until two passes agree, so
+        a snapshot is one moment of Xen's writes, not two halves of an event delivery."""
+        out = self.read_regions_once()
+        if not self.stable_reads:
+            return out
+        for _ in range(STABLE_READ_TRIES):
+            again = self.read_regions_once()
+            if again == out:
+                return out
+            out = again
+        self.unstable_reads += 1
+        return out
+
+    def read_regions_once(self):
         out = []
         for r in self.regions:
             if r.gate is not None and not self.page_in_use(out, r.gate):
@@ -414,7 +433,8 @@ class Agent:
                 p.delete()
         self.probes = []
         self.send_json({"event": "finish", "hits": self.hits, "duplicates": self.duplicates,
-                        "foreign": self.foreign, "filter_errors": self.filter_errors})
+                        "foreign": self.foreign, "filter_errors": self.filter_errors,
+                        "unstable_reads": self.unstable_reads})
         self.done.set()
         with self.lock:
             self.sock.close()

@@ -70,6 +70,10 @@ def adapt_options(options: Any, own_build: bool = False) -> Any:
     """
     options.filter = None
     options.dedupe = True
+    # gdbsx pauses the domain, not Xen: an event delivered between the read of the
+    # control block (or vcpu_info) and the event words would give a state no moment had
+    # (measured: a FIFO head LINKED with its ready bit clear, at a block hit)
+    options.stable_reads = True
     options.vcpu_expr = VCPU_EXPR
     options.gdb_arch = options.gdb_arch or GDB_ARCH
     options.extra_gdb_commands = [*options.extra_gdb_commands,

@@ -74,6 +74,9 @@ class RecordOptions:
     gdb: str = "gdb"
     gdb_arch: str | None = None  # None: what the stub needs (QEMU x86: i386:x86-64)
     dedupe: bool | None = None  # drop exact repeats; None: on where the stub needs it (QEMU)
+    #: read every region until two passes agree: for stubs that pause only the domain
+    #: (gdbsx), while Xen itself runs on and may deliver an event between two reads
+    stable_reads: bool = False
     filter: str | None = None  # gdb expression: record only hits where it is true
     target_kind: str | None = None  # None: identified from the stub's answers
     description: str = ""
@@ -152,6 +155,8 @@ class RecordResult:
     stub: str | None = None
     arch: str | None = None
     filter_errors: int = 0
+    #: hits whose regions still changed between passes after the retries (stable_reads)
+    unstable_reads: int = 0
     hit_loop: str = "agent"  # who recorded: "agent" or a description of the direct loop
     hit_loop_why: str | None = None  # why the agent recorded when the direct loop was allowed
     packets: int | None = None  # remote-protocol packets sent during the run, when counted

@@ -326,6 +326,7 @@ class Recorder:
             "flags_register": flags_register(self.arch),
             "count": o.count or 0,
             "dedupe": dedupe,
+            "stable_reads": o.stable_reads,
             "filter": o.filter,
             "vcpu_expr": o.vcpu_expr,
             "direct": self.proxy is not None,
@@ -545,6 +546,7 @@ class Recorder:
             stub=str(self.stub.kind), arch=self.arch,
             filter_errors=stats.get("filter_errors", 0), hit_loop=self.hit_loop,
             hit_loop_why=self._agent_why if self.hit_loop == "agent" else None,
+            unstable_reads=stats.get("unstable_reads", 0),
             packets=self._packets)
 
     def _stop_condition(self, t0: float) -> EndReason | None:
@@ -755,7 +757,8 @@ class Recorder:
             if reason is not EndReason.TARGET_LOST:
                 raise
         fin = ch.wait_json("finish", 5) or {}
-        return {k: fin[k] for k in ("duplicates", "foreign", "filter_errors") if fin.get(k)}
+        return {k: fin[k] for k in ("duplicates", "foreign", "filter_errors", "unstable_reads")
+                if fin.get(k)}
 
     def _detach_or_kill(self, reason: EndReason, _running: bool) -> None:
         g = self.gdb

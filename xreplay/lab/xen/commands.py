@@ -104,6 +104,9 @@ def setup_cmd(cache_dir: Path | None, refresh: bool, no_install: bool, stub: str
 @click.option("--stub", type=click.Choice(STUB_KINDS), default="qemu", show_default=True,
               help="gdbsx: boot Xen built with CONFIG_GDBSX (built and cached on first use) "
               "and forward a host port to gdbsx in dom0; QEMU's stub stays available.")
+@click.option("--domu-busy", is_flag=True,
+              help="The domU spins a busy loop, so its tick (a timer VIRQ per 1/HZ s) never "
+                   "stops: a steady event rate for measuring a stub.")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Boot timeout (s).")
 @click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C stops the lab.")
 @click.option("--json", "as_json", is_flag=True, help="Print the lab state as JSON.")
@@ -114,6 +117,7 @@ def up_cmd(
     domu_vcpus: int,
     evtchn: str,
     stub: str,
+    domu_busy: bool,
     timeout: float,
     foreground: bool,
     as_json: bool,
@@ -121,7 +125,8 @@ def up_cmd(
     """Boot the lab and leave it running; print the gdb address, symbol map and PID."""
     stage_setup(cache_dir, install_tools=False, progress=_say)
     the_lab = Lab(run_dir, cache_dir=cache_dir, domu=domu, domu_vcpus=domu_vcpus,
-                  evtchn=evtchn, boot_timeout=timeout, progress=_say, stub=stub)
+                  evtchn=evtchn, boot_timeout=timeout, progress=_say, stub=stub,
+                  domu_busy=domu_busy)
     the_lab.start()
     st = the_lab.state
     assert st is not None
@@ -161,7 +166,8 @@ def _print_state(st: LabState) -> None:
         ("symbol map", st.symbol_map or "-"),
         ("QEMU pid", f"{st.pid}  (stop: {down}, or kill {st.pid})"),
         ("domU", f"domid {st.domid} ({st.domu}, {st.domu_vcpus} vCPU"
-                 f"{'s' if st.domu_vcpus > 1 else ''}, {st.domu_evtchn} event channels)"
+                 f"{'s' if st.domu_vcpus > 1 else ''}, {st.domu_evtchn} event channels"
+                 f"{', busy' if st.domu_busy else ''})"
                  if st.domid is not None else st.domu),
         ("dom0 shell", "xreplay lab exec 'xl list'  (needs the machine running, not in gdb)"),
         ("serial log", st.serial_log),

@@ -28,15 +28,21 @@ echo "XREPLAY-DOM0-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
 DOMU=pv
 VCPUS=1
 CFG=
+BUSY=
 for a in $(cat /proc/cmdline); do
   case $a in
     xreplay.domu=*) DOMU=${a#xreplay.domu=};;
     xreplay.domu_evtchn=fifo) CFG=-fifo;;
     xreplay.domu_vcpus=*) VCPUS=${a#xreplay.domu_vcpus=};;
+    xreplay.domu_busy=1) BUSY=1;;
   esac
 done
 if [ "$DOMU" != none ]; then
-  out=$(xl create "/domu/$DOMU$CFG.cfg" "vcpus=$VCPUS" 2>&1); rc=$?
+  set -- "vcpus=$VCPUS"
+  if [ -n "$BUSY" ]; then  # xreplay.domu_busy=1: the cfg's extra= plus xreplay.busy=1
+    set -- "$@" "extra=\"$(sed -n 's/^extra = "\(.*\)"$/\1/p' "/domu/$DOMU$CFG.cfg") xreplay.busy=1\""
+  fi
+  out=$(xl create "/domu/$DOMU$CFG.cfg" "$@" 2>&1); rc=$?
   echo "$out"
   domid=$(xl domid domu 2>/dev/null)
   if [ $rc -ne 0 ] || [ -z "$domid" ]; then

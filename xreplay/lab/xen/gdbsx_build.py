@@ -4,8 +4,10 @@ Why: Debian's gdbsx costs ~90 ms per breakpoint hit in the lab. Its ``c`` and ``
 for the domain to pause by sleeping 10 ms after every check (``_wait_domain_pause`` in
 ``xg/xg_main.c``), it announces no PacketSize (so gdb reads a 4 KiB shared_info in many
 small ``m`` packets) and it answers no ``Z0`` (so gdb reads and writes the instruction
-bytes itself around every stop). ``patches/gdbsx-fast.patch`` changes exactly those three
-things; everything else is Debian's code. Debian's ``/usr/sbin/gdbsx`` stays in dom0 as the
+bytes itself around every stop). On an SMP domain a step or continue after two vCPUs hit at
+once does not run the domain (Xen's debugger pause count is 2; gdbsx unpauses once).
+``patches/gdbsx-fast.patch`` changes exactly those four things; everything else is
+Debian's code. Debian's ``/usr/sbin/gdbsx`` stays in dom0 as the
 tested fallback (``start_gdbsx(binary=...)``).
 
 Built with the host's gcc against the stage's Xen headers (libxen-dev, the same 4.17

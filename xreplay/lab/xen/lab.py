@@ -46,6 +46,8 @@ DOMU_KINDS = ("pv", "pvh", "none")
 #: per-domain gdbsx in dom0 (needs the hypervisor rebuilt with CONFIG_GDBSX, see
 #: :mod:`.hypervisor`; QEMU's stub stays available next to it).
 STUB_KINDS = ("qemu", "gdbsx")
+#: The scheduler the gdbsx lab boots Xen with (see ``Lab.__init__``).
+GDBSX_SCHED = "sched=credit"
 #: Where gdbsx listens inside dom0 (the host reaches it by a second hostfwd).
 GDBSX_DOM0_PORT = 9999
 #: The domU's vCPUs may outnumber QEMU's CPUs (Xen time-slices them), but every extra one
@@ -174,6 +176,7 @@ class LabState:
     gdbsx_port: int | None = None
     xen_image: str | None = None
     gdbsx_binary: str | None = None  # host path of the project's gdbsx, put into dom0
+    domu_busy: bool = False  # the domU spins a busy loop (lab up --domu-busy)
 
     def save(self) -> None:
         path = Path(self.run_dir) / STATE_FILE
@@ -214,6 +217,7 @@ class Lab:
         dom0_args: str = DOM0_ARGS,
         progress: Progress = quiet,
         stub: str = "qemu",
+        domu_busy: bool = False,
     ) -> None:
         if stub not in STUB_KINDS:
             raise XReplayError(f"unknown stub {stub!r}: use one of {', '.join(STUB_KINDS)}")
@@ -231,10 +235,18 @@ class Lab:
         self.smp = smp
         self.memory_mb = memory_mb
         self.boot_timeout = boot_timeout
+        if stub == "gdbsx" and "sched=" not in xen_args:
+            # Xen's default credit2 scheduler lost a wakeup in the gdbsx lab: with a 2-vCPU
+            # PVH domU paused and unpaused at every hit, dom0's vCPU sat runnable in the
+            # run queue while both pCPUs idled, untickled ('r' key), and recording and
+            # dom0 stopped (3 of 4 runs, 2026-11). Under credit (credit1) 6 of 6 runs of
+            # 400 snapshots completed.
+            xen_args = f"{xen_args} {GDBSX_SCHED}"
         self.xen_args = xen_args
         self.dom0_args = dom0_args
         self.progress = progress
         self.stub = stub
+        self.domu_busy = domu_busy
         self._gdbsx_port: int | None = None
         self._gdbsx_binary: Path | None = None
         self.state: LabState | None = None
@@ -399,7 +411,8 @@ class Lab:
         """QEMU's command line; paths are relative to the run dir (QEMU's cwd), which keeps
         unix socket paths short and the multiboot module string free of commas."""
         dom0_args = (f"{self.dom0_args} xreplay.domu={self.domu} "
-                     f"xreplay.domu_vcpus={self.domu_vcpus} xreplay.domu_evtchn={self.evtchn}")
+                     f"xreplay.domu_vcpus={self.domu_vcpus} xreplay.domu_evtchn={self.evtchn}"
+                     + (" xreplay.domu_busy=1" if self.domu_busy else ""))
         return [
             "qemu-system-x86_64",
             "-accel", "tcg,thread=multi", "-cpu", "max", "-machine", "q35",
@@ -456,6 +469,7 @@ class Lab:
             stub=self.stub, gdbsx_port=self._gdbsx_port,
             gdbsx_binary=str(self._gdbsx_binary) if self._gdbsx_binary else None,
             xen_image=str((self.run_dir / "xen").resolve()),
+            domu_busy=self.domu_busy,
         )
         self.state.save()
         self.progress(f"QEMU pid {proc.pid}, gdbstub 127.0.0.1:{gdb_port}, "
