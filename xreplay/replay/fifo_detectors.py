@@ -50,6 +50,9 @@ class FifoReplayer:
         self.header = header
         self.options = options or ReplayOptions()
         self.roles = {p.name: p.role for p in header.probes}
+        # "no upcall ran between two block hits" can only be said where an upcall would
+        # have been seen: a recording with the block probe alone says nothing about it
+        self.sees_upcalls = bool({"upcall", "bottom-half"} & set(self.roles.values()))
         self.findings: list[Finding] = []
         self.seen: set[tuple[Any, ...]] = set()
         self.hits: Counter[str] = Counter()
@@ -175,7 +178,7 @@ class FifoReplayer:
         if role in ("upcall", "bottom-half"):
             self.armed.pop(v, None)
             return
-        if role not in ("block", HANG):
+        if role not in ("block", HANG) or (role == "block" and not self.sees_upcalls):
             return
         vi = snap.vcpus.get(v)
         cb = fs.control_blocks.get(v)
