@@ -128,3 +128,14 @@ def test_diff_snapshots_across_recordings(tmp_path: Path) -> None:
     sd = diff_snapshots(ok, 16, at["hang"], other=hang)
     assert "vs" in sd.file and not sd.state.identical
     assert run("diff", ok, hang, "--at", 16, at["hang"]).exit_code == 1
+
+
+def test_recordings_on_different_abis_are_refused_not_compared() -> None:
+    """A FIFO event word and a 2-level bit pair are different fields: one error, exit 2."""
+    rec = Path(__file__).parent.parent / "recordings"
+    fifo, two_level = rec / "xenlab-pv-domu-fifo.xrr", rec / "xenlab-pv-domu.xrr"
+    for args in ((fifo, two_level), (fifo, two_level, "--at", 3, 4)):
+        res = run("diff", *args)
+        assert res.exit_code == 2, res.output
+        assert "is on the fifo event-channel ABI" in res.output and "on 2l" in res.output
+        assert "port" not in res.output.split("ABI", 1)[0]  # nothing compared first

@@ -29,7 +29,7 @@ from xreplay import debugkeys
 from xreplay.abi import fifo as fifo_abi
 from xreplay.abi import iter_bits
 from xreplay.debugkeys import DomainEvtchnDump
-from xreplay.errors import XReplayError
+from xreplay.errors import UsageError, XReplayError
 from xreplay.replay.detectors import HANG, Replayer, ReplayOptions
 from xreplay.snapshot import PortState, Snapshot
 from xreplay.transitions import bit_changes, watch_changes
@@ -510,6 +510,17 @@ def _open(source: XrrReader | str | os.PathLike[str], stack: ExitStack) -> XrrRe
     return stack.enter_context(XrrReader(source))
 
 
+def _same_abi(ra: XrrReader, rb: XrrReader) -> None:
+    """Refuse two recordings on different event-channel ABIs: a FIFO event word and a
+    2-level pending/mask bit pair are not the same field, so a port-by-port comparison
+    of them would be a confident answer about nothing."""
+    if ra.header.abi != rb.header.abi:
+        raise UsageError(
+            f"{ra.name} is on the {ra.header.abi} event-channel ABI and {rb.name} on "
+            f"{rb.header.abi}: diff compares runs of one guest on one ABI (record both the "
+            "same way, e.g. both with or both without xen.fifo_events=0)")
+
+
 def _pass(reader: XrrReader, options: ReplayOptions | None
           ) -> tuple[PatternSummary, Any, Any, RestSummary | None]:
     """One walk of a recording on the delta path: its pattern, its replay, its last hit
@@ -559,6 +570,7 @@ def diff_recordings(a: XrrReader | str | os.PathLike[str], b: XrrReader | str | 
     """Stream both recordings once (plus one short pass each to fetch aligned snapshots)."""
     with ExitStack() as stack:
         ra, rb = _open(a, stack), _open(b, stack)
+        _same_abi(ra, rb)
         pa, fa, la, rest_a = _pass(ra, options)
         pb, fb, lb, rest_b = _pass(rb, options)
         pats = {"a": pa, "b": pb}
@@ -608,6 +620,7 @@ def diff_snapshots(source: XrrReader | str | os.PathLike[str], n: int, m: int,
     with ExitStack() as stack:
         ra = _open(source, stack)
         rb = ra if other is None else _open(other, stack)
+        _same_abi(ra, rb)
         if rb is ra:
             got = fetch(ra, [n, m])
             a, b = got.get(n), got.get(m)
