@@ -400,28 +400,21 @@ def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
         unreadable: XReplayError | None = None
         try:
             before = _settle(lab, domid, timer_ports, settle)
-            fifo_raw = None
             if via_gdbsx:
                 try:
                     with StubPeek(start_gdbsx(lab)) as peek:
-                        shared = peek.read(facts.shared_info_va, decoder.shared_info_size)
-                        live = {c: peek.read(facts.vcpu_info_va[c], decoder.vcpu_info_size)
-                                for c in cpus}
-                        if fifo:
-                            fifo_raw = _read_fifo(peek, facts.event_page_va,
-                                                  facts.control_block_va, cpus)
+                        shared, live, fifo_raw = _read_state(
+                            peek, decoder, cpus, facts.shared_info_va, facts.vcpu_info_va,
+                            (facts.event_page_va, facts.control_block_va) if fifo else None)
                 except XReplayError as exc:
                     if attempt == attempts:
                         raise
                     unreadable = exc
             else:
                 with StubPeek(lab.gdb_address) as peek, peek.physical():
-                    shared = peek.read(facts.shared_info_ma, decoder.shared_info_size)
-                    live = {c: peek.read(facts.vcpu_info_ma[c], decoder.vcpu_info_size)
-                            for c in cpus}
-                    if fifo:
-                        fifo_raw = _read_fifo(peek, facts.event_page_ma,
-                                              facts.control_block_ma, cpus)
+                    shared, live, fifo_raw = _read_state(
+                        peek, decoder, cpus, facts.shared_info_ma, facts.vcpu_info_ma,
+                        (facts.event_page_ma, facts.control_block_ma) if fifo else None)
             if unreadable is None:
                 after = _e_dump(lab, domid)
                 # 'q' prints upcall_pend/upcall_mask, then raises VIRQ_DEBUG in every guest;
@@ -462,16 +455,29 @@ def cross_check(lab: Lab, *, vcpus: Iterable[int] | None = None,
     return check
 
 
-def _read_fifo(peek: StubPeek, pages: list[int], blocks: dict[int, int], cpus: list[int]
-               ) -> tuple[dict[int, bytes], dict[int, bytes]]:
-    """A FIFO domU's event-array pages and control blocks, at the addresses given."""
-    return ({i: peek.read(a, fifo_abi.PAGE_SIZE) for i, a in enumerate(pages)},
-            {c: peek.read(blocks[c], fifo_abi.CONTROL_BLOCK_SIZE) for c in cpus})
+#: a FIFO domU's raw regions: event-array pages by index, control blocks by vCPU
+FifoRaw = tuple[dict[int, bytes], dict[int, bytes]]
+
+
+def _read_state(peek: StubPeek, decoder: SnapshotDecoder, cpus: list[int], shared_at: int,
+                vcpu_info_at: dict[int, int],
+                fifo_at: tuple[list[int], dict[int, int]] | None,
+                ) -> tuple[bytes, dict[int, bytes], FifoRaw | None]:
+    """The paused domU's shared_info, each vCPU's vcpu_info and, for a FIFO domU
+    (``fifo_at``: event-array page and control-block addresses), its FIFO regions, at the
+    addresses given (virtual through gdbsx, machine through QEMU's stub)."""
+    shared = peek.read(shared_at, decoder.shared_info_size)
+    live = {c: peek.read(vcpu_info_at[c], decoder.vcpu_info_size) for c in cpus}
+    if fifo_at is None:
+        return shared, live, None
+    pages, blocks = fifo_at
+    return shared, live, ({i: peek.read(a, fifo_abi.PAGE_SIZE) for i, a in enumerate(pages)},
+                          {c: peek.read(blocks[c], fifo_abi.CONTROL_BLOCK_SIZE) for c in cpus})
 
 
 def _compare(domid: int, before: DomainEvtchnDump, after: DomainEvtchnDump, shared: bytes,
              live: dict[int, bytes], decoder: SnapshotDecoder, bindings: dict[int, Binding],
-             facts: GuestFacts, fifo_raw: tuple[dict[int, bytes], dict[int, bytes]] | None = None,
+             facts: GuestFacts, fifo_raw: FifoRaw | None = None,
              ) -> CrossCheck:
     fifo = None if fifo_raw is None else FifoState.from_regions(*fifo_raw)
     pending, mask = decoder.bitmaps(shared) if fifo is None else fifo.bitmaps()
@@ -503,7 +509,7 @@ def _compare(domid: int, before: DomainEvtchnDump, after: DomainEvtchnDump, shar
 
 
 def _write_paused(path: Path, check: CrossCheck, shared: bytes, live: dict[int, bytes],
-                  lab: Lab, fifo_raw: tuple[dict[int, bytes], dict[int, bytes]] | None = None,
+                  lab: Lab, fifo_raw: FifoRaw | None = None,
                   ) -> None:
     """The paused state as a one-snapshot recording (``xreplay show`` renders it)."""
     facts = check.facts
