@@ -192,6 +192,8 @@ class Unikernel:
         on its serial console, which the lab logs)."""
         prefix = f"(d{self.domid}) "
         text = self.lab.serial_log.read_bytes()[self._log_offset:].decode(errors="replace")
+        # only whole lines: a line still being written ("LAB-READY vari") is not yet one
+        text = text[:text.rfind("\n") + 1]
         return [ln.split(prefix, 1)[1].rstrip("\r") for ln in text.splitlines() if prefix in ln]
 
     def wait_for(self, marker: str, timeout: float = 60.0) -> str:
