@@ -125,8 +125,21 @@ def test_interrupt_request_stops_cleanly(counter: Path, tmp_path: Path) -> None:
     threading.Thread(target=stop_once_recording, daemon=True).start()
     result = rec.run()
     assert result.reason == "interrupted" and result.snapshots > 0
+    assert result.stopped_at is None  # asked for: nothing to explain
     with XrrReader(out) as r:
         assert len(list(r.records())) == result.snapshots and r.trailer is not None
+
+
+def test_a_stop_nobody_asked_for_says_where_it_was(counter: Path, tmp_path: Path) -> None:
+    """A SIGTRAP outside the probes ends the run as "interrupted"; the result and the end
+    note say which signal, where, in which function (through gdbsx: a stray step trap)."""
+    out = tmp_path / "t.xrr"
+    result = Recorder(options(counter, out, "20", "trap", kill_target=True,
+                              hit_loop="agent")).run()
+    assert result.reason == "interrupted" and result.snapshots == 20
+    assert result.stopped_at is not None and result.stopped_at.startswith("SIGTRAP at 0x")
+    with XrrReader(out) as r:
+        assert r.trailer is not None and r.trailer["stopped_at"] == result.stopped_at
 
 
 def test_dead_gdbstub_is_one_clear_error(tmp_path: Path) -> None:

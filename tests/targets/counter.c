@@ -2,7 +2,9 @@
  * holds the iteration number when the probe function is called, so tests can check that
  * record i carries counter i (no loss, no duplicates).  argv: N [spin]
  * With "spin" it loops for ever after N iterations without calling the probe (a "hang");
- * with "exit-after-detach" it keeps counting after N and writes a marker file on exit. */
+ * with "exit-after-detach" it keeps counting after N and writes a marker file on exit;
+ * with "trap" it raises SIGTRAP outside the probe after N (a stop nothing asked for). */
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +32,8 @@ int main(int argc, char **argv)
         if (!strcmp(mode, "slow"))
             usleep(20000);
     }
+    if (!strcmp(mode, "trap"))
+        raise(SIGTRAP);
     if (!strcmp(mode, "spin"))
         for (;;)
             __asm__ volatile("pause");

@@ -160,6 +160,9 @@ class RecordResult:
     hit_loop: str = "agent"  # who recorded: "agent" or a description of the direct loop
     hit_loop_why: str | None = None  # why the agent recorded when the direct loop was allowed
     packets: int | None = None  # remote-protocol packets sent during the run, when counted
+    #: a stop that ended the run which no probe and no request explains: the signal gdb
+    #: reported and where (e.g. a stray single-step trap through gdbsx), else None
+    stopped_at: str | None = None
 
     @property
     def packets_per_hit(self) -> float | None:

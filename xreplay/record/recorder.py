@@ -98,6 +98,7 @@ class Recorder:
         self._last_probe: str | None = None
         self._domains: dict[bytes, int] = {}  # arch_shared_info identity -> first snapshot
         self._mixed: str | None = None
+        self._stopped_at: str | None = None
         self._identity: slice | None = None
         self.proxy: StubProxy | None = None
         self.plan: direct.DirectPlan | None = None
@@ -531,6 +532,8 @@ class Recorder:
             extra["packets"] = self._packets
         if crash_signal:
             extra["signal"] = crash_signal
+        if self._stopped_at:
+            extra["stopped_at"] = self._stopped_at
         message = self.sink.error if reason is EndReason.WRITE_ERROR else self._mixed
         if message:
             extra["message"] = message
@@ -547,7 +550,7 @@ class Recorder:
             filter_errors=stats.get("filter_errors", 0), hit_loop=self.hit_loop,
             hit_loop_why=self._agent_why if self.hit_loop == "agent" else None,
             unstable_reads=stats.get("unstable_reads", 0),
-            packets=self._packets)
+            packets=self._packets, stopped_at=self._stopped_at)
 
     def _stop_condition(self, t0: float) -> EndReason | None:
         """Why the run should end now (checked while the target runs), or None."""
@@ -718,6 +721,12 @@ class Recorder:
             if sig in _CRASH_SIGNALS:
                 return EndReason.TARGET_CRASHED, sig
             if sig in ("SIGINT", "SIGTRAP", "0"):
+                if self._stop_reason is None:
+                    frame = payload.get("frame") or {}
+                    self._stopped_at = (f"{sig} at {frame.get('addr', '?')}"
+                                        + (f" in {frame['func']}" if frame.get("func") else "")
+                                        + (f", thread {payload['thread-id']}"
+                                           if payload.get("thread-id") else ""))
                 return self._stop_reason or EndReason(self.o.spontaneous_stop), None
             return None, None
         if why in ("breakpoint-hit", "") and self.o.count:

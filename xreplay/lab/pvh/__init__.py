@@ -159,6 +159,11 @@ def xl_config(variant: str, kernel: str, *, window_us: int = DEFAULT_WINDOW_US,
         "vcpus = 1",
         'on_crash = "preserve"',
         'on_poweroff = "preserve"',
+        # a triple fault is Xen's HVM shutdown action "reboot": xl would destroy the
+        # domain and start a new one under a new domid (seen: `xl list 2` gone after a
+        # recording, the restarted copy still running into the next test); kept, it
+        # shows as shut down and its Xen console lines say why (Unikernel.fate)
+        'on_reboot = "preserve"',
         # TCG's emulated SVM gives Xen no NRIP for an intercepted RDTSCP (as the lab's domU)
         'cpuid = "host,rdtscp=0"',
     ]) + "\n"
@@ -255,6 +260,39 @@ class Unikernel:
             raise XReplayError(f"xl list {domid}: unexpected output: {out.strip()}")
         return rows[0][4]
 
+    def xen_lines(self) -> list[str]:
+        """What Xen itself printed about this domain (``(XEN) ... d<domid>v...``) since
+        it was created: a triple fault and its register dump, a crash."""
+        text = self.lab.serial_log.read_bytes()[self._log_offset:].decode(errors="replace")
+        lines = text.splitlines()
+        keep: set[int] = set()
+        tag = re.compile(rf"\bd{self.domid}v\d+ |\bDom{self.domid}\b|\bd{self.domid}\b")
+        for i, ln in enumerate(lines):
+            if ln.startswith("(XEN)") and tag.search(ln) and " save: " not in ln \
+                    and "restore:" not in ln:
+                keep.add(i)
+                if "Dumping" in ln:  # the vCPU dump: where it was (RIP, RFLAGS)
+                    keep.update(j for j in range(i + 1, min(i + 6, len(lines)))
+                                if lines[j].startswith(("(XEN) RIP", "(XEN) RFLAGS")))
+        return [lines[i].strip() for i in sorted(keep)]
+
+    def fate(self) -> str | None:
+        """Why the domain is no longer running, or None while it runs (or blocks, or is
+        paused): ``xl list``'s shut-down/crashed/dying state or its absence, with Xen's
+        own lines about it (a triple fault names the vCPU and its RIP)."""
+        rc, out = self.lab.dom0_run(f"xl list {self.domid}", timeout=30)
+        rows = [ln.split() for ln in out.splitlines()[1:] if ln.strip()]
+        state = rows[0][4] if rc == 0 and rows and len(rows[0]) >= 5 else None
+        if state is not None and not any(c in state for c in "scd"):
+            return None
+        said = [ln for ln in self.xen_lines() if "upcall vector" not in ln]
+        where = (f"xl list shows it {state}" if state is not None
+                 else "it no longer exists")
+        return (f"unikernel {self.name} (domid {self.domid}) stopped running: {where}; "
+                + ("Xen said: " + " / ".join(said[:6]) if said
+                   else "Xen printed nothing about it")
+                + f" (see {self.lab.serial_log})")
+
     def e_dump(self) -> tuple[DomainEvtchnDump, str]:
         """Xen's 'e' dump for this domain (``xl debug-keys e``), with the raw text."""
         text = self.lab.dom0("xl debug-keys e && xl dmesg", timeout=60)
@@ -266,9 +304,11 @@ class Unikernel:
         return dump, raw
 
     def destroy(self) -> None:
-        """Stop the flood helper and destroy the domain."""
+        """Stop the flood helper and destroy the domain (by domid, and by name: a copy
+        xl restarted under another domid must not run on into the next test)."""
         self.stop_flood()
-        self.lab.dom0(f"xl destroy {self.domid} 2>/dev/null; true", timeout=60)
+        self.lab.dom0(f"xl destroy {self.domid} 2>/dev/null; xl destroy {self.name} "
+                      "2>/dev/null; true", timeout=60)
 
 
 def _section(text: str, domid: int) -> str:
@@ -350,6 +390,9 @@ class Outcome:
     """``LAB-ERROR`` lines (a failed hypercall, an exception)."""
     tail: list[str] = field(default_factory=list)
     """The console's last lines, for a report."""
+    fate: str | None = None
+    """Why the domain stopped running (:meth:`Unikernel.fate`: shut down by a triple
+    fault, crashed, gone), None while it runs, blocks or is paused."""
 
 
 def watch(uk: Unikernel, seconds: float = 10.0, quiet_after: float = 3.0,
@@ -383,4 +426,4 @@ def watch(uk: Unikernel, seconds: float = 10.0, quiet_after: float = 3.0,
     errors = [ln for ln in lines if "LAB-ERROR" in ln]
     return Outcome(hung=hung and not errors, xl_state=state, alive_reports=len(alive),
                    last_alive=alive[-1] if alive else {}, stranded=stranded, errors=errors,
-                   tail=lines[-6:])
+                   tail=lines[-6:], fate=uk.fate())

@@ -146,6 +146,10 @@ def record(lab: Lab, variant: str, output: Path, *,
         if paused_by_us.is_set():
             _unpause_all(lab, uk.domid)
         time.sleep(1.0)
+        fate = uk.fate()
+        if fate is not None:
+            raise XReplayError(f"{fate}; the recording ({result.snapshots} snapshots, "
+                               f"ended by {result.reason}) is in {output}")
         state = uk.xl_state()
         dump, text = uk.e_dump()
         return UnikernelRecording(uk, result, state, dump, text, uk.console())

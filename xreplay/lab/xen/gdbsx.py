@@ -11,6 +11,7 @@ gdbsx stops only its own domain, unlike QEMU's whole-machine stub.
 from __future__ import annotations
 
 import base64
+import signal
 import time
 from pathlib import Path
 
@@ -23,6 +24,8 @@ GDBSX = "/usr/sbin/gdbsx"
 GDBSX_XREPLAY = "/usr/sbin/gdbsx-xreplay"
 NAMES = "gdbsx gdbsx-xreplay"
 LOG = "/tmp/gdbsx.log"
+#: Where the dom0 shell that runs gdbsx writes its exit status (``$?``).
+RC = "/tmp/gdbsx.rc"
 #: gdbsx's word size argument: the lab's guests are all x86_64.
 BITNESS = 64
 
@@ -68,6 +71,18 @@ def install_own_gdbsx(lab: Lab) -> bool:
     return True
 
 
+def _exit_status(rc_text: str) -> str:
+    """``exit status 1`` or ``killed by signal 11 (SIGSEGV)`` from the shell's ``$?``."""
+    code = int(rc_text)
+    if code > 128:
+        try:
+            name = signal.Signals(code - 128).name
+        except ValueError:
+            name = "?"
+        return f"killed by signal {code - 128} ({name})"
+    return f"exit status {code}"
+
+
 def start_gdbsx(lab: Lab, domid: int | None = None, *, binary: str | None = None,
                 timeout: float = 20.0) -> str:
     """Start gdbsx for ``domid`` (default: the lab's domU) and wait until it listens.
@@ -75,6 +90,12 @@ def start_gdbsx(lab: Lab, domid: int | None = None, *, binary: str | None = None
     Returns the host address to give gdb (``target remote``) or ``xreplay record --target``.
     A previous gdbsx still waiting is stopped first: only one can listen on the port.
     ``binary`` defaults to the project's build when dom0 has it, else Debian's.
+
+    gdbsx runs under a dom0 shell that writes its exit status to :data:`RC`, so the wait
+    ends on one of two real conditions: it listens, or it has exited (and how: its own
+    words in :data:`LOG`, or the signal that killed it, with dom0's last kernel lines).
+    ``pidof`` is not one: right after the start the background shell may not have
+    exec'd gdbsx yet, and a "gone" taken from that moment would be a false one.
     """
     address = lab.gdbsx_address  # raises for a lab booted without gdbsx
     domid = lab.domid if domid is None else domid
@@ -83,19 +104,51 @@ def start_gdbsx(lab: Lab, domid: int | None = None, *, binary: str | None = None
     stop_gdbsx(lab)
     if binary is None:
         binary = GDBSX_XREPLAY if install_own_gdbsx(lab) else GDBSX
-    lab.dom0(f"rm -f {LOG}; (setsid {binary} -a {domid} {BITNESS} {GDBSX_DOM0_PORT} "
+    run = f"{binary} -a {domid} {BITNESS} {GDBSX_DOM0_PORT}"
+    lab.dom0(f"rm -f {LOG} {RC}; (setsid sh -c '{run}; echo $? > {RC}.tmp; mv {RC}.tmp {RC}' "
              f"</dev/null >{LOG} 2>&1 &); true", timeout=30)
-    deadline = time.monotonic() + timeout
+    t0 = time.monotonic()
+    deadline = t0 + timeout
     while True:
-        rc, out = lab.dom0_run(f"{_listening_cmd(GDBSX_DOM0_PORT)} && echo LISTEN; "
-                               f"pidof {NAMES} >/dev/null || echo GONE; cat {LOG}", timeout=15)
-        if "LISTEN" in out:
+        _rc, out = lab.dom0_run(f"{_listening_cmd(GDBSX_DOM0_PORT)} && echo LISTEN; "
+                               f"[ -f {RC} ] && echo EXITED $(cat {RC}); cat {LOG}", timeout=15)
+        lines = [line.strip() for line in out.splitlines() if line.strip()]
+        if "LISTEN" in lines:
             return address
-        if "GONE" in out or time.monotonic() > deadline:
-            said = " ".join(line.strip() for line in out.splitlines()
-                            if line.strip() and line.strip() not in ("GONE", "LISTEN"))
-            why = "exited" if "GONE" in out else f"did not listen within {timeout:.0f} s"
-            hint = (" (the hypervisor lacks CONFIG_GDBSX: boot with `xreplay lab up --stub "
-                    "gdbsx`)" if "NOT enabled" in said else "")
-            raise XReplayError(f"gdbsx -a {domid} in dom0 {why}: {said or 'no output'}{hint}")
-        time.sleep(0.2)
+        exited = next((ln.split()[1:] for ln in lines if ln.startswith("EXITED")), None)
+        if exited is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            continue
+        said = " ".join(ln for ln in lines if ln != "LISTEN" and not ln.startswith("EXITED"))
+        if exited is not None:
+            how = _exit_status(exited[0]) if exited and exited[0].isdigit() else "exited"
+            why = f"exited ({how}) after {time.monotonic() - t0:.1f} s"
+        else:
+            why = (f"did not listen within {timeout:.0f} s ("
+                   + _still_there(lab) + ")")
+        hint = (" (the hypervisor lacks CONFIG_GDBSX: boot with `xreplay lab up --stub "
+                "gdbsx`)" if "NOT enabled" in said else "")
+        raise XReplayError(f"gdbsx -a {domid} in dom0 {why}: "
+                           f"{'its output: ' + said if said else 'it printed nothing'}{hint}; "
+                           f"{_dom0_context(lab, domid)} (Xen's serial log: {lab.serial_log})")
+
+
+def _still_there(lab: Lab) -> str:
+    """Whether a gdbsx runs in dom0 (for a start that timed out)."""
+    try:
+        pids = lab.dom0_run(f"pidof {NAMES} || echo none", timeout=15)[1].strip()
+    except XReplayError as exc:
+        return f"dom0 did not say whether gdbsx runs: {exc}"
+    return ("no gdbsx process and no exit status: the dom0 shell that started it died"
+            if pids == "none" else f"gdbsx pid {pids} is running but not listening")
+
+
+def _dom0_context(lab: Lab, domid: int) -> str:
+    """dom0's last kernel lines (a segfault is logged there) and the domain's xl state."""
+    try:
+        out = lab.dom0_run(f"dmesg | tail -n 3; xl list {domid} 2>&1 | tail -n 1",
+                           timeout=15)[1]
+    except XReplayError as exc:
+        return f"dom0 did not answer for more ({exc})"
+    return "dom0 dmesg and xl list: " + " | ".join(
+        ln.strip() for ln in out.splitlines() if ln.strip())
