@@ -26,6 +26,8 @@ NAMES = "gdbsx gdbsx-xreplay"
 LOG = "/tmp/gdbsx.log"
 #: Where the dom0 shell that runs gdbsx writes its exit status (``$?``).
 RC = "/tmp/gdbsx.rc"
+#: Attempts of :func:`start_gdbsx` when dom0's busybox segfaults meanwhile.
+SEGV_ATTEMPTS = 3
 #: gdbsx's word size argument: the lab's guests are all x86_64.
 BITNESS = 64
 
@@ -96,7 +98,42 @@ def start_gdbsx(lab: Lab, domid: int | None = None, *, binary: str | None = None
     words in :data:`LOG`, or the signal that killed it, with dom0's last kernel lines).
     ``pidof`` is not one: right after the start the background shell may not have
     exec'd gdbsx yet, and a "gone" taken from that moment would be a false one.
+
+    A failure is retried (:data:`SEGV_ATTEMPTS` in all) on one named condition only:
+    dom0's kernel logged a new busybox segfault during the attempt
+    (:func:`busybox_segfaults`). Seen in the lab under load: the start command's shell
+    died with rc 139, dom0's dmesg saying ``exe[273]: segfault at ffffff0000000000 ...
+    in busybox``; its code bytes are a ``%fs``-relative (thread-local) load that returned
+    that pointer: a wrong FS base or TLS in a busybox process of the PV dom0 on Xen under
+    QEMU TCG, below gdbsx and xreplay.
     """
+    last: XReplayError | None = None
+    for attempt in range(1, SEGV_ATTEMPTS + 1):
+        before = len(busybox_segfaults(lab))
+        try:
+            return _start_once(lab, domid, binary=binary, timeout=timeout)
+        except XReplayError as exc:
+            segv = busybox_segfaults(lab)[before:]
+            if not segv:
+                raise
+            last = XReplayError(f"{exc}; dom0's busybox segfaulted meanwhile "
+                                f"({attempt} of {SEGV_ATTEMPTS} attempts): {segv[-1]}")
+    assert last is not None
+    raise last
+
+
+def busybox_segfaults(lab: Lab) -> list[str]:
+    """dom0's kernel lines ``NAME[PID]: segfault at ... in busybox[...]`` so far (a dom0
+    shell or applet killed by SIGSEGV, rc 139), oldest first; compare two calls' counts
+    to see a new one (dmesg's clock is not /proc/uptime's)."""
+    try:
+        rc, out = lab.dom0_run("dmesg | grep 'segfault at' | grep busybox; true", timeout=15)
+    except XReplayError:
+        return []
+    return [line.strip() for line in out.splitlines() if "segfault at" in line]
+
+
+def _start_once(lab: Lab, domid: int | None, *, binary: str | None, timeout: float) -> str:
     address = lab.gdbsx_address  # raises for a lab booted without gdbsx
     domid = lab.domid if domid is None else domid
     if domid is None:
@@ -105,8 +142,11 @@ def start_gdbsx(lab: Lab, domid: int | None = None, *, binary: str | None = None
     if binary is None:
         binary = GDBSX_XREPLAY if install_own_gdbsx(lab) else GDBSX
     run = f"{binary} -a {domid} {BITNESS} {GDBSX_DOM0_PORT}"
-    lab.dom0(f"rm -f {LOG} {RC}; (setsid sh -c '{run}; echo $? > {RC}.tmp; mv {RC}.tmp {RC}' "
-             f"</dev/null >{LOG} 2>&1 &); true", timeout=30)
+    rc, out = lab.dom0_run(f"rm -f {LOG} {RC}; (setsid sh -c '{run}; echo $? > {RC}.tmp; "
+                           f"mv {RC}.tmp {RC}' </dev/null >{LOG} 2>&1 &); true", timeout=30)
+    if rc != 0:
+        raise XReplayError(f"starting gdbsx -a {domid} in dom0 failed: the shell exited "
+                           f"with {_exit_status(str(rc))}: {out.strip()[-200:] or 'no output'}")
     t0 = time.monotonic()
     deadline = t0 + timeout
     while True:
