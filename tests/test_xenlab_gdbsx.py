@@ -104,6 +104,15 @@ def test_gdbsx_is_told_apart_by_its_empty_qsupported() -> None:
     assert not any("packet-size" in c for c in own.extra_gdb_commands)
 
 
+def test_a_gdbsx_that_died_is_said_by_its_signal() -> None:
+    """start_gdbsx reads gdbsx's exit status from its dom0 shell's ``$?``."""
+    from xreplay.lab.xen.gdbsx import _exit_status
+
+    assert _exit_status("1") == "exit status 1"
+    assert _exit_status("139") == "killed by signal 11 (SIGSEGV)"
+    assert _exit_status("137") == "killed by signal 9 (SIGKILL)"
+
+
 def test_the_projects_gdbsx_patch_says_why() -> None:
     from xreplay.lab.xen import gdbsx_build
 
