@@ -48,6 +48,15 @@ def test_the_lab_patch_says_why_and_is_part_of_the_cache_key() -> None:
     assert "CONFIG_GDBSX=y" in hv.CONFIG_LINES and "CONFIG_EXPERT=y" in hv.CONFIG_LINES
 
 
+def test_the_debugger_irq_patch_says_why_and_is_built_in() -> None:
+    text = hv.patch_text("xen-svm-debugger-irq.patch")
+    header = text.split("\n--- ", 1)[0]
+    for why in ("event_inj", "single", "TF", "interrupted", "Lab only"):
+        assert why in header, why
+    assert "+++ b/xen/arch/x86/hvm/svm/intr.c" in text and "debugger_attached" in text
+    assert "xen-svm-debugger-irq.patch" in hv.PATCHES
+
+
 def test_cache_key_changes_with_the_config_and_patches(tmp_path: Path, monkeypatch) -> None:
     from xreplay.lab.xen.stage import Stage
 
