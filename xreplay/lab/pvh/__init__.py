@@ -169,6 +169,9 @@ def xl_config(variant: str, kernel: str, *, window_us: int = DEFAULT_WINDOW_US,
     ]) + "\n"
 
 
+XEN_CS = "e008"
+"""Xen's own 64-bit code selector (``__HYPERVISOR_CS``) as its register dumps print it."""
+
 _READY = re.compile(r"LAB-READY (.*)$")
 _ALIVE = re.compile(r"LAB-ALIVE (.*)$")
 
@@ -292,6 +295,29 @@ class Unikernel:
                 + ("Xen said: " + " / ".join(said[:6]) if said
                    else "Xen printed nothing about it")
                 + f" (see {self.lab.serial_log})")
+
+    def emulator_fault(self) -> str | None:
+        """The one failure of this domain that is named as the emulator's, or None.
+
+        Xen reports a triple fault of the domain (``dNvM Triple fault``) and its dump of
+        the vCPU holds Xen's own state: ``cs`` :data:`XEN_CS` (Xen's code selector, which
+        no guest runs with) and a RIP inside Xen. Seen twice in the lab, identical: RIP
+        the instruction after ``vmrun`` in Xen's ``svm_asm_do_resume``, CR2 the same
+        address, RSP on Xen's stack: QEMU TCG's emulated SVM faulted in its own #VMEXIT
+        (the host state it restored, fetched in the guest's context) and reported it as
+        the guest's shutdown. Neither the guest nor xreplay can produce that state."""
+        text = self.lab.serial_log.read_bytes()[self._log_offset:].decode(errors="replace")
+        lines = text.splitlines()
+        for i, ln in enumerate(lines):
+            if re.search(rf"\bd{self.domid}v\d+ Triple fault", ln):
+                dump = "\n".join(lines[i + 1:i + 20])
+                cs = re.search(r"\bcs: ([0-9a-f]{4})", dump)
+                rip = re.search(r"RIP:\s+([0-9a-f]{4}):\[<([0-9a-f]+)>\]", dump)
+                if cs and cs.group(1) == XEN_CS and rip and rip.group(1) == XEN_CS:
+                    return (f"Xen's triple-fault dump of domain {self.domid} holds Xen's own "
+                            f"state (cs {XEN_CS}, RIP {rip.group(2)}): the emulator's SVM "
+                            "world switch failed, not the guest")
+        return None
 
     def e_dump(self) -> tuple[DomainEvtchnDump, str]:
         """Xen's 'e' dump for this domain (``xl debug-keys e``), with the raw text."""

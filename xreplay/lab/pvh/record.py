@@ -67,6 +67,16 @@ def record_options(uk: pvh.Unikernel, target: str, output: Path, *,
     return opts
 
 
+class UnikernelStopped(XReplayError):
+    """The unikernel stopped running during or right after its recording (see
+    :meth:`pvh.Unikernel.fate`); ``emulator`` names the emulator's failure when Xen's
+    dump shows it (:meth:`pvh.Unikernel.emulator_fault`), else None."""
+
+    def __init__(self, message: str, *, emulator: str | None = None) -> None:
+        super().__init__(message)
+        self.emulator = emulator
+
+
 @dataclass
 class UnikernelRecording:
     """One recorded run and what Xen said about the domain afterwards."""
@@ -148,8 +158,9 @@ def record(lab: Lab, variant: str, output: Path, *,
         time.sleep(1.0)
         fate = uk.fate()
         if fate is not None:
-            raise XReplayError(f"{fate}; the recording ({result.snapshots} snapshots, "
-                               f"ended by {result.reason}) is in {output}")
+            raise UnikernelStopped(f"{fate}; the recording ({result.snapshots} snapshots, "
+                                   f"ended by {result.reason}) is in {output}",
+                                   emulator=uk.emulator_fault())
         state = uk.xl_state()
         dump, text = uk.e_dump()
         return UnikernelRecording(uk, result, state, dump, text, uk.console())
