@@ -45,6 +45,9 @@ from xreplay.replay.observe import Observer, observe_snapshot
 from xreplay.snapshot import Snapshot, interrupts_enabled
 from xreplay.xrr import RecordingHeader, XrrReader
 from xreplay.xrr.deltas import Hit
+from xreplay.xrr.format import FLAG_HANG
+
+_HANG = int(FLAG_HANG)
 
 KINDS = ("missed-clear", "stranded-port", "lost-pending", "upcall-masked-at-block",
          "abi-violation", "blocked-at-end", "masked-pending", "spurious-upcall")
@@ -840,7 +843,8 @@ class Replayer:
         self.last_t_ns = 0
         self.last_hang = False
         self._step = Step()
-        self._probe_names = [p.name for p in header.probes]
+        self._probe_roles = [(p.name, w.roles.get(p.name, "other")) for p in header.probes]
+        self._nprobes = len(self._probe_roles)
         self.shadow = next((d.shadow for d in self.detectors if isinstance(d, LostPending)),
                            None)
         regions = header.regions
@@ -865,40 +869,54 @@ class Replayer:
         observe_snapshot(self.cur, snap)
         shadow = None if self.shadow is None else snap.watch.get(self.shadow)
         self._feed(snap.index, snap.t_ns, snap.probe, snap.vcpu, snap.hang,
-                   snap.interrupts_enabled, True, shadow)
+                   snap.interrupts_enabled, True, shadow, self.walk.role_of(snap))
 
     def feed_hit(self, hit: Hit, buffers: list[bytearray | None]) -> str:
         """One hit from :meth:`XrrReader.deltas`, ``buffers`` its live region buffers;
         returns the hit's role."""
-        changed = self.observer.apply(self.cur, buffers, hit.dirty, hit.reset, hit.missing)
+        return self.feed_delta(hit.seq, hit.t_ns, hit.probe, hit.vcpu, hit.flags,
+                               hit.regflags, hit.touched, hit.missing, hit.reset,
+                               buffers)
+
+    def feed_delta(self, index: int, t_ns: int, probe: int, vcpu: int, flags: int,
+                   regflags: int | None, touched: int, missing: int,
+                   reset: bool, buffers: list[bytearray | None]) -> str:
+        """:meth:`feed_hit` on the fields of a :meth:`XrrReader.raw_deltas` snapshot (the
+        replay's inner loop: no object per hit)."""
+        changed = self.observer.apply(self.cur, buffers, touched, reset, missing)
         if self._unfed:
             changed, self._unfed = True, False
         sr = self._shadow_region
         if sr is None:
             shadow = None
         else:
-            if hit.reset or hit.touched >> sr & 1:
+            if reset or touched >> sr & 1:
                 data = buffers[sr]
                 self._shadow = None if data is None else bytes(data)
             # not read at this hit: left out, as Snapshot.watch does
-            shadow = None if hit.missing >> sr & 1 else self._shadow
-        names = self._probe_names
-        probe = names[hit.probe] if hit.probe < len(names) else f"probe{hit.probe}"
-        rf = hit.regflags
-        if rf is None:
+            shadow = None if missing >> sr & 1 else self._shadow
+        if probe < self._nprobes:
+            name, role = self._probe_roles[probe]
+        else:
+            name, role = f"probe{probe}", "other"
+        hang = bool(flags & _HANG)
+        if hang:
+            role = HANG
+        if regflags is None:
             irq = None
         else:  # a handful of distinct flags values in a whole recording
-            irq = self._irq_of.get(rf)
+            irq = self._irq_of.get(regflags)
             if irq is None:
                 if len(self._irq_of) >= 64:  # memory stays constant on any file
                     self._irq_of.clear()
-                irq = self._irq_of[rf] = self._irq(self.walk.header.arch, rf)
-        return self._feed(hit.seq, hit.t_ns, probe, hit.vcpu, hit.hang, irq, changed, shadow)
+                irq = self._irq_of[regflags] = self._irq(self.walk.header.arch, regflags)
+        return self._feed(index, t_ns, name, vcpu, hang, irq, changed, shadow, role)
 
-    def _observe(self, hit: Hit, buffers: list[bytearray | None]) -> bool:
-        changed = self.observer.apply(self.cur, buffers, hit.dirty, hit.reset, hit.missing)
+    def _observe(self, touched: int, missing: int, reset: bool,
+                 buffers: list[bytearray | None]) -> bool:
+        changed = self.observer.apply(self.cur, buffers, touched, reset, missing)
         sr = self._shadow_region
-        if sr is not None and (hit.reset or hit.touched >> sr & 1):
+        if sr is not None and (reset or touched >> sr & 1):
             data = buffers[sr]
             self._shadow = None if data is None else bytes(data)
         return changed
@@ -906,21 +924,24 @@ class Replayer:
     def skip_hit(self, hit: Hit, buffers: list[bytearray | None]) -> None:
         """A hit the detectors must not judge (what they need was not read): the model
         follows the buffers, the next fed hit compares with the last one fed."""
-        self._unfed = self._observe(hit, buffers) or self._unfed
+        self.skip_delta(hit.touched, hit.missing, hit.reset, buffers)
+
+    def skip_delta(self, touched: int, missing: int, reset: bool,
+                   buffers: list[bytearray | None]) -> None:
+        """:meth:`skip_hit` on a :meth:`XrrReader.raw_deltas` snapshot's fields."""
+        self._unfed = self._observe(touched, missing, reset, buffers) or self._unfed
 
     def _feed(self, index: int, t_ns: int, probe: str, vcpu: int, hang: bool,
-              irq: bool | None, changed: bool, shadow: bytes | None) -> str:
+              irq: bool | None, changed: bool, shadow: bytes | None, role: str) -> str:
         w = self.walk
         s = self._step
-        role = HANG if hang else w.roles.get(probe, "other")
         if self.last is None:
             w.t0 = t_ns
             s.quiet, s.changed, s.cur, s.prev = False, True, self.cur, None
         else:
-            s.quiet, s.changed, s.prev = w.quiet(), changed, self.prev
+            s.quiet, s.changed = w.quiet(), changed
         w.count += 1
-        hits = w.hits
-        hits[role] = hits.get(role, 0) + 1
+        w.hits[role] += 1
         w.update_track(vcpu, index, t_ns, role, irq)
         s.index, s.t_ns, s.probe, s.vcpu, s.role = index, t_ns, probe, vcpu, role
         s.hang, s.interrupts_enabled, s.shadow = hang, irq, shadow
@@ -929,7 +950,7 @@ class Replayer:
             step(w, s)
         if s.changed:
             self.prev.assign(self.cur)
-        s.prev_index, s.prev_probe, s.prev_shadow = index, probe, shadow
+        s.prev, s.prev_index, s.prev_probe, s.prev_shadow = self.prev, index, probe, shadow
         self.last, self.last_t_ns, self.last_hang = index, t_ns, hang
         return role
 
@@ -981,16 +1002,17 @@ def _replay_reader(reader: XrrReader, options: ReplayOptions | None) -> ReplayRe
            if spec.name == f"vcpu_info.{spec.vcpu}"}
     unread: Counter[str] = Counter()
     total = 0
-    feed = r.feed_hit
-    for hit in reader.deltas():
+    feed = r.feed_delta
+    for (seq, t_ns, probe, vcpu, flags, _, _, regflags, touched, _), missing, reset, _ \
+            in reader.raw_deltas():
         total += 1
-        missing = hit.missing
         if missing:
             unread.update(names[i] for i in iter_bits(missing))
-            if missing & shared or missing & own.get(hit.vcpu, 0):
-                r.skip_hit(hit, reader.buffers)
+            if missing & shared or missing & own.get(vcpu, 0):
+                r.skip_delta(touched, missing, reset, reader.buffers)
                 continue  # a verdict only on data that was read
-        feed(hit, reader.buffers)
+        feed(seq, t_ns, probe, vcpu, flags, regflags, touched, missing, reset,
+             reader.buffers)
     result = r.finish(reader.trailer, reader.problems)
     result.stats["recorded"] = total
     result.stats["unreadable"] = dict(unread)

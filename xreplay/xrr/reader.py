@@ -30,6 +30,7 @@ from xreplay.xrr import format as fmt
 from xreplay.xrr.deltas import (
     FlagsView,
     Hit,
+    HitFields,
     SnapshotCodecV2,
     Undecodable,
     decode_snapshot_v1,
@@ -422,6 +423,17 @@ class XrrReader:
 
         Raises :class:`RecordingFormatError` at damage, after every intact hit before it.
         """
+        for fields, missing, reset, pos in self.raw_deltas(start):
+            hit = Hit(*fields)
+            hit.missing, hit.reset, hit.offset = missing, reset, pos
+            yield hit
+
+    def raw_deltas(self, start: int = 0
+                   ) -> Iterator[tuple[HitFields, int, bool, int]]:
+        """:meth:`deltas` without the objects: ``(fields, missing, reset, offset)`` per
+        snapshot, ``fields`` a :data:`~xreplay.xrr.deltas.HitFields` tuple and the other
+        three :class:`~xreplay.xrr.deltas.Hit`'s ``missing``, ``reset`` and ``offset``.
+        For inner loops (the replay) that read every snapshot of a long recording."""
         begin, expect = self._keyframe_before(start) if start > 0 else (None, 0)
         # The first pass from the first frame checks notes and the end frame as it goes and
         # becomes the reader's index when it completes; later passes reuse it.
@@ -439,9 +451,10 @@ class XrrReader:
             if kind != _KIND_SNAPSHOT:
                 continue  # notes are indexed by _frames; unknown kinds (newer minors) skipped
             try:
-                hit = decode(buf, i, end, bufs, sizes, nprobes)
-                if hit.seq != expect:
-                    raise Undecodable(f"snapshot number {hit.seq} where {expect} was due")
+                fields = decode(buf, i, end, bufs, sizes, nprobes)
+                seq = fields[0]
+                if seq != expect:
+                    raise Undecodable(f"snapshot number {seq} where {expect} was due")
             except Undecodable as e:
                 err = self._corrupt(pos, str(e))
                 if index is not None:
@@ -449,16 +462,17 @@ class XrrReader:
                     self._commit(index)
                 raise err from None
             expect += 1
-            if never and hit.touched & never:
-                never &= ~hit.touched
-            hit.missing = hit.unread | never
-            if gated and hit.missing:
-                hit.missing &= ~self._not_in_use(bufs, hit.missing)
-            if hit.seq >= start:
-                hit.offset = pos
-                if reset:
-                    hit.reset, reset = True, False
-                yield hit
+            missing = fields[9]  # unread
+            if never:
+                touched = fields[8]
+                if touched & never:
+                    never &= ~touched
+                missing |= never
+            if gated and missing:
+                missing &= ~self._not_in_use(bufs, missing)
+            if seq >= start:
+                yield fields, missing, reset, pos
+                reset = False
         if index is not None:
             self._commit(index)
             if index.damage is not None:
@@ -473,9 +487,8 @@ class XrrReader:
         snap_bytes: list[bytes | None] = [None] * nregions
         for hit in self.deltas(start):
             bufs = self.buffers
-            changed = [False] * nregions
-            for region, _, _ in hit.dirty:
-                changed[region] = True
+            touched = hit.touched
+            changed = [bool(touched >> region & 1) for region in range(nregions)]
             if hit.reset:
                 snap_bytes = [None if b is None else bytes(b) for b in bufs]
             else:
