@@ -164,13 +164,14 @@ class Observer:
     def _vcpu_changed(self, m: Evtchn2L, v: int, raw: bytes) -> bool:
         """Decode vCPU ``v``'s new head bytes; True if a field (not only padding) changed."""
         self._raw_head[v] = raw
-        new = self._vcpu(raw)
+        lo, hi = self.sel
+        up, mask, sel = raw[0], raw[1] if self.has_upcall_mask else None, raw[lo:hi]
         old = m.vcpu_info.get(v)
-        if (old is not None and old.evtchn_upcall_pending == new.evtchn_upcall_pending
-                and old.evtchn_upcall_mask == new.evtchn_upcall_mask
-                and old.evtchn_pending_sel == new.evtchn_pending_sel):
-            return False
-        m.vcpu_info[v] = new
+        if (old is not None and old.evtchn_upcall_pending == up
+                and old.evtchn_upcall_mask == mask
+                and old.evtchn_pending_sel == int.from_bytes(sel, "little")):
+            return False  # only padding changed
+        m.vcpu_info[v] = VcpuBits(up, mask, int.from_bytes(sel, "little"))
         return True
 
     def _full_changed(self, m: Evtchn2L, bufs: list[bytearray | None], missing: int) -> bool:

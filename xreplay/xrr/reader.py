@@ -44,6 +44,7 @@ from xreplay.xrr.header import (
 )
 
 _CHUNK = 1 << 18  # bytes read at a time
+_CRC32_RESIDUE = 0x2144DF1C  # zlib.crc32(data + zlib.crc32(data).to_bytes(4, "little"))
 # Plain ints: IntFlag arithmetic runs in Python, per snapshot.
 _KEYFRAME, _HANG = int(fmt.FLAG_KEYFRAME), int(fmt.FLAG_HANG)
 _HAVE_FLAGS, _HAVE_SP = int(fmt.FLAG_HAVE_FLAGS), int(fmt.FLAG_HAVE_SP)
@@ -270,7 +271,8 @@ class XrrReader:
         three."""
         f, pos, known, stop = self._frames_begin(start, index)
         crc_size, max_frame = fmt.FRAME_CRC_SIZE, fmt.MAX_FRAME
-        crc32, from_bytes = zlib.crc32, int.from_bytes
+        mark, max_kind = fmt.FRAME_MARK_V2, fmt.MAX_FRAME_KIND_V2
+        crc32 = zlib.crc32
         longest_head = 1 + 5  # a VarInt of MAX_FRAME takes at most 4 bytes; 5 is damage
         buf = b""
         i = 0  # buf[i] is the byte at file offset pos
@@ -283,24 +285,27 @@ class XrrReader:
                 if not buf:
                     return
             head = buf[i]
-            if head & 0xF0 != fmt.FRAME_MARK_V2:
+            if head & 0xF0 != mark:
                 self._damaged(index, pos, "bad frame marker")
                 return
-            length = 0
-            shift = 0
-            j = i + 1
-            while True:
-                if j >= len(buf):  # the file ends inside the length
-                    self._torn(index, pos)
-                    return
-                x = buf[j]
-                j += 1
-                length |= (x & 0x7F) << shift
-                if x < 0x80:
-                    break
-                shift += 7
-                if shift > 28:
-                    break
+            length = buf[i + 1] if i + 1 < len(buf) else 0x80
+            if length < 0x80:  # a one-byte length: most frames
+                j, shift = i + 2, 0
+            else:
+                length = shift = 0
+                j = i + 1
+                while True:
+                    if j >= len(buf):  # the file ends inside the length
+                        self._torn(index, pos)
+                        return
+                    x = buf[j]
+                    j += 1
+                    length |= (x & 0x7F) << shift
+                    if x < 0x80:
+                        break
+                    shift += 7
+                    if shift > 28:
+                        break
             if shift > 28 or length > max_frame:
                 self._damaged(index, pos, "bad frame length")
                 return
@@ -314,13 +319,14 @@ class XrrReader:
                 if end > len(buf):
                     self._torn(index, pos)
                     return
-            if crc32(buf[i:end - crc_size]) != from_bytes(buf[end - crc_size:end], "little"):
+            # A CRC-32 over its data followed by itself (little-endian) is always the residue.
+            if crc32(buf[i:end]) != _CRC32_RESIDUE:
                 if end == len(buf) and not f.read(1):
                     self._torn(index, pos)  # the last frame, written partly
                     return
                 self._damaged(index, pos, "checksum mismatch")
                 return
-            kind = head & fmt.MAX_FRAME_KIND_V2
+            kind = head & max_kind
             if index is not None and kind in (_KIND_NOTE, _KIND_END):
                 try:
                     self._index_json(index, pos, kind, buf[j:end - crc_size])
