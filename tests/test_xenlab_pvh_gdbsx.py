@@ -137,7 +137,7 @@ def test_correct_replays_clean_and_diff_names_the_divergence(lab: Lab,
     assert last_snapshot(hung).hang
     first_new = first_step_never_in(hung, out)
     named = [x for x in d.divergences if x.side == "b"]
-    assert named and named[0].snapshot == first_new, ([x.message for x in d.divergences],
+    assert named and named[0].seen.at[1] == first_new, ([x.message for x in d.divergences],
                                                       first_new)
     if "hang" not in named[0].message:
         print(f"the hung run's first new step is #{first_new}, before its hang: "
