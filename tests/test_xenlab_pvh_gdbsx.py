@@ -22,13 +22,7 @@ import pytest
 
 from xreplay.errors import XReplayError
 from xreplay.lab import pvh
-from xreplay.lab.pvh.record import (
-    UnikernelRecording,
-    UnikernelStopped,
-    cross_check,
-    last_snapshot,
-    record,
-)
+from xreplay.lab.pvh.record import cross_check, last_snapshot, record
 from xreplay.lab.xen import Lab
 from xreplay.replay.detectors import replay
 from xreplay.replay.diff import diff_recordings
@@ -63,24 +57,10 @@ def recordings(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("pvh-recordings")
 
 
-def record_once_more_on_emulator_fault(lab: Lab, variant: str, out: Path,
-                                       **kw) -> UnikernelRecording:
-    """``record()``, and once more only when the unikernel died of the failure named as
-    QEMU's (``Unikernel.emulator_fault``: Xen's triple-fault dump holds Xen's own cs and
-    RIP, after ``vmrun``); any other stop fails the test with Xen's lines."""
-    try:
-        return record(lab, variant, out, progress=print, **kw)
-    except UnikernelStopped as exc:
-        if exc.emulator is None:
-            raise
-        print(f"{variant}: recording once more: {exc.emulator}")
-    return record(lab, variant, out, progress=print, **kw)
-
-
 @pytest.mark.xenlab
 def test_lost_upcall_replays_to_missed_clear_with_xens_ports(lab: Lab, recordings: Path) -> None:
     out = recordings / "lost-upcall.xrr"
-    rec = record_once_more_on_emulator_fault(lab, "lost-upcall", out)
+    rec = record(lab, "lost-upcall", out, progress=print)
     assert rec.hung and rec.result.hang_snapshot is not None, rec.result
     assert "b" in rec.xl_state, rec.xl_state  # Xen: blocked, for good
     assert rec.dump is not None
@@ -100,27 +80,22 @@ def test_lost_upcall_replays_to_missed_clear_with_xens_ports(lab: Lab, recording
 @pytest.mark.xenlab
 def test_callback_irq_races_through_gdbsx_without_hanging(lab: Lab, recordings: Path) -> None:
     out = recordings / "callback-irq.xrr"
-    for attempt in (1, 2):
-        rec = record_once_more_on_emulator_fault(lab, "callback-irq", out, count=40,
-                                                 hang_after=10.0, destroy=False)
-        try:
-            assert rec.result.reason == "count", rec.result
-            assert not replay(out).by_kind("missed-clear")
-            after = pvh.watch(rec.unikernel, 6.0)  # and it runs on without the debugger
-            emulator = rec.unikernel.emulator_fault() if after.fate else None
-            if emulator is None or attempt == 2:
-                assert after.fate is None and not after.hung, after
-                break
-            print(f"callback-irq: once more: {emulator}")  # QEMU's, see the helper
-        finally:
-            rec.unikernel.destroy()
+    rec = record(lab, "callback-irq", out, count=40, hang_after=10.0, destroy=False,
+                 progress=print)
+    try:
+        assert rec.result.reason == "count", rec.result
+        assert not replay(out).by_kind("missed-clear")
+        after = pvh.watch(rec.unikernel, 6.0)  # and it runs on without the debugger
+        assert after.fate is None and not after.hung, after
+    finally:
+        rec.unikernel.destroy()
 
 
 @pytest.mark.xenlab
 def test_correct_replays_clean_and_diff_names_the_divergence(lab: Lab,
                                                              recordings: Path) -> None:
     out = recordings / "correct.xrr"
-    rec = record_once_more_on_emulator_fault(lab, "correct", out, count=40, hang_after=10.0)
+    rec = record(lab, "correct", out, count=40, hang_after=10.0, progress=print)
     assert rec.result.reason == "count", rec.result
     result = replay(out)
     assert not result.failed, [f.message for f in result.findings]

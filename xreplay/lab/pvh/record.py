@@ -68,13 +68,9 @@ def record_options(uk: pvh.Unikernel, target: str, output: Path, *,
 
 
 class UnikernelStopped(XReplayError):
-    """The unikernel stopped running during or right after its recording (see
-    :meth:`pvh.Unikernel.fate`); ``emulator`` names the emulator's failure when Xen's
-    dump shows it (:meth:`pvh.Unikernel.emulator_fault`), else None."""
-
-    def __init__(self, message: str, *, emulator: str | None = None) -> None:
-        super().__init__(message)
-        self.emulator = emulator
+    """The unikernel stopped running during or right after its recording: the message is
+    :meth:`pvh.Unikernel.fate` (xl's state, Xen's lines, the emulator's failure when
+    Xen's dump shows it) and where the recording is."""
 
 
 @dataclass
@@ -159,8 +155,7 @@ def record(lab: Lab, variant: str, output: Path, *,
         fate = uk.fate()
         if fate is not None:
             raise UnikernelStopped(f"{fate}; the recording ({result.snapshots} snapshots, "
-                                   f"ended by {result.reason}) is in {output}",
-                                   emulator=uk.emulator_fault())
+                                   f"ended by {result.reason}) is in {output}")
         state = uk.xl_state()
         dump, text = uk.e_dump()
         return UnikernelRecording(uk, result, state, dump, text, uk.console())
