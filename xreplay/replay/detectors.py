@@ -861,9 +861,6 @@ class Replayer:
         self.observer = Observer(header)
         self.cur = w.model()  # the state at the current hit
         self.prev = w.model()  # ... and at the one before (valid once a hit was fed)
-        self.last: int | None = None  # number of the last hit fed
-        self.last_t_ns = 0
-        self.last_hang = False
         self._step = Step()
         self._probe_roles = [(p.name, w.roles.get(p.name, "other")) for p in header.probes]
         self._nprobes = len(self._probe_roles)
@@ -900,6 +897,11 @@ class Replayer:
             [d.step for d in ds if d.unchanged_roles is None or role in d.unchanged_roles],
             [d.step for d in ds]]
         return out
+
+    @property
+    def last(self) -> int | None:
+        """The number of the last hit judged (None: none yet)."""
+        return self._step.index if self.walk.count else None
 
     @property
     def recorded(self) -> int:
@@ -977,12 +979,12 @@ class Replayer:
                         irq_of.clear()
                     irq = irq_of[regflags] = interrupts_enabled(w.header.arch, regflags)
             # -- judge the hit
-            if self.last is None:
+            if w.count:
+                s.quiet = not w.loud
+            else:  # the first
                 w.t0 = t_ns
                 s.quiet, s.cur, s.prev = False, cur, None
                 changed = True
-            else:
-                s.quiet = not w.loud
             s.changed = changed
             w.count += 1
             hits[role] += 1
@@ -994,13 +996,12 @@ class Replayer:
             if changed:
                 prev.assign(cur)
             s.prev, s.prev_index, s.prev_probe, s.prev_shadow = prev, index, name, shadow
-            self.last, self.last_t_ns, self.last_hang = index, t_ns, hang
         return role
 
     def finish(self, trailer: dict[str, Any] | None = None,
                problems: Iterable[str] = ()) -> ReplayResult:
         w = self.walk
-        end = End(self.last, self.last_hang, self.cur, trailer)
+        end = End(self.last, self._step.hang, self.cur, trailer)
         for d in self.detectors:
             d.finish(w, end)
         order = {k: i for i, k in enumerate(KINDS)}
@@ -1009,7 +1010,7 @@ class Replayer:
         stats = {
             "arch": w.header.arch,
             "snapshots": w.count,
-            "duration_s": 0.0 if last is None else (self.last_t_ns - (w.t0 or 0)) / 1e9,
+            "duration_s": 0.0 if last is None else (self._step.t_ns - (w.t0 or 0)) / 1e9,
             "start_t_ns": w.t0,
             "last_snapshot": last,
             "hits": dict(w.hits),
