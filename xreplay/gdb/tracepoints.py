@@ -109,7 +109,7 @@ def parse_status(reply: bytes) -> TraceStatus:
     reply = expand_rle(reply)  # gdbserver run-length encodes every reply ("50*!")
     fields: dict[str, str] = {}
     reason = ""
-    for i, item in enumerate(reply[2:].decode("ascii", "replace").split(";")):
+    for i, item in enumerate(reply[2:].lstrip(b";").decode("ascii", "replace").split(";")):
         key, _, value = item.partition(":")
         if i == 0:
             reason = key  # tnotrun, tstop, tfull, tpasscount, tdisconnected, terror...
