@@ -11,26 +11,41 @@ Every method does the same job against the same target (``target.c`` under
 * ``raw-rsp-pipelined`` - the same client sending reads, step-over and continue as one
   batch per hit (gdbserver answers queued packets in order): how far past one request in
   flight the stub itself can go;
+* ``xreplay-trace`` - the library with ``hit_loop="trace"`` (``--hit-loop trace``):
+  gdbserver's tracepoints collect each hit, fetched per batch (:mod:`xreplay.record.trace`);
+* ``raw-trace`` - the same tracepoints from the minimal client: registers + shared_info
+  collected inside gdbserver at each hit, the batch ending by itself at its last hit, the
+  raw trace buffer fetched with pipelined ``qTBuffer`` (the moonshot class of issue 13: no
+  round trip per hit at all);
 * ``pygdbmi-default`` - the loop a user writes first with pygdbmi's defaults (each
   ``write()`` waits 0.2 s for more output, so it gets few hits);
 * ``pygdbmi-tuned`` - the same loop with a 0.5 ms settle time, waiting for records by token.
+
+A second table runs xreplay, xreplay-trace, raw-rsp and raw-trace against ``target.c`` built
+the way Solo5 declares the page (``-DTARGET_SOLO5``: ``uint8_t HYPERVISOR_SHARED_INFO[4096]``,
+probe ``solo5__xen_evtchn_vector_handler``), xreplay configured by ``--profile solo5`` exactly
+as ``xreplay record --profile solo5`` builds it; every method still reads the 3136 bytes of
+``struct shared_info`` at the page's start (what xreplay reads of a 4096-byte page).
 
 Each method's time runs from its first resume to its last stored snapshot; start-up
 (spawning gdb, connecting, loading symbols) is reported separately as wall time.  Every
 stored snapshot is checked: record *i* must hold counter *i* (``wc_version``) and the
 upcall-pending byte the loop set, so a lost, duplicated or torn snapshot fails the run.
 
-A second table does the same job against QEMU's whole-machine stub (``qemu-system-x86_64
+A third table does the same job against QEMU's whole-machine stub (``qemu-system-x86_64
 -accel tcg``), the stub the Xen lab records through, whose limits differ (ack mode only,
 2048-byte ``m`` reads): the bare-metal lab guest (``xreplay.lab.guests``, variant
 ``correct``: real LAPIC upcalls, exits at the end, never hangs), ``HYPERVISOR_shared_info``
 in the x86_32 layout (2344 bytes) plus the guest's ``lab_upcall_count`` read at each hit (a
 watch region for xreplay, one more ``m`` for the raw client); record *i* must hold count
-*i* (the probe sits before the increment).  Only ``xreplay`` and ``raw-rsp`` run there:
-the comparison that matters is xreplay against what the stub allows.  gdb + QEMU can report
-one hit twice (shared/gdbstub-limits.md): each method drops a stop whose state repeats the
-previous one (xreplay with ``dedupe=True``, the raw client by the counter) and the benchmark
-prints how many each dropped.
+*i* (the probe sits before the increment).  A fourth table does the same with the lab
+guest in its Solo5 style (``GuestBuild("baremetal", style="solo5")``: the page a
+``uint8_t[4096]``, the Solo5 names).  Only ``xreplay`` and ``raw-rsp`` run on QEMU (its stub
+has no tracepoints; the lab table adds ``xreplay-agent``): the comparison that matters is
+xreplay against what the stub allows.  gdb + QEMU can report one hit twice
+(shared/gdbstub-limits.md): each method drops a stop whose state repeats the previous one
+(xreplay with ``dedupe=True``, the raw client by the counter) and the benchmark prints how
+many each dropped.
 """
 
 from __future__ import annotations
@@ -301,7 +316,8 @@ def run_xreplay(target: Target, workdir: Path, hits: int, hit_loop: str = "auto"
     ok, note = verify_xrr(target, out, hits)
     if res.reason != "count":
         ok, note = False, f"ended by {res.reason} {note}".strip()
-    if hit_loop == "direct" and not res.hit_loop.startswith("direct"):
+    if hit_loop == "direct" and not res.hit_loop.startswith("direct") or (
+            hit_loop == "trace" and "tracepoints" not in res.hit_loop):
         ok, note = False, f"recorded by {res.hit_loop}"
     packets = srv.packets if relay else res.packets
     return Measurement(res.snapshots, res.elapsed, ok, wall, note,
@@ -741,10 +757,10 @@ def qemu_record_benchmark(hits: int = DEFAULT_HITS, runs: int = 3,
 
 # -- the benchmark -------------------------------------------------------------------------
 
-METHOD_NAMES = ("xreplay", "xreplay-agent", "raw-rsp", "raw-rsp-pipelined", "raw-trace",
-                "pygdbmi-default", "pygdbmi-tuned")
+METHOD_NAMES = ("xreplay", "xreplay-agent", "xreplay-trace", "raw-rsp", "raw-rsp-pipelined",
+                "raw-trace", "pygdbmi-default", "pygdbmi-tuned")
 #: the Solo5-declared target (``uint8_t HYPERVISOR_SHARED_INFO[4096]``, ``--profile solo5``)
-SOLO5_METHODS = ("xreplay", "raw-rsp", "raw-trace")
+SOLO5_METHODS = ("xreplay", "xreplay-trace", "raw-rsp", "raw-trace")
 #: gdb-based methods: packets per hit counted through a relay, in untimed runs of this many
 PACKET_COUNT_HITS = {"xreplay-agent": 100, "pygdbmi-default": 3, "pygdbmi-tuned": 50}
 
@@ -757,6 +773,7 @@ def record_methods(target: Target, workdir: Path, hits: int,
     table_ = {
         "xreplay": ("xreplay", hits, lambda h: run_xreplay(target, workdir, h)),
         "xreplay-agent": ("agent", hits, lambda h: run_xreplay(target, workdir, h, "agent")),
+        "xreplay-trace": ("xtrace", hits, lambda h: run_xreplay(target, workdir, h, "trace")),
         "raw-rsp": ("raw", hits, lambda h: run_raw(target, workdir, h)),
         "raw-rsp-pipelined": ("pipelined", hits,
                               lambda h: run_raw(target, workdir, h, pipelined=True)),
@@ -816,7 +833,8 @@ def main(args: BenchArgs) -> bool:
     methods = record_benchmark(hits, args.runs)
     print(table(methods, BASELINE, "\nrecord, gdbserver target (snapshots/s; ratios against "
                 "raw-rsp measured in the same run):"))
-    print(goals(methods, {"xreplay": (1.0, 2.5), "raw-trace": (1.0, 2.5)}))
+    print(goals(methods, {"xreplay": (1.0, 2.5), "xreplay-trace": (1.0, 2.5),
+                          "raw-trace": (1.0, 2.5)}))
     ok = all(x.verified for m in methods for x in m.results)
     _log(f"record: target.c -DTARGET_SOLO5 (uint8_t HYPERVISOR_SHARED_INFO[4096], --profile "
          f"solo5) under gdbserver, {hits} hits, {args.runs} runs interleaved")
@@ -824,7 +842,8 @@ def main(args: BenchArgs) -> bool:
     print(table(smethods, BASELINE, "\nrecord, gdbserver target, Solo5 declaration: uint8_t "
                 "HYPERVISOR_SHARED_INFO[4096], --profile solo5 (snapshots/s; ratios against "
                 "raw-rsp measured in the same run):"))
-    print(goals(smethods, {"xreplay": (1.0, 2.5), "raw-trace": (1.0, 2.5)}))
+    print(goals(smethods, {"xreplay": (1.0, 2.5), "xreplay-trace": (1.0, 2.5),
+                           "raw-trace": (1.0, 2.5)}))
     ok = ok and all(x.verified for m in smethods for x in m.results)
     try:
         qemu_target = build_qemu_target()

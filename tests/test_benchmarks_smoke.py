@@ -74,9 +74,11 @@ def test_record_benchmark_runs_and_verifies() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     gdbserver_out, _, qemu_out = r.stdout.partition("\nrecord, QEMU")
     lab_out, _, solo5_out = gdbserver_out.partition("\nrecord, gdbserver target, Solo5")
-    _check_rows(_rows(lab_out), {"xreplay", "xreplay-agent", "raw-rsp", "raw-rsp-pipelined",
-                                 "raw-trace", "pygdbmi-default", "pygdbmi-tuned"}, r.stdout)
-    _check_rows(_rows(solo5_out), {"xreplay", "raw-rsp", "raw-trace"}, r.stdout)
+    _check_rows(_rows(lab_out), {"xreplay", "xreplay-agent", "xreplay-trace", "raw-rsp",
+                                 "raw-rsp-pipelined", "raw-trace", "pygdbmi-default",
+                                 "pygdbmi-tuned"}, r.stdout)
+    _check_rows(_rows(solo5_out), {"xreplay", "xreplay-trace", "raw-rsp", "raw-trace"},
+                r.stdout)
     assert "HYPERVISOR_SHARED_INFO[4096]" in solo5_out
     assert "NOT verified" not in r.stderr
     if shutil.which("qemu-system-x86_64") is None:

@@ -163,6 +163,33 @@ def test_trace_loop_in_short_batches_loses_and_repeats_nothing(tmp_path: Path,
 
 
 @pytest.mark.gdbserver
+def test_trace_loop_says_what_a_dying_gdbserver_took_with_it(tmp_path: Path) -> None:
+    """gdbserver killed (by its PID) while a batch is in its buffer: the run ends as
+    target-lost and the end note says the batch in progress was lost, never a silently
+    shorter recording that looks complete."""
+    import os
+    import signal
+    import threading
+    import time
+
+    out = tmp_path / "t.xrr"
+    with start_guest("process", "lost-upcall", seed=1, events=600) as guest:
+        opts = lab_record_options(guest, out, hit_loop="trace")  # no --hang-after: one batch
+        result: list[RecordResult] = []
+        t = threading.Thread(target=lambda: result.append(Recorder(opts).run()))
+        t.start()
+        time.sleep(3.0)  # the guest hangs within a second; its hits are in the buffer
+        os.kill(guest.pid, signal.SIGKILL)
+        t.join(30)
+    assert result and result[0].reason == "target-lost"
+    with XrrReader(out) as r:
+        end = [n.data for n in r.notes if n.data.get("event") == "end"][-1]
+        assert r.trailer is not None
+    assert end["trace"]["snapshots"] == result[0].snapshots == 0
+    assert "batch 1" in end["trace"]["lost"] and "not fetched" in end["trace"]["lost"]
+
+
+@pytest.mark.gdbserver
 def test_trace_loop_refuses_what_it_cannot_record(tmp_path: Path) -> None:
     """A region read through a pointer (Mini-OS's HYPERVISOR_shared_info set at boot): a
     tracepoint collects fixed addresses, so --hit-loop trace refuses in one line."""

@@ -101,6 +101,8 @@ class Recorder:
         self._identity: slice | None = None
         self.proxy: StubProxy | None = None
         self.plan: direct.DirectPlan | None = None
+        self._trace: dict[str, Any] | None = None  # the trace loop's batches, for the end note
+        self._loop_error: str | None = None
         self.hit_loop = "agent"
         self._agent_why: str | None = None  # why the agent records (``auto`` chose it)
         self._packets: int | None = None
@@ -533,7 +535,10 @@ class Recorder:
             extra["packets"] = self._packets
         if crash_signal:
             extra["signal"] = crash_signal
-        message = self.sink.error if reason is EndReason.WRITE_ERROR else self._mixed
+        if self._trace is not None:  # what the trace loop fetched, and what it could not
+            extra["trace"] = self._trace
+        message = self.sink.error if reason is EndReason.WRITE_ERROR else (
+            self._mixed or self._loop_error or (self._trace or {}).get("lost"))
         if message:
             extra["message"] = message
         unread = dict(self.sink.unreadable)
@@ -639,6 +644,8 @@ class Recorder:
         except (RspError, OSError, ValueError) as e:
             reason, there = EndReason.TARGET_LOST, False
             self.sink.note("direct-loop-error", error=str(e))
+            if isinstance(loop, trace.TraceLoop):
+                self._loop_error = f"the trace loop stopped: {e}"
         finally:
             queue.put(None)
             writer.join()
@@ -651,8 +658,9 @@ class Recorder:
             except (RspError, OSError, ValueError):
                 there = False
         if isinstance(loop, trace.TraceLoop):
-            self.sink.note("trace-batches", batches=loop.batches, snapshots=loop.hits,
-                           batch=loop.batch)
+            self._trace = {"batches": loop.batches, "snapshots": loop.hits, "batch": loop.batch,
+                           **({"lost": loop.lost()} if loop.lost() else {})}
+            self.sink.note("trace-batches", **self._trace)
         elif self.plan.notes:
             self.hit_loop = self._describe(loop)
             self.sink.note("hit-loop", path="direct", how=self.hit_loop, notes=self.plan.notes)

@@ -22,7 +22,8 @@ Limits, all checked or stated:
   follows, as in the direct loop); a guest that hangs is named up to twice the interval
   after its last hit.
 * What is lost if gdbserver dies: the hits of the batch in progress (they live in its
-  memory).  The ``hit-loop`` note and the ``trace-batch`` notes say how many were fetched.
+  memory; how many is unknown).  The ``trace-batches`` note and the end note's ``trace`` key
+  say how many batches and snapshots were fetched and, then, ``lost``: which batch.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class TraceLoop(DirectLoop):
         self.batch = 0  # hits a full batch holds
         self.armed = 0  # the count the breakpoints' conditions end a batch at
         self.tracing = False
+        self.in_flight = False  # a batch started and not yet fetched
         self.batches = 0
         self.hw_checked = True  # nothing of the direct loop's own checks applies
 
@@ -139,7 +141,7 @@ class TraceLoop(DirectLoop):
         replies = [self.c.recv() for _ in setup]
         if any(r != b"OK" for r in replies):
             raise RspError(f"trace set-up refused: {replies!r}")
-        self.tracing = True
+        self.tracing = self.in_flight = True
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -147,9 +149,7 @@ class TraceLoop(DirectLoop):
         self._start(self._resume(None))
         while True:
             stop, why = self.wait_stop()
-            if stop is None:
-                self.h.note("trace-batch", batch=self.batches, lost="the hits of this batch "
-                            "were in gdbserver's buffer when the stub went away")
+            if stop is None:  # the stub went away: lost() says what the end note must
                 return EndReason.TARGET_LOST, False
             got = self.drain(stop)
             if stop.exited:
@@ -222,13 +222,24 @@ class TraceLoop(DirectLoop):
             raise RspError(f"{len(frames)} trace frames in the buffer, gdbserver counted "
                            f"{status.frames}")
         vcpu = self._vcpu(stop.thread)
-        for fr in frames:
-            self.h.on_snapshot(self._snapshot(fr, vcpu))
-            self.hits += 1
+        snaps = []
+        for i, fr in enumerate(frames):
+            snaps.append(self._snapshot(fr, vcpu, self.hits + i))
+        for snap in snaps:  # all checked first: a bad frame stores none of its batch
+            self.h.on_snapshot(snap)
+        self.hits += len(snaps)
         self.batches += 1
+        self.in_flight = False
         return len(frames)
 
-    def _snapshot(self, fr: tp.TraceFrame, vcpu: int) -> tuple[Any, ...]:
+    def lost(self) -> str | None:
+        """What the end note must say was not recorded, or None."""
+        if not self.in_flight:
+            return None
+        return (f"the hits of batch {self.batches + 1} (after snapshot {self.hits}) were in "
+                "gdbserver's trace buffer and were not fetched: how many is unknown")
+
+    def _snapshot(self, fr: tp.TraceFrame, vcpu: int, seq: int) -> tuple[Any, ...]:
         if not 0 < fr.tracepoint <= len(self.addrs):
             raise RspError(f"a trace frame of tracepoint {fr.tracepoint}, not one of ours")
         addr = self.addrs[fr.tracepoint - 1]
@@ -250,5 +261,5 @@ class TraceLoop(DirectLoop):
                 raise RspError(f"a trace frame's region {r.name}: {len(data)} of {r.size} "
                                "bytes")
             regions.append(data)
-        return (self.hits, self.p.probes[addr], vcpu, addr, values.get("sp"),
+        return (seq, self.p.probes[addr], vcpu, addr, values.get("sp"),
                 values.get("flags"), False, regions)
