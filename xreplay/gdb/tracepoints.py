@@ -139,31 +139,46 @@ class TraceFrame:
 def parse_frames(raw: bytes, register_bytes: int, byteorder: str = "little"
                  ) -> Iterator[TraceFrame]:
     """The frames of a linear trace buffer's bytes; RspError on anything malformed."""
+    frames, at = split_frames(raw, 0, register_bytes, byteorder, final=True)
+    yield from frames
+
+
+def split_frames(raw: bytes | bytearray, at: int, register_bytes: int,
+                 byteorder: str = "little", final: bool = False
+                 ) -> tuple[list[TraceFrame], int]:
+    """The whole frames in ``raw`` from byte ``at`` on, and where the next one starts (a
+    buffer still being fetched ends inside a frame; ``final``: it must not).  RspError on
+    anything malformed."""
     end = "<" if byteorder == "little" else ">"
     head = struct.Struct(end + "hI")
     addr_len = struct.Struct(end + "QH")
-    at, n = 0, len(raw)
+    n = len(raw)
+    frames: list[TraceFrame] = []
     while at < n:
         if at + FRAME_HEADER > n:
-            raise RspError(f"trace buffer ends inside a frame header at byte {at}")
+            if final:
+                raise RspError(f"trace buffer ends inside a frame header at byte {at}")
+            break
         tp, size = head.unpack_from(raw, at)
         if tp == 0:  # the end-of-buffer marker
-            return
+            return frames, n
         data, stop = at + FRAME_HEADER, at + FRAME_HEADER + size
         if stop > n:
-            raise RspError(f"trace frame at byte {at} runs past the buffer ({size} bytes)")
+            if final:
+                raise RspError(f"trace frame at byte {at} runs past the buffer ({size} bytes)")
+            break
         frame = TraceFrame(tp)
         p = data
         while p < stop:
             kind = raw[p]
             p += 1
             if kind == 0x52:  # 'R'
-                frame.registers = raw[p:p + register_bytes]
+                frame.registers = bytes(raw[p:p + register_bytes])
                 p += register_bytes
             elif kind == 0x4D:  # 'M'
                 addr, length = addr_len.unpack_from(raw, p)
                 p += 10
-                frame.memory.append((addr, raw[p:p + length]))
+                frame.memory.append((addr, bytes(raw[p:p + length])))
                 p += length
             elif kind == 0x56:  # 'V'
                 p += 12
@@ -172,8 +187,9 @@ def parse_frames(raw: bytes, register_bytes: int, byteorder: str = "little"
         if p != stop:
             raise RspError(f"trace frame at byte {at}: blocks end at {p - data} of {size} "
                            "bytes (register block size wrong?)")
-        yield frame
+        frames.append(frame)
         at = stop
+    return frames, at
 
 
 def frame_memory(frame: TraceFrame, addr: int, size: int) -> bytes | None:

@@ -209,28 +209,30 @@ class TraceLoop(DirectLoop):
                            "thread hit: record this target with --hit-loop direct")
         reqs = tp.buffer_requests(status.used, self.p.max_read)
         raw = bytearray()
-        for at in range(0, len(reqs), FETCH_WINDOW):
-            window = reqs[at:at + FETCH_WINDOW]
+        at = stored = 0
+        vcpu = self._vcpu(stop.thread)
+        for w in range(0, len(reqs), FETCH_WINDOW):
+            window = reqs[w:w + FETCH_WINDOW]
             self.c.send(*window)
             for _ in window:
                 reply = self.c.recv()
                 if is_error(reply) or reply == b"l":
                     raise RspError(f"qTBuffer at {len(raw)} of {status.used}: {reply!r}")
                 raw += decode_hex(reply)
-        frames = list(tp.parse_frames(bytes(raw), self.regsize, self.p.byteorder))
-        if len(frames) != status.frames:
-            raise RspError(f"{len(frames)} trace frames in the buffer, gdbserver counted "
+            # the whole frames so far go to the writer while the next window is fetched
+            frames, at = tp.split_frames(raw, at, self.regsize, self.p.byteorder,
+                                         final=w + FETCH_WINDOW >= len(reqs))
+            snaps = [self._snapshot(fr, vcpu, self.hits + i) for i, fr in enumerate(frames)]
+            for snap in snaps:
+                self.h.on_snapshot(snap)
+            stored += len(snaps)
+            self.hits += len(snaps)
+        if stored != status.frames:
+            raise RspError(f"{stored} trace frames in the buffer, gdbserver counted "
                            f"{status.frames}")
-        vcpu = self._vcpu(stop.thread)
-        snaps = []
-        for i, fr in enumerate(frames):
-            snaps.append(self._snapshot(fr, vcpu, self.hits + i))
-        for snap in snaps:  # all checked first: a bad frame stores none of its batch
-            self.h.on_snapshot(snap)
-        self.hits += len(snaps)
         self.batches += 1
         self.in_flight = False
-        return len(frames)
+        return stored
 
     def lost(self) -> str | None:
         """What the end note must say was not recorded, or None."""
