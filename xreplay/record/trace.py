@@ -127,6 +127,7 @@ class TraceLoop(DirectLoop):
         """Tracing stopped, tracepoints out of the code, the breakpoints removed."""
         self._request(b"QTStop")
         self._request(b"QTinit")
+        self._request(b"QCatchSyscalls:0")
         self.tracing = False
         super().remove()
 
