@@ -134,6 +134,10 @@ def test_trace_loop_records_what_the_direct_loop_records(variant: str, tmp_path:
         batches = [n.data for n in r.notes if n.data.get("event") == "trace-batches"]
     assert batches and batches[0]["snapshots"] == rt.snapshots - (1 if rt.hang_snapshot
                                                                  is not None else 0)
+    # each snapshot's time is its hit's (gdbserver's timestamp), not the batch's fetch
+    with XrrReader(traced) as r:
+        times = [rec.t_ns for rec in r.records()]
+    assert times == sorted(times) and len(set(times)) > len(times) // 2
 
 
 @pytest.mark.gdbserver

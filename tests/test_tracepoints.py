@@ -16,14 +16,16 @@ from xreplay.gdb.rsp import RspError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _frame(tpnum: int, regs: bytes, mem: list[tuple[int, bytes]]) -> bytes:
+def _frame(tpnum: int, regs: bytes, mem: list[tuple[int, bytes]], stamp: int = 7) -> bytes:
     data = b"R" + regs + b"".join(b"M" + struct.pack("<QH", a, len(d)) + d for a, d in mem)
+    data += b"V" + struct.pack("<iq", tp.TIMESTAMP_TSV, stamp)
     return struct.pack("<hI", tpnum, len(data)) + data
 
 
 def test_agent_expressions_are_gdbs_bytecode() -> None:
-    # getv 100; const8 1; add; setv 100; end  /  getv 100; const32 N; less_unsigned; log_not
-    assert tp.count_action() == b"Xa,2c00642201022d006427"
+    # getv 100; const8 1; add; setv 100; tracev 1; end
+    # getv 100; const32 N; less_unsigned; log_not; end
+    assert tp.count_action() == b"Xd,2c00642201022d00642e000127"
     assert tp.batch_condition(7) == b"Xb,2c00642400000007150e27"
     with pytest.raises(ValueError):
         tp.batch_condition(0)
@@ -47,6 +49,7 @@ def test_frames_and_their_damage() -> None:
     frames = list(tp.parse_frames(raw + b"\0" * 6, len(regs)))
     assert [f.tracepoint for f in frames] == [1, 2]
     assert frames[0].registers == regs
+    assert frames[0].values == {tp.TIMESTAMP_TSV: 7}
     assert tp.frame_memory(frames[0], 0x1000, 4) == b"abcd"
     assert tp.frame_memory(frames[0], 0x1000, 5) is None
     assert tp.frame_size(16, [(0, 2), (0, 2)]) == len(raw) - len(_frame(2, regs, [(9, b"")]))

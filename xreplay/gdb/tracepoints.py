@@ -33,8 +33,12 @@ from dataclasses import dataclass, field
 from xreplay.gdb.rsp import RspError, expand_rle
 
 #: agent-expression opcodes (gdbsupport/ax.def)
-_ADD, _LESS_UNSIGNED, _LOG_NOT, _CONST32, _END, _GETV, _SETV, _CONST8 = (
-    0x02, 0x15, 0x0E, 0x24, 0x27, 0x2C, 0x2D, 0x22)
+_ADD, _LESS_UNSIGNED, _LOG_NOT, _CONST32, _END, _GETV, _SETV, _CONST8, _TRACEV = (
+    0x02, 0x15, 0x0E, 0x24, 0x27, 0x2C, 0x2D, 0x22, 0x2E)
+#: gdbserver's built-in trace state variable ``trace_timestamp``: microseconds of its steady
+#: clock (CLOCK_MONOTONIC on Linux), read by a getter each time it is used
+TIMESTAMP_TSV = 1
+V_BLOCK = 1 + 4 + 8  # 'V', int number, LONGEST value
 #: the trace state variable that counts this batch's hits
 COUNTER_TSV = 100  # not 1: gdbserver's built-in trace_timestamp (a getter, kept by QTinit)
 COUNTER_NAME = b"xreplay_hits"
@@ -50,9 +54,12 @@ def _agent_expr(code: bytes) -> bytes:
 
 
 def count_action() -> bytes:
-    """``X``: tsv += 1 (``setv`` leaves the value on the stack; the action drops it)."""
+    """``X``: tsv += 1, and the hit's time recorded in the frame (``tracev`` of
+    ``trace_timestamp``: a ``V`` block).  ``setv`` leaves the value on the stack; the
+    action's result is dropped by gdbserver."""
     v = COUNTER_TSV.to_bytes(2, "big")
-    return _agent_expr(bytes([_GETV, *v, _CONST8, 1, _ADD, _SETV, *v, _END]))
+    ts = TIMESTAMP_TSV.to_bytes(2, "big")
+    return _agent_expr(bytes([_GETV, *v, _CONST8, 1, _ADD, _SETV, *v, _TRACEV, *ts, _END]))
 
 
 def batch_condition(n: int) -> bytes:
@@ -78,8 +85,9 @@ def define_tracepoint(number: int, addr: int, regions: list[tuple[int, int]]) ->
 
 
 def frame_size(register_bytes: int, regions: list[tuple[int, int]]) -> int:
-    """Bytes one hit takes in the trace buffer (header, ``R`` block, ``M`` blocks)."""
-    size = FRAME_HEADER + 1 + register_bytes
+    """Bytes one hit takes in the trace buffer (header, ``R`` block, ``M`` blocks, the
+    timestamp's ``V`` block)."""
+    size = FRAME_HEADER + 1 + register_bytes + V_BLOCK
     for _, length in regions:
         blocks = -(-length // M_BLOCK_MAX) if length else 0
         size += blocks * M_BLOCK_HEADER + length
@@ -134,6 +142,7 @@ class TraceFrame:
     tracepoint: int
     registers: bytes | None = None
     memory: list[tuple[int, bytes]] = field(default_factory=list)
+    values: dict[int, int] = field(default_factory=dict)  # trace state variables recorded
 
 
 def parse_frames(raw: bytes, register_bytes: int, byteorder: str = "little"
@@ -152,6 +161,7 @@ def split_frames(raw: bytes | bytearray, at: int, register_bytes: int,
     end = "<" if byteorder == "little" else ">"
     head = struct.Struct(end + "hI")
     addr_len = struct.Struct(end + "QH")
+    tsv = struct.Struct(end + "iq")
     n = len(raw)
     frames: list[TraceFrame] = []
     while at < n:
@@ -181,6 +191,8 @@ def split_frames(raw: bytes | bytearray, at: int, register_bytes: int,
                 frame.memory.append((addr, bytes(raw[p:p + length])))
                 p += length
             elif kind == 0x56:  # 'V'
+                num, value = tsv.unpack_from(raw, p)
+                frame.values[num] = value
                 p += 12
             else:
                 raise RspError(f"trace frame at byte {at}: unknown block {kind:#x}")

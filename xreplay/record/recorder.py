@@ -476,11 +476,14 @@ class Recorder:
     # -- the agent's frames ----------------------------------------------------------
 
     def _on_snapshot(self, snap: tuple[Any, ...]) -> None:
-        _hit, pid, vcpu, pc, sp, regflags, hang, regions = snap
+        _hit, pid, vcpu, pc, sp, regflags, hang, regions = snap[:8]
         if self.sink.failed or self._mixed:
             return
+        # the trace loop's snapshots carry their hit's time (monotonic ns), fetched later
+        when = snap[8] if len(snap) > 8 else None
         seq = self.sink.append(probe=pid, vcpu=vcpu, pc=pc, regions=regions, sp=sp,
-                               regflags=regflags, hang=hang)
+                               regflags=regflags, hang=hang,
+                               **({"t_ns": self.sink.since_start(when)} if when else {}))
         self._last_hit = time.monotonic()
         self._last_probe = self._probe_names[pid] if pid < len(self._probe_names) else None
         if self._identity is not None and seq is not None and regions and regions[0]:
@@ -607,7 +610,7 @@ class Recorder:
 
             hooks = direct.Hooks(enqueue, self._direct_checker(t0),
                                  self.sink.note, lambda: time.monotonic() - self._last_hit,
-                                 o.interrupt_hang_after)
+                                 o.interrupt_hang_after, o.hang_after)
             loop = (trace.TraceLoop(conn, self.plan, hooks) if o.hit_loop == "trace"
                     else direct.DirectLoop(conn, self.plan, hooks))
             try:

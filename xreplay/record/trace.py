@@ -17,10 +17,12 @@ Limits, all checked or stated:
 * A batch is at most what the buffer holds (``buffer_size`` / the frame size, bounded by
   the ``--count`` left); gdbserver's buffer filling anyway (it stops collecting, not the
   program) is detected at the fetch and is an error, never fewer snapshots in silence.
-* A hang is judged at batch granularity: ``--hang-after`` interrupts, fetches what the
-  batch holds, and only a batch with no hit at all is a hang (the hang snapshot then
-  follows, as in the direct loop); a guest that hangs is named up to twice the interval
-  after its last hit.
+* Each frame records gdbserver's ``trace_timestamp`` (its steady clock, microseconds), so a
+  snapshot's ``t_ns`` is its hit's time (the clock offset measured by one ``qTV`` round trip
+  at each batch's start), not the fetch's.  ``--hang-after`` interrupts after that long
+  without a *fetched* hit, fetches what the batch holds, and it is a hang when the last hit
+  is that old (the hang snapshot then follows, as in the direct loop); otherwise tracing
+  goes on.
 * What is lost if gdbserver dies: the hits of the batch in progress (they live in its
   memory; how many is unknown).  The ``trace-batches`` note and the end note's ``trace`` key
   say how many batches and snapshots were fetched and, then, ``lost``: which batch.
@@ -28,6 +30,8 @@ Limits, all checked or stated:
 
 from __future__ import annotations
 
+import contextlib
+import time
 from typing import Any
 
 from xreplay.gdb import tracepoints as tp
@@ -73,6 +77,10 @@ class TraceLoop(DirectLoop):
         self.armed = 0  # the count the breakpoints' conditions end a batch at
         self.tracing = False
         self.in_flight = False  # a batch started and not yet fetched
+        #: local monotonic ns minus gdbserver's trace_timestamp in ns (its steady clock; the
+        #: same clock on one host, an offset across hosts), measured at each batch's start
+        self.clock_offset: int | None = None
+        self.last_hit_ns: int | None = None  # local monotonic ns of the last fetched hit
         self.batches = 0
         self.hw_checked = True  # nothing of the direct loop's own checks applies
 
@@ -138,11 +146,20 @@ class TraceLoop(DirectLoop):
         for i, a in enumerate(self.addrs):
             setup += tp.define_tracepoint(i + 1, a, regions)
         setup.append(b"QTStart")
-        self.c.send(*setup, resume)
+        self.c.send(*setup)
         replies = [self.c.recv() for _ in setup]
         if any(r != b"OK" for r in replies):
             raise RspError(f"trace set-up refused: {replies!r}")
         self.tracing = self.in_flight = True
+        # the stub's clock against ours, bracketed by one round trip (qTV answers "U"
+        # before the first run, so only once tracing)
+        t_a = time.monotonic_ns()
+        reply = self._request(b"qTV:%x" % tp.TIMESTAMP_TSV)
+        t_b = time.monotonic_ns()
+        if reply[:1] == b"V":
+            with contextlib.suppress(ValueError):
+                self.clock_offset = (t_a + t_b) // 2 - int(reply[1:], 16) * 1000
+        self.c.send(resume)
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -165,6 +182,8 @@ class TraceLoop(DirectLoop):
             sig = stop.signal
             resume = self._resume(None)
             if why is not None:
+                if why is EndReason.HANG and got and self._quiet_since_last_hit():
+                    got = 0  # hits in the interval, but none for --hang-after: a hang
                 if not (why is EndReason.HANG and got):
                     if why in (EndReason.HANG, EndReason.INTERRUPTED) and (
                             why is EndReason.HANG
@@ -187,6 +206,12 @@ class TraceLoop(DirectLoop):
             if want != self.armed:
                 self._arm(want)
             self._start(resume)
+
+    def _quiet_since_last_hit(self) -> bool:
+        """The last fetched hit (by gdbserver's timestamp) is --hang-after old or more."""
+        hang_after = self.h.hang_after
+        return (hang_after is not None and self.last_hit_ns is not None
+                and time.monotonic_ns() - self.last_hit_ns >= hang_after * 1e9)
 
     def _at_probe(self, stop: Stop) -> bool:
         rnum = self.p.registers["pc"][0]
@@ -264,5 +289,9 @@ class TraceLoop(DirectLoop):
                 raise RspError(f"a trace frame's region {r.name}: {len(data)} of {r.size} "
                                "bytes")
             regions.append(data)
+        stamp = fr.values.get(tp.TIMESTAMP_TSV)
+        when = None
+        if stamp is not None and self.clock_offset is not None:
+            when = self.last_hit_ns = stamp * 1000 + self.clock_offset
         return (seq, self.p.probes[addr], vcpu, addr, values.get("sp"),
-                values.get("flags"), False, regions)
+                values.get("flags"), False, regions, when)
