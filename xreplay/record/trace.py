@@ -187,7 +187,7 @@ class TraceLoop(DirectLoop):
                 if not (why is EndReason.HANG and got):
                     if why in (EndReason.HANG, EndReason.INTERRUPTED) and (
                             why is EndReason.HANG
-                            or self.h.idle() >= self.h.interrupt_hang_after):
+                            or self._idle() >= self.h.interrupt_hang_after):
                         self.hang_snapshot(stop)
                     return why, True
                 # hits in the interval: not a hang; the next batch starts here
@@ -206,6 +206,12 @@ class TraceLoop(DirectLoop):
             if want != self.armed:
                 self._arm(want)
             self._start(resume)
+
+    def _idle(self) -> float:
+        """Seconds since the last hit: by its own timestamp once one was fetched."""
+        if self.last_hit_ns is None:
+            return self.h.idle()
+        return (time.monotonic_ns() - self.last_hit_ns) / 1e9
 
     def _quiet_since_last_hit(self) -> bool:
         """The last fetched hit (by gdbserver's timestamp) is --hang-after old or more."""
