@@ -44,7 +44,10 @@ from xreplay.replay.model import Evtchn2L, Routing, explain, may_break_abi_quiet
 from xreplay.replay.observe import Observer, observe_snapshot
 from xreplay.snapshot import Snapshot, interrupts_enabled
 from xreplay.xrr import RecordingHeader, XrrReader
-from xreplay.xrr.deltas import Hit
+from xreplay.xrr.deltas import Hit, HitFields
+from xreplay.xrr.format import FLAG_HANG
+
+_HANG = int(FLAG_HANG)
 
 KINDS = ("missed-clear", "stranded-port", "lost-pending", "upcall-masked-at-block",
          "abi-violation", "blocked-at-end", "masked-pending", "spurious-upcall")
@@ -106,6 +109,7 @@ class VcpuTrack:
     upcalls_since_bh: int = 0
     blocked: bool = False  # entered the block function, no bottom half since
     quiet: bool = False  # its last hit was a block entry: only Xen writes until its next hit
+    counted: bool = False  # one of the recording's vCPUs (Walk.quiet asks about those)
 
 
 @dataclass(slots=True)
@@ -158,7 +162,9 @@ class Walk:
         self.has_role = set(self.roles.values())
         self.labels = header.labels
         self.tracks = {v: VcpuTrack(v) for v in self.routing.vcpus}
-        self._quiet_tracks = [self.tracks[v] for v in dict.fromkeys(header.vcpus)]
+        for v in header.vcpus:
+            self.tracks[v].counted = True
+        self.loud = len(set(header.vcpus))  # counted tracks not quiet
         self.findings: list[Finding] = []
         self.per_kind: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
@@ -205,10 +211,7 @@ class Walk:
 
     def quiet(self) -> bool:
         """Every vCPU of the recording sits in its block function: only Xen writes."""
-        for tr in self._quiet_tracks:  # noqa: SIM110 - no generator in the inner loop
-            if not tr.quiet:
-                return False
-        return True
+        return not self.loud
 
     def update_track(self, vcpu: int, index: int, t_ns: int, role: str,
                      interrupts_enabled: bool | None) -> None:
@@ -220,9 +223,16 @@ class Walk:
         tr.last_hit, tr.last_hit_t, tr.last_role = index, t_ns, role
         if role == "block":
             tr.last_block, tr.block_if = index, interrupts_enabled
-            tr.blocked = tr.quiet = True
+            tr.blocked = True
+            if not tr.quiet:
+                tr.quiet = True
+                if tr.counted:
+                    self.loud -= 1
             return
-        tr.quiet = False
+        if tr.quiet:
+            tr.quiet = False
+            if tr.counted:
+                self.loud += 1
         if role == "upcall":
             if tr.first_upcall_since_bh is None:
                 tr.first_upcall_since_bh = index
@@ -239,6 +249,9 @@ class Detector:
 
     kinds: tuple[str, ...] = ()
     roles: tuple[str, ...] | None = None  # the roles of the hits it looks at (None: all)
+    # of those, the roles it must see even when no event-channel field changed since the
+    # hit before (None: all); the replay skips the rest, so ``step`` must be a no-op there
+    unchanged_roles: tuple[str, ...] | None = None
 
     def step(self, w: Walk, s: Step) -> None:
         pass
@@ -424,6 +437,7 @@ class StrandedPort(Detector):
     """
 
     kinds = ("stranded-port",)
+    unchanged_roles = ("block", HANG)  # unchanged elsewhere: the same ports, nothing to do
 
     def __init__(self) -> None:
         self.current = 0
@@ -539,6 +553,7 @@ class LostPending(Detector):
     """
 
     kinds = ("lost-pending",)
+    unchanged_roles = ("block", HANG)  # unchanged elsewhere: nothing cleared or unmasked
 
     def __init__(self, w: Walk) -> None:
         self.shadow = _find_shadow(w) if w.options.use_shadow else None
@@ -698,6 +713,7 @@ class AbiViolation(Detector):
     :func:`xreplay.replay.model.explain`)."""
 
     kinds = ("abi-violation",)
+    unchanged_roles = ()  # judges changes only
     FIELDS = ("evtchn_pending", "evtchn_pending_sel", "evtchn_upcall_pending")
 
     def step(self, w: Walk, s: Step) -> None:
@@ -826,6 +842,15 @@ def default_detectors(w: Walk) -> list[Detector]:
             AbiViolation(), SpuriousUpcall(), MaskedPending()]
 
 
+class _Buffers:
+    """The ``buffers`` of one hit fed on its own (:meth:`Replayer.feed_hit`)."""
+
+    __slots__ = ("buffers",)
+
+    def __init__(self, buffers: list[bytearray | None]) -> None:
+        self.buffers = buffers
+
+
 class Replayer:
     """Feed probe hits in recording order (:meth:`feed_hit` from a reader's deltas, or
     :meth:`feed` with decoded snapshots), then :meth:`finish`."""
@@ -840,7 +865,8 @@ class Replayer:
         self.last_t_ns = 0
         self.last_hang = False
         self._step = Step()
-        self._probe_names = [p.name for p in header.probes]
+        self._probe_roles = [(p.name, w.roles.get(p.name, "other")) for p in header.probes]
+        self._nprobes = len(self._probe_roles)
         self.shadow = next((d.shadow for d in self.detectors if isinstance(d, LostPending)),
                            None)
         regions = header.regions
@@ -848,89 +874,127 @@ class Replayer:
             (i for i in reversed(range(len(regions)))
              if regions[i].name == self.shadow and regions[i].kind == "watch"), None)
         self._shadow: bytes | None = None
-        self._by_role: dict[str, list[Callable[[Walk, Step], None]]] = {}
+        # role -> the detectors' step methods for its hits: [unchanged, changed]
+        self._by_role: dict[str, list[list[Callable[[Walk, Step], None]]]] = {}
+        for role in {*w.roles.values(), HANG, "other"}:
+            self._detectors(role)
         self._unfed = False  # the model changed in hits skipped since the last one fed
-        self._irq = interrupts_enabled
         self._irq_of: dict[int, bool | None] = {}  # flags register -> interrupts enabled
+        self.unread: Counter[str] = Counter()  # hits where each region was not read
+        self.skipped = 0  # hits not judged (what the detectors need was not read)
+        self._region_names = [spec.name for spec in regions]
+        # per probed vCPU: the regions without which its hits are not judged (shared_info
+        # and its own registered vcpu_info; None: any other vCPU)
+        shared = 1 << next(i for i, spec in enumerate(regions) if spec.kind == "shared_info")
+        self._needs: dict[int | None, int] = {None: shared}
+        for i, spec in enumerate(regions):
+            if spec.name == f"vcpu_info.{spec.vcpu}":
+                self._needs[spec.vcpu] = shared | 1 << i
 
-    def _detectors(self, role: str) -> list[Callable[[Walk, Step], None]]:
-        """The ``step`` methods of the detectors that look at hits of ``role`` (bound once:
-        the replay calls them at every hit)."""
-        ds = self._by_role[role] = [d.step for d in self.detectors
-                                    if d.roles is None or role in d.roles]
-        return ds
+    def _detectors(self, role: str) -> list[list[Callable[[Walk, Step], None]]]:
+        """The ``step`` methods of the detectors that look at hits of ``role``, for a hit
+        where no field changed and for one where some did (bound once: the replay calls
+        them at every hit)."""
+        ds = [d for d in self.detectors if d.roles is None or role in d.roles]
+        self._by_role[role] = out = [
+            [d.step for d in ds if d.unchanged_roles is None or role in d.unchanged_roles],
+            [d.step for d in ds]]
+        return out
+
+    @property
+    def recorded(self) -> int:
+        """Hits fed, judged or not."""
+        return self.walk.count + self.skipped
 
     def feed(self, snap: Snapshot) -> None:
         """One decoded snapshot (the whole state at once)."""
         observe_snapshot(self.cur, snap)
         shadow = None if self.shadow is None else snap.watch.get(self.shadow)
-        self._feed(snap.index, snap.t_ns, snap.probe, snap.vcpu, snap.hang,
-                   snap.interrupts_enabled, True, shadow)
+        item = ((snap.index, snap.t_ns, 0, snap.vcpu, _HANG if snap.hang else 0, 0, None,
+                 snap.flags, 0, 0), 0, False, 0)
+        self.run((item,), None, whole=(snap.probe, self.walk.role_of(snap), shadow))
 
     def feed_hit(self, hit: Hit, buffers: list[bytearray | None]) -> str:
         """One hit from :meth:`XrrReader.deltas`, ``buffers`` its live region buffers;
         returns the hit's role."""
-        changed = self.observer.apply(self.cur, buffers, hit.dirty, hit.reset, hit.missing)
-        if self._unfed:
-            changed, self._unfed = True, False
-        sr = self._shadow_region
-        if sr is None:
-            shadow = None
-        else:
-            if hit.reset or hit.touched >> sr & 1:
-                data = buffers[sr]
-                self._shadow = None if data is None else bytes(data)
-            # not read at this hit: left out, as Snapshot.watch does
-            shadow = None if hit.missing >> sr & 1 else self._shadow
-        names = self._probe_names
-        probe = names[hit.probe] if hit.probe < len(names) else f"probe{hit.probe}"
-        rf = hit.regflags
-        if rf is None:
-            irq = None
-        else:  # a handful of distinct flags values in a whole recording
-            irq = self._irq_of.get(rf)
-            if irq is None:
-                if len(self._irq_of) >= 64:  # memory stays constant on any file
-                    self._irq_of.clear()
-                irq = self._irq_of[rf] = self._irq(self.walk.header.arch, rf)
-        return self._feed(hit.seq, hit.t_ns, probe, hit.vcpu, hit.hang, irq, changed, shadow)
+        item = ((hit.seq, hit.t_ns, hit.probe, hit.vcpu, hit.flags, hit.pc, hit.sp,
+                 hit.regflags, hit.touched, hit.unread), hit.missing, hit.reset, hit.offset)
+        return self.run((item,), _Buffers(buffers), judge_unread=True)  # type: ignore[return-value]
 
-    def _observe(self, hit: Hit, buffers: list[bytearray | None]) -> bool:
-        changed = self.observer.apply(self.cur, buffers, hit.dirty, hit.reset, hit.missing)
-        sr = self._shadow_region
-        if sr is not None and (hit.reset or hit.touched >> sr & 1):
-            data = buffers[sr]
-            self._shadow = None if data is None else bytes(data)
-        return changed
+    def run(self, source: Iterable[tuple[HitFields, int, bool, int]], holder: Any, *,
+            judge_unread: bool = False, whole: tuple[str, str, bytes | None] | None = None
+            ) -> str | None:
+        """Feed every hit of ``source`` (:meth:`XrrReader.raw_deltas` items; ``holder``
+        has their live region ``buffers``, e.g. the reader) and return the last one's role.
 
-    def skip_hit(self, hit: Hit, buffers: list[bytearray | None]) -> None:
-        """A hit the detectors must not judge (what they need was not read): the model
-        follows the buffers, the next fed hit compares with the last one fed."""
-        self._unfed = self._observe(hit, buffers) or self._unfed
-
-    def _feed(self, index: int, t_ns: int, probe: str, vcpu: int, hang: bool,
-              irq: bool | None, changed: bool, shadow: bytes | None) -> str:
-        w = self.walk
-        s = self._step
-        role = HANG if hang else w.roles.get(probe, "other")
-        if self.last is None:
-            w.t0 = t_ns
-            s.quiet, s.changed, s.cur, s.prev = False, True, self.cur, None
-        else:
-            s.quiet, s.changed, s.prev = w.quiet(), changed, self.prev
-        w.count += 1
-        hits = w.hits
-        hits[role] = hits.get(role, 0) + 1
-        w.update_track(vcpu, index, t_ns, role, irq)
-        s.index, s.t_ns, s.probe, s.vcpu, s.role = index, t_ns, probe, vcpu, role
-        s.hang, s.interrupts_enabled, s.shadow = hang, irq, shadow
-        ds = self._by_role.get(role)
-        for step in (self._detectors(role) if ds is None else ds):
-            step(w, s)
-        if s.changed:
-            self.prev.assign(self.cur)
-        s.prev_index, s.prev_probe, s.prev_shadow = index, probe, shadow
-        self.last, self.last_t_ns, self.last_hang = index, t_ns, hang
+        The replay's inner loop: the walk's state is bound to locals once for the whole
+        recording, not once a hit.  A hit that lacks what the detectors need (shared_info,
+        or the probed vCPU's own vcpu_info) is not judged unless ``judge_unread``: the model
+        follows it, and the next judged hit compares with the last one judged.  ``whole``
+        (probe name, role, shadow): the single hit of ``source`` was already observed into
+        :attr:`cur` from a decoded snapshot (:meth:`feed`)."""
+        w, s, cur, prev = self.walk, self._step, self.cur, self.prev
+        apply, by_role, update_track = self.observer.apply, self._by_role, w.update_track
+        probe_roles, nprobes, hits = self._probe_roles, self._nprobes, w.hits
+        sr, irq_of, unread = self._shadow_region, self._irq_of, self.unread
+        needs, names = self._needs, self._region_names
+        buffers: list[bytearray | None] = []
+        role = None
+        for (index, t_ns, probe, vcpu, flags, _, _, regflags, touched, _), missing, reset, _ \
+                in source:
+            if whole is None:
+                buffers = holder.buffers
+                changed = apply(cur, buffers, touched, reset, missing)
+                if sr is not None and (reset or touched >> sr & 1):
+                    data = buffers[sr]
+                    self._shadow = None if data is None else bytes(data)
+                if missing:
+                    unread.update(names[i] for i in iter_bits(missing))
+                    if not judge_unread and missing & (needs.get(vcpu) or needs[None]):
+                        self._unfed = self._unfed or changed
+                        self.skipped += 1
+                        continue  # a verdict only on data that was read
+                if self._unfed:
+                    changed, self._unfed = True, False
+                # not read at this hit: left out, as Snapshot.watch does
+                shadow = None if sr is None or missing >> sr & 1 else self._shadow
+                if probe < nprobes:
+                    name, role = probe_roles[probe]
+                else:
+                    name, role = f"probe{probe}", "other"
+            else:
+                changed = True
+                name, role, shadow = whole
+            hang = bool(flags & _HANG)
+            if hang:
+                role = HANG
+            if regflags is None:
+                irq = None
+            else:  # a handful of distinct flags values in a whole recording
+                irq = irq_of.get(regflags)
+                if irq is None:
+                    if len(irq_of) >= 64:  # memory stays constant on any file
+                        irq_of.clear()
+                    irq = irq_of[regflags] = interrupts_enabled(w.header.arch, regflags)
+            # -- judge the hit
+            if self.last is None:
+                w.t0 = t_ns
+                s.quiet, s.cur, s.prev = False, cur, None
+                changed = True
+            else:
+                s.quiet = not w.loud
+            s.changed = changed
+            w.count += 1
+            hits[role] += 1
+            update_track(vcpu, index, t_ns, role, irq)
+            s.index, s.t_ns, s.probe, s.vcpu, s.role = index, t_ns, name, vcpu, role
+            s.hang, s.interrupts_enabled, s.shadow = hang, irq, shadow
+            for step in by_role[role][changed]:
+                step(w, s)
+            if changed:
+                prev.assign(cur)
+            s.prev, s.prev_index, s.prev_probe, s.prev_shadow = prev, index, name, shadow
+            self.last, self.last_t_ns, self.last_hang = index, t_ns, hang
         return role
 
     def finish(self, trailer: dict[str, Any] | None = None,
@@ -973,25 +1037,9 @@ def _replay_reader(reader: XrrReader, options: ReplayOptions | None) -> ReplayRe
     if reader.header.abi == "fifo":  # the FIFO rules live in their own modules
         from xreplay.replay.fifo_detectors import replay_fifo
         return replay_fifo(reader, options)
-    h = reader.header
-    r = Replayer(h, options)
-    names = [spec.name for spec in h.regions]
-    shared = 1 << next(i for i, spec in enumerate(h.regions) if spec.kind == "shared_info")
-    own = {spec.vcpu: 1 << i for i, spec in enumerate(h.regions)  # the probed vCPU's copy
-           if spec.name == f"vcpu_info.{spec.vcpu}"}
-    unread: Counter[str] = Counter()
-    total = 0
-    feed = r.feed_hit
-    for hit in reader.deltas():
-        total += 1
-        missing = hit.missing
-        if missing:
-            unread.update(names[i] for i in iter_bits(missing))
-            if missing & shared or missing & own.get(hit.vcpu, 0):
-                r.skip_hit(hit, reader.buffers)
-                continue  # a verdict only on data that was read
-        feed(hit, reader.buffers)
+    r = Replayer(reader.header, options)
+    r.run(reader.raw_deltas(), reader)
     result = r.finish(reader.trailer, reader.problems)
-    result.stats["recorded"] = total
-    result.stats["unreadable"] = dict(unread)
+    result.stats["recorded"] = r.recorded
+    result.stats["unreadable"] = dict(r.unread)
     return result

@@ -1,14 +1,16 @@
-"""From recorded bytes to the 2-level model: decode only the fields a delta rewrote.
+"""From recorded bytes to the 2-level model: decode only the fields whose bytes changed.
 
 A snapshot frame usually rewrites a few bytes of ``shared_info`` (a pending bit, a
-selector word, ``evtchn_upcall_pending``).  :class:`Observer` knows where each field the
-model needs lives (``evtchn_pending``, ``evtchn_mask``, and per vCPU the head of its
-``vcpu_info``: ``evtchn_upcall_pending``, ``evtchn_upcall_mask``,
-``evtchn_pending_sel``, embedded in ``shared_info`` or registered in a region of its
-own), takes a :class:`~xreplay.xrr.deltas.Hit`'s dirty spans and writes the fields they
-touch into an :class:`~xreplay.replay.model.Evtchn2L`.  It reads the same bytes the
+selector word, ``evtchn_upcall_pending``, the time info).  :class:`Observer` knows where
+each field the model needs lives (``evtchn_pending``, ``evtchn_mask``, and per vCPU the
+head of its ``vcpu_info``: ``evtchn_upcall_pending``, ``evtchn_upcall_mask``,
+``evtchn_pending_sel``, embedded in ``shared_info`` or registered in a region of its own).
+For each region a :class:`~xreplay.xrr.deltas.Hit` rewrote (its ``touched`` bits) it
+compares those fields' bytes with the ones it decoded last (a C ``memcmp``, cheaper in
+Python than reasoning about the delta's spans) and decodes only the fields that differ into
+an :class:`~xreplay.replay.model.Evtchn2L`.  It reads the same bytes the
 :class:`~xreplay.snapshot.Snapshot` decoder does (offsets from :mod:`xreplay.abi`), so the
-two paths agree field for field.
+two paths agree field for field (``tests/test_observe.py`` walks both).
 """
 
 from __future__ import annotations
@@ -21,6 +23,19 @@ from xreplay.snapshot import Snapshot
 from xreplay.xrr import XrrReader
 from xreplay.xrr.deltas import Hit
 from xreplay.xrr.header import RecordingHeader
+
+_LOW = 64  # bytes of a bitmap decoded alone when the rest is zero (ports below 512 on x86_64)
+_ZEROS = bytes(4096)
+
+
+def bitmap(raw: bytes | bytearray) -> int:
+    """``evtchn_pending``/``evtchn_mask`` bytes as an int, port *p* = bit *p*.
+    ``int.from_bytes`` costs about a nanosecond a byte whatever the value, and a guest's
+    ports sit at the bottom of a 512-byte (x86_64) bitmap: when the top is zero (one
+    ``memcmp``) only the bottom is converted."""
+    if len(raw) > _LOW and raw[_LOW:] == _ZEROS[:len(raw) - _LOW]:
+        return int.from_bytes(raw[:_LOW], "little")
+    return int.from_bytes(raw, "little")
 
 
 class Observer:
@@ -44,13 +59,16 @@ class Observer:
             if r.kind == "vcpu_info" and r.vcpu is not None:
                 self.registered[r.vcpu] = i
         self.vcpus = list(dict.fromkeys(header.vcpus))
-        self.sizes = [r.size for r in header.regions]
         # per vCPU: (region, offset) of its vcpu_info in the current buffers, or None
         self.source: dict[int, tuple[int, int] | None] = {}
         self._missing: int | None = None  # the regions unread at the last hit (None: no hit)
         self.embedded: list[tuple[int, int]] = []  # (vCPU, offset) read from shared_info
-        self.embedded_end = 0
-        self.registered_now: dict[int, int] = {}  # region -> the vCPU it is the source of
+        self.registered_now: list[tuple[int, int]] = []  # (region, vCPU) it is the source of
+        self.registered_bits = 0  # those regions as bits
+        # the bytes each field was last decoded from (None: not decoded)
+        self._raw_pending: bytes | None = None
+        self._raw_mask: bytes | None = None
+        self._raw_head: dict[int, bytes] = {}
 
     def _sources(self, missing: int) -> None:
         """Which copy of each vCPU's vcpu_info a snapshot decodes (as
@@ -68,14 +86,17 @@ class Observer:
                 self.source[v] = None
         self.embedded = [(v, src[1]) for v, src in self.source.items()
                          if src is not None and src[0] == self.shared]
-        self.embedded_end = max((at + self.head for _, at in self.embedded), default=0)
-        self.registered_now = {src[0]: v for v, src in self.source.items()
-                               if src is not None and src[0] != self.shared}
+        self.registered_now = [(src[0], v) for v, src in self.source.items()
+                               if src is not None and src[0] != self.shared]
+        self.registered_bits = 0
+        for region, _ in self.registered_now:
+            self.registered_bits |= 1 << region
 
-    def _vcpu(self, buf: bytearray, at: int) -> VcpuBits:
+    def _vcpu(self, raw: bytes) -> VcpuBits:
+        """A vcpu_info head's fields (``raw`` = its first :attr:`head` bytes)."""
         lo, hi = self.sel
-        return VcpuBits(buf[at], buf[at + 1] if self.has_upcall_mask else None,
-                        int.from_bytes(buf[at + lo:at + hi], "little"))
+        return VcpuBits(raw[0], raw[1] if self.has_upcall_mask else None,
+                        int.from_bytes(raw[lo:hi], "little"))
 
     def full(self, m: Evtchn2L, bufs: list[bytearray | None], missing: int) -> None:
         """Decode every field (the first hit, a hit after a seek, a hit where the set of
@@ -84,72 +105,74 @@ class Observer:
         shared = None if missing >> self.shared & 1 else bufs[self.shared]
         if shared is None:
             m.evtchn_pending = m.evtchn_mask = 0
+            self._raw_pending = self._raw_mask = None
         else:
-            m.evtchn_pending = int.from_bytes(shared[self.pending[0]:self.pending[1]], "little")
-            m.evtchn_mask = int.from_bytes(shared[self.mask[0]:self.mask[1]], "little")
+            p0, p1 = self.pending
+            m0, m1 = self.mask
+            self._raw_pending, self._raw_mask = bytes(shared[p0:p1]), bytes(shared[m0:m1])
+            m.evtchn_pending = bitmap(self._raw_pending)
+            m.evtchn_mask = bitmap(self._raw_mask)
         vcpus: dict[int, VcpuBits] = {}
+        self._raw_head = {}
         for v in self.vcpus:
             src = self.source[v]
             if src is not None:
-                vcpus[v] = self._vcpu(bufs[src[0]], src[1])  # type: ignore[arg-type]
+                region, at = src
+                raw = self._raw_head[v] = bytes(bufs[region][at:at + self.head])  # type: ignore[index]
+                vcpus[v] = self._vcpu(raw)
         m.vcpu_info = vcpus
 
-    def apply(self, m: Evtchn2L, bufs: list[bytearray | None],
-              dirty: list[tuple[int, int, int]], reset: bool = False, missing: int = 0
-              ) -> bool:
-        """Refresh the fields the ``dirty`` spans touch; True if any value changed.
-        ``missing``: the hit's :attr:`~xreplay.xrr.deltas.Hit.missing` regions (unknown
-        there: a region not read contributes no field, as in a decoded snapshot).
+    def apply(self, m: Evtchn2L, bufs: list[bytearray | None], touched: int,
+              reset: bool = False, missing: int = 0) -> bool:
+        """Refresh the fields of the regions ``touched`` rewrote (bit *i*: region *i*);
+        True if any value changed.  ``missing``: the hit's
+        :attr:`~xreplay.xrr.deltas.Hit.missing` regions (unknown there: a region not read
+        contributes no field, as in a decoded snapshot).
 
         A refreshed vCPU gets a new :class:`VcpuBits` (never mutated in place), so a copy of
         the previous state taken with :meth:`Evtchn2L.assign` stays valid.
         """
         if reset or missing != self._missing:
             return self._full_changed(m, bufs, missing)
-        if not dirty:
-            return False
-        shared_i = self.shared
-        p0, p1 = self.pending
-        m0, m1 = self.mask
-        head = self.head
-        touch_pending = touch_mask = False
-        touched: list[int] = []
-        for region, lo, hi in dirty:
-            if region == shared_i:
-                if lo < p1 and hi > p0:
-                    touch_pending = True
-                if lo < m1 and hi > m0:
-                    touch_mask = True
-                if lo < self.embedded_end:
-                    for v, at in self.embedded:
-                        if lo < at + head and hi > at and (not touched or touched[-1] != v):
-                            touched.append(v)  # spans ascend: a repeat is the last one
-            else:
-                v = self.registered_now.get(region)
-                if v is not None and lo < head and (not touched or touched[-1] != v):
-                    touched.append(v)
         changed = False
-        shared = bufs[shared_i]
-        if touch_pending:
-            value = int.from_bytes(shared[p0:p1], "little")  # type: ignore[index]
-            if value != m.evtchn_pending:
-                m.evtchn_pending, changed = value, True
-        if touch_mask:
-            value = int.from_bytes(shared[m0:m1], "little")  # type: ignore[index]
-            if value != m.evtchn_mask:
-                m.evtchn_mask, changed = value, True
-        sel0, sel1 = self.sel
-        for v in touched:
-            region, at = self.source[v]  # type: ignore[misc]
-            buf = bufs[region]
-            up = buf[at]  # type: ignore[index]
-            mask = buf[at + 1] if self.has_upcall_mask else None  # type: ignore[index]
-            sel = int.from_bytes(buf[at + sel0:at + sel1], "little")  # type: ignore[index]
-            old = m.vcpu_info.get(v)
-            if (old is None or old.evtchn_upcall_pending != up
-                    or old.evtchn_upcall_mask != mask or old.evtchn_pending_sel != sel):
-                m.vcpu_info[v], changed = VcpuBits(up, mask, sel), True
+        head = self.head
+        raws = self._raw_head
+        if touched >> self.shared & 1:
+            shared = bufs[self.shared]
+            p0, p1 = self.pending
+            raw = shared[p0:p1]  # type: ignore[index]
+            if raw != self._raw_pending:
+                self._raw_pending = raw  # type: ignore[assignment]
+                m.evtchn_pending, changed = bitmap(raw), True
+            m0, m1 = self.mask
+            raw = shared[m0:m1]  # type: ignore[index]
+            if raw != self._raw_mask:
+                self._raw_mask = raw  # type: ignore[assignment]
+                m.evtchn_mask, changed = bitmap(raw), True
+            for v, at in self.embedded:
+                raw = shared[at:at + head]  # type: ignore[index]
+                if raw != raws[v] and self._vcpu_changed(m, v, raw):
+                    changed = True
+        if touched & self.registered_bits:
+            for region, v in self.registered_now:
+                if touched >> region & 1:
+                    raw = bufs[region][:head]  # type: ignore[index]
+                    if raw != raws[v] and self._vcpu_changed(m, v, raw):
+                        changed = True
         return changed
+
+    def _vcpu_changed(self, m: Evtchn2L, v: int, raw: bytes) -> bool:
+        """Decode vCPU ``v``'s new head bytes; True if a field (not only padding) changed."""
+        self._raw_head[v] = raw
+        lo, hi = self.sel
+        up, mask, sel = raw[0], raw[1] if self.has_upcall_mask else None, raw[lo:hi]
+        old = m.vcpu_info.get(v)
+        if (old is not None and old.evtchn_upcall_pending == up
+                and old.evtchn_upcall_mask == mask
+                and old.evtchn_pending_sel == int.from_bytes(sel, "little")):
+            return False  # only padding changed
+        m.vcpu_info[v] = VcpuBits(up, mask, int.from_bytes(sel, "little"))
+        return True
 
     def _full_changed(self, m: Evtchn2L, bufs: list[bytearray | None], missing: int) -> bool:
         before = (m.evtchn_pending, m.evtchn_mask, dict(m.vcpu_info))
@@ -173,5 +196,5 @@ def states(reader: XrrReader) -> Iterator[tuple[Hit, Evtchn2L]]:
     m = Evtchn2L(g, Routing(g, h.vcpus, h.notify), vcpu_info={})
     obs = Observer(h)
     for hit in reader.deltas():
-        obs.apply(m, reader.buffers, hit.dirty, hit.reset, hit.missing)
+        obs.apply(m, reader.buffers, hit.touched, hit.reset, hit.missing)
         yield hit, m

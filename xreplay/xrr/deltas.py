@@ -1,12 +1,11 @@
 """Snapshot frames decoded straight into one buffer per region, reporting what changed.
 
 The replay reads a recording as a stream of byte-run deltas: most snapshots rewrite a few
-bytes of a page.  :func:`decode_snapshot_v1` applies a frame's region encodings to the
-live buffers (one ``bytearray`` per region) and returns a :class:`Hit` whose ``dirty``
-lists the rewritten spans, so that a consumer decodes only the fields those spans touch
-(see :mod:`xreplay.replay.observe`).  Hand-written rather than construct-parsed: this is
-the replay's inner loop; ``xreplay/xrr/format.py`` stays the declaration it must agree
-with (the spec tests check both on the same bytes).
+bytes of a page.  The decoders apply a frame's region encodings to the live buffers (one
+``bytearray`` per region) and say which regions they rewrote, so that a consumer re-reads
+only the fields of those regions (see :mod:`xreplay.replay.observe`).  Hand-written rather
+than construct-parsed: this is the replay's inner loop; ``xreplay/xrr/format.py`` stays the
+declaration it must agree with (the spec tests check both on the same bytes).
 """
 
 from __future__ import annotations
@@ -47,10 +46,9 @@ class FlagsView:
 
 
 class Hit(FlagsView):
-    """One snapshot frame: where and when, and the region spans it rewrote.
+    """One snapshot frame: where and when, and the regions it rewrote.
 
-    ``dirty`` holds ``(region, start, end)`` per rewritten span (a full encoding is the
-    whole region) and ``touched`` has bit *i* set when region *i* was rewritten;
+    ``touched`` has bit *i* set when region *i* was rewritten (a full or delta encoding);
     ``unread`` bit *i* when region *i* could not be read at this hit (stored absent: its
     buffer holds older bytes) and ``missing`` (set by the reader) adds the regions never
     read so far; ``reset`` says the buffers were rebuilt from an earlier keyframe, so a
@@ -58,11 +56,11 @@ class Hit(FlagsView):
     """
 
     __slots__ = ("seq", "t_ns", "probe", "vcpu", "flags", "pc", "sp", "regflags", "offset",
-                 "dirty", "touched", "unread", "missing", "reset")
+                 "touched", "unread", "missing", "reset")
 
     def __init__(self, seq: int, t_ns: int, probe: int, vcpu: int, flags: int, pc: int,
-                 sp: int | None, regflags: int | None, dirty: list[tuple[int, int, int]],
-                 touched: int, unread: int = 0) -> None:
+                 sp: int | None, regflags: int | None, touched: int, unread: int = 0
+                 ) -> None:
         self.seq = seq
         self.t_ns = t_ns
         self.probe = probe
@@ -71,12 +69,18 @@ class Hit(FlagsView):
         self.pc = pc
         self.sp = sp
         self.regflags = regflags
-        self.dirty = dirty
         self.touched = touched
         self.unread = unread
         self.missing = unread
         self.offset = 0
         self.reset = False
+
+
+HitFields = tuple[int, int, int, int, int, int, "int | None", "int | None", int, int]
+"""A decoded snapshot as the decoders return it: :class:`Hit`'s arguments in order (seq,
+t_ns, probe, vcpu, flags, pc, sp, regflags, touched, unread).  A plain tuple, because
+building an object per snapshot costs more than the decode of a typical few-byte delta; the
+replay's inner loop unpacks it (:meth:`XrrReader.raw_deltas`), ``deltas()`` makes a Hit."""
 
 
 def varint(b: bytes, i: int) -> tuple[int, int]:
@@ -98,15 +102,17 @@ def varint(b: bytes, i: int) -> tuple[int, int]:
             raise Undecodable("undecodable snapshot: VarInt longer than 64 bits")
 
 
-def apply_runs(buf: bytearray, region: int, b: bytes, i: int, end: int,
-               dirty: list[tuple[int, int, int]]) -> None:
+def apply_runs(buf: bytearray, b: bytes, i: int, end: int) -> None:
     """Patch ``buf`` with the delta runs in ``b[i:end]`` (skip, length, bytes …)."""
     at = 0
     size = len(buf)
     while i < end:
-        skip = b[i]  # one-byte varints inline: nearly every skip and length is one
+        skip = b[i]  # short varints inline: nearly every skip is one or two bytes
         if skip < 0x80:
             i += 1
+        elif b[i + 1] < 0x80:
+            skip = (skip & 0x7F) | b[i + 1] << 7
+            i += 2
         else:
             skip, i = varint(b, i)
         n = b[i]
@@ -117,11 +123,15 @@ def apply_runs(buf: bytearray, region: int, b: bytes, i: int, end: int,
         if i + n > end:
             raise Undecodable("undecodable delta")
         at += skip
+        if n == 1 and at < size:  # most runs are one byte (a bit, a flag): no slices
+            buf[at] = b[i]
+            at += 1
+            i += 1
+            continue
         stop = at + n
         if stop > size:
             raise Undecodable("delta runs past the end of its region")
         buf[at:stop] = b[i:i + n]
-        dirty.append((region, at, stop))
         at = stop
         i += n
     if i != end:
@@ -129,7 +139,7 @@ def apply_runs(buf: bytearray, region: int, b: bytes, i: int, end: int,
 
 
 def apply_region(bufs: list[bytearray | None], sizes: list[int], region: int, enc: int,
-                 b: bytes, i: int, n: int, dirty: list[tuple[int, int, int]]) -> bool:
+                 b: bytes, i: int, n: int) -> bool:
     """One region's encoding (``n`` data bytes at ``b[i]``) onto its live buffer; True if
     it rewrote the region (full or delta)."""
     if region >= len(bufs):
@@ -140,13 +150,12 @@ def apply_region(bufs: list[bytearray | None], sizes: list[int], region: int, en
             raise Undecodable(f"delta for region {region} before any keyframe")
         if n >= sizes[region]:
             raise Undecodable(f"delta for region {region} is not shorter than it")
-        apply_runs(buf, region, b, i, i + n, dirty)
+        apply_runs(buf, b, i, i + n)
         return True
     if enc == _FULL:
         if n != sizes[region]:
             raise Undecodable(f"region {region} has {n} bytes, not {sizes[region]}")
         bufs[region] = bytearray(b[i:i + n])
-        dirty.append((region, 0, n))
         return True
     if enc in (_SAME, _ABSENT):
         if n:
@@ -191,7 +200,7 @@ def probe_vcpu(b: bytes, i: int, nprobes: int) -> tuple[int, int, int]:
 
 
 def decode_snapshot_v1(b: bytes, i: int, end: int, bufs: list[bytearray | None],
-                       sizes: list[int], nprobes: int) -> Hit:
+                       sizes: list[int], nprobes: int) -> HitFields:
     """A version 1.0 snapshot payload ``b[i:end]`` (``format.SnapshotPayload``), checked
     against the format's bounds as the construct declaration is."""
     try:
@@ -208,7 +217,6 @@ def decode_snapshot_v1(b: bytes, i: int, end: int, bufs: list[bytearray | None],
         regflags, i = varint(b, i)
         nregions = b[i]
         i += 1
-        dirty: list[tuple[int, int, int]] = []
         touched = seen = unread = 0
         nbufs = len(bufs)
         for _ in range(nregions):
@@ -224,7 +232,7 @@ def decode_snapshot_v1(b: bytes, i: int, end: int, bufs: list[bytearray | None],
                 continue
             if i + n > end:
                 raise Undecodable("undecodable snapshot: region data past the frame's end")
-            if apply_region(bufs, sizes, region, enc, b, i, n, dirty):
+            if apply_region(bufs, sizes, region, enc, b, i, n):
                 touched |= 1 << region
             elif enc == _ABSENT:
                 unread |= 1 << region
@@ -233,9 +241,8 @@ def decode_snapshot_v1(b: bytes, i: int, end: int, bufs: list[bytearray | None],
         raise Undecodable("undecodable snapshot: the payload ends early") from None
     if i > end:
         raise Undecodable("undecodable snapshot: the payload ends early")
-    return Hit(seq, t_ns, probe, vcpu, flags, pc,
-               sp if flags & _HAVE_SP else None,
-               regflags if flags & _HAVE_FLAGS else None, dirty, touched, unread)
+    return (seq, t_ns, probe, vcpu, flags, pc, sp if flags & _HAVE_SP else None,
+            regflags if flags & _HAVE_FLAGS else None, touched, unread)
 
 
 # --------------------------------------------------------------------------- version 2.0
@@ -310,8 +317,9 @@ class SnapshotCodecV2:
         return payload
 
     def decode(self, b: bytes, i: int, end: int, bufs: list[bytearray | None],
-               sizes: list[int], nprobes: int) -> Hit:
-        """A 2.0 snapshot payload ``b[i:end]`` (``format.SnapshotPayloadV2``)."""
+               sizes: list[int], nprobes: int) -> HitFields:
+        """A 2.0 snapshot payload ``b[i:end]`` (``format.SnapshotPayloadV2``).  The replay's
+        inner loop: one- and two-byte VarInts are read inline, the rest by :func:`varint`."""
         try:
             flags = b[i]
             if flags & ~_KNOWN_FLAGS_V2:
@@ -322,18 +330,25 @@ class SnapshotCodecV2:
                 t_ns = unzigzag(t)
                 self.regs.clear()
             else:
-                if self.seq < 0:
-                    raise Undecodable("a delta snapshot before any keyframe")
                 seq = self.seq + 1
+                if not seq:
+                    raise Undecodable("a delta snapshot before any keyframe")
                 t = b[i + 1]
                 if t < 0x80:
                     i += 2
+                elif b[i + 2] < 0x80:
+                    t = (t & 0x7F) | b[i + 2] << 7
+                    i += 3
                 else:
                     t, i = varint(b, i + 1)
-                t_ns = self.t_ns + unzigzag(t)
+                t_ns = self.t_ns + (t >> 1 if not t & 1 else -((t + 1) >> 1))  # unzigzag
             if t_ns < 0:
                 raise Undecodable("undecodable snapshot: time before the recording began")
-            probe, vcpu, i = probe_vcpu(b, i, nprobes)
+            probe, vcpu = b[i], b[i + 1]
+            if probe < 0x80 and vcpu < 0x80 and probe < nprobes:  # one byte each, in bounds
+                i += 2
+            else:
+                probe, vcpu, i = probe_vcpu(b, i, nprobes)
             if flags & _REPEAT:
                 regs = self.regs.get(probe)
                 if regs is None:
@@ -350,36 +365,37 @@ class SnapshotCodecV2:
             ncodes = self.ncodes
             codes = b[i] if ncodes == 1 else int.from_bytes(b[i:i + ncodes], "little")
             i += ncodes
-            dirty: list[tuple[int, int, int]] = []
             touched = unread = 0
             region = 0
             nbufs = len(bufs)
             while codes:  # unused high codes are 0 (same)
                 code = codes & 3
-                if CODE_SAME < code < CODE_ABSENT:  # delta or full: data follows
+                if code == CODE_DELTA:
                     n = b[i]
                     if n < 0x80:
                         i += 1
                     else:
                         n, i = varint(b, i)
-                    if i + n > end:
-                        raise Undecodable("undecodable snapshot: region data past the "
-                                          "frame's end")
-                    if code == CODE_DELTA:
-                        # apply_runs directly once apply_region's checks are known to pass
-                        buf = bufs[region] if region < nbufs else None
-                        if buf is None or n >= sizes[region]:
-                            apply_region(bufs, sizes, region, _DELTA, b, i, n, dirty)  # raises
-                        else:
-                            apply_runs(buf, region, b, i, i + n, dirty)
-                    else:
-                        if region >= len(bufs):
-                            raise Undecodable(f"region {region} not declared in the header")
-                        bufs[region] = inflate(b[i:i + n], sizes[region], region)
-                        dirty.append((region, 0, sizes[region]))
+                    buf = bufs[region] if region < nbufs else None
+                    if buf is None or n >= sizes[region] or i + n > end:
+                        if i + n > end:
+                            raise Undecodable("undecodable snapshot: region data past the "
+                                              "frame's end")
+                        apply_region(bufs, sizes, region, _DELTA, b, i, n)  # raises
+                    apply_runs(buf, b, i, i + n)
                     touched |= 1 << region
                     i += n
-                elif region >= len(bufs):
+                elif code == CODE_FULL:
+                    n, i = varint(b, i)
+                    if i + n > end:
+                        raise Undecodable("undecodable snapshot: region data past the frame's "
+                                          "end")
+                    if region >= nbufs:
+                        raise Undecodable(f"region {region} not declared in the header")
+                    bufs[region] = inflate(b[i:i + n], sizes[region], region)
+                    touched |= 1 << region
+                    i += n
+                elif region >= nbufs:
                     raise Undecodable(f"region {region} not declared in the header")
                 elif code == CODE_ABSENT:
                     unread |= 1 << region
@@ -390,8 +406,8 @@ class SnapshotCodecV2:
         if i != end:
             raise Undecodable("undecodable snapshot: its length disagrees with its fields")
         self.seq, self.t_ns = seq, t_ns
-        return Hit(seq, t_ns, probe, vcpu, flags & _KNOWN_FLAGS, pc, sp, regflags, dirty,
-                   touched, unread)
+        return (seq, t_ns, probe, vcpu, flags & _KNOWN_FLAGS, pc, sp, regflags, touched,
+                unread)
 
     def prefix(self, b: bytes, i: int, end: int) -> tuple[int, int]:
         """(seq, flags) of a 2.0 snapshot for a keyframe search (no region decoded)."""
@@ -424,6 +440,7 @@ _REPEAT = int(fmt.FLAG_REPEAT_REGS)
 CODE_SAME, CODE_DELTA, CODE_FULL, CODE_ABSENT = (int(fmt.V2_CODES[e]) for e in (
     fmt.ENC_SAME, fmt.ENC_DELTA, fmt.ENC_FULL, fmt.ENC_ABSENT))
 _KNOWN_FLAGS_V2 = fmt.SNAPSHOT_FLAGS_KNOWN_V2
+assert _MAX_VCPUS >= 0x80  # decode's one-byte fast path needs no bound check on the vCPU
 
 
 def encode_runs(prev: bytes, cur: bytes) -> bytes:

@@ -30,6 +30,7 @@ from xreplay.xrr import format as fmt
 from xreplay.xrr.deltas import (
     FlagsView,
     Hit,
+    HitFields,
     SnapshotCodecV2,
     Undecodable,
     decode_snapshot_v1,
@@ -43,6 +44,7 @@ from xreplay.xrr.header import (
 )
 
 _CHUNK = 1 << 18  # bytes read at a time
+_CRC32_RESIDUE = 0x2144DF1C  # zlib.crc32(data + zlib.crc32(data).to_bytes(4, "little"))
 # Plain ints: IntFlag arithmetic runs in Python, per snapshot.
 _KEYFRAME, _HANG = int(fmt.FLAG_KEYFRAME), int(fmt.FLAG_HANG)
 _HAVE_FLAGS, _HAVE_SP = int(fmt.FLAG_HAVE_FLAGS), int(fmt.FLAG_HAVE_SP)
@@ -269,7 +271,8 @@ class XrrReader:
         three."""
         f, pos, known, stop = self._frames_begin(start, index)
         crc_size, max_frame = fmt.FRAME_CRC_SIZE, fmt.MAX_FRAME
-        crc32, from_bytes = zlib.crc32, int.from_bytes
+        mark, max_kind = fmt.FRAME_MARK_V2, fmt.MAX_FRAME_KIND_V2
+        crc32 = zlib.crc32
         longest_head = 1 + 5  # a VarInt of MAX_FRAME takes at most 4 bytes; 5 is damage
         buf = b""
         i = 0  # buf[i] is the byte at file offset pos
@@ -282,24 +285,27 @@ class XrrReader:
                 if not buf:
                     return
             head = buf[i]
-            if head & 0xF0 != fmt.FRAME_MARK_V2:
+            if head & 0xF0 != mark:
                 self._damaged(index, pos, "bad frame marker")
                 return
-            length = 0
-            shift = 0
-            j = i + 1
-            while True:
-                if j >= len(buf):  # the file ends inside the length
-                    self._torn(index, pos)
-                    return
-                x = buf[j]
-                j += 1
-                length |= (x & 0x7F) << shift
-                if x < 0x80:
-                    break
-                shift += 7
-                if shift > 28:
-                    break
+            length = buf[i + 1] if i + 1 < len(buf) else 0x80
+            if length < 0x80:  # a one-byte length: most frames
+                j, shift = i + 2, 0
+            else:
+                length = shift = 0
+                j = i + 1
+                while True:
+                    if j >= len(buf):  # the file ends inside the length
+                        self._torn(index, pos)
+                        return
+                    x = buf[j]
+                    j += 1
+                    length |= (x & 0x7F) << shift
+                    if x < 0x80:
+                        break
+                    shift += 7
+                    if shift > 28:
+                        break
             if shift > 28 or length > max_frame:
                 self._damaged(index, pos, "bad frame length")
                 return
@@ -313,13 +319,14 @@ class XrrReader:
                 if end > len(buf):
                     self._torn(index, pos)
                     return
-            if crc32(buf[i:end - crc_size]) != from_bytes(buf[end - crc_size:end], "little"):
+            # A CRC-32 over its data followed by itself (little-endian) is always the residue.
+            if crc32(buf[i:end]) != _CRC32_RESIDUE:
                 if end == len(buf) and not f.read(1):
                     self._torn(index, pos)  # the last frame, written partly
                     return
                 self._damaged(index, pos, "checksum mismatch")
                 return
-            kind = head & fmt.MAX_FRAME_KIND_V2
+            kind = head & max_kind
             if index is not None and kind in (_KIND_NOTE, _KIND_END):
                 try:
                     self._index_json(index, pos, kind, buf[j:end - crc_size])
@@ -422,6 +429,17 @@ class XrrReader:
 
         Raises :class:`RecordingFormatError` at damage, after every intact hit before it.
         """
+        for fields, missing, reset, pos in self.raw_deltas(start):
+            hit = Hit(*fields)
+            hit.missing, hit.reset, hit.offset = missing, reset, pos
+            yield hit
+
+    def raw_deltas(self, start: int = 0
+                   ) -> Iterator[tuple[HitFields, int, bool, int]]:
+        """:meth:`deltas` without the objects: ``(fields, missing, reset, offset)`` per
+        snapshot, ``fields`` a :data:`~xreplay.xrr.deltas.HitFields` tuple and the other
+        three :class:`~xreplay.xrr.deltas.Hit`'s ``missing``, ``reset`` and ``offset``.
+        For inner loops (the replay) that read every snapshot of a long recording."""
         begin, expect = self._keyframe_before(start) if start > 0 else (None, 0)
         # The first pass from the first frame checks notes and the end frame as it goes and
         # becomes the reader's index when it completes; later passes reuse it.
@@ -439,9 +457,10 @@ class XrrReader:
             if kind != _KIND_SNAPSHOT:
                 continue  # notes are indexed by _frames; unknown kinds (newer minors) skipped
             try:
-                hit = decode(buf, i, end, bufs, sizes, nprobes)
-                if hit.seq != expect:
-                    raise Undecodable(f"snapshot number {hit.seq} where {expect} was due")
+                fields = decode(buf, i, end, bufs, sizes, nprobes)
+                seq = fields[0]
+                if seq != expect:
+                    raise Undecodable(f"snapshot number {seq} where {expect} was due")
             except Undecodable as e:
                 err = self._corrupt(pos, str(e))
                 if index is not None:
@@ -449,16 +468,17 @@ class XrrReader:
                     self._commit(index)
                 raise err from None
             expect += 1
-            if never and hit.touched & never:
-                never &= ~hit.touched
-            hit.missing = hit.unread | never
-            if gated and hit.missing:
-                hit.missing &= ~self._not_in_use(bufs, hit.missing)
-            if hit.seq >= start:
-                hit.offset = pos
-                if reset:
-                    hit.reset, reset = True, False
-                yield hit
+            missing = fields[9]  # unread
+            if never:
+                touched = fields[8]
+                if touched & never:
+                    never &= ~touched
+                missing |= never
+            if gated and missing:
+                missing &= ~self._not_in_use(bufs, missing)
+            if seq >= start:
+                yield fields, missing, reset, pos
+                reset = False
         if index is not None:
             self._commit(index)
             if index.damage is not None:
@@ -473,9 +493,8 @@ class XrrReader:
         snap_bytes: list[bytes | None] = [None] * nregions
         for hit in self.deltas(start):
             bufs = self.buffers
-            changed = [False] * nregions
-            for region, _, _ in hit.dirty:
-                changed[region] = True
+            touched = hit.touched
+            changed = [bool(touched >> region & 1) for region in range(nregions)]
             if hit.reset:
                 snap_bytes = [None if b is None else bytes(b) for b in bufs]
             else:
