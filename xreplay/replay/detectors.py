@@ -297,12 +297,12 @@ class MissedClear(Detector):
         return state.deliverable(vcpu)
 
     def step(self, w: Walk, s: Step) -> None:
+        if s.role == "bottom-half" and self.reported:
+            self.reported.discard(s.vcpu)
+        if len(w.tracks) == 1 and s.role != HANG and s.vcpu in w.tracks:
+            return  # one vCPU, and it is the one running: nothing can stall behind it
         cur = s.cur
         assert cur is not None
-        if s.role == "bottom-half":
-            self.reported.discard(s.vcpu)
-        if len(w.tracks) == 1 and s.vcpu in w.tracks and s.role != HANG:
-            return  # one vCPU, and it is the one running: nothing can stall behind it
         if s.role == HANG:
             for v in w.tracks:
                 if v not in self.reported and self._blocked(w, v):
@@ -936,7 +936,8 @@ class Replayer:
         (probe name, role, shadow): the single hit of ``source`` was already observed into
         :attr:`cur` from a decoded snapshot (:meth:`feed`)."""
         w, s, cur, prev = self.walk, self._step, self.cur, self.prev
-        apply, by_role, update_track = self.observer.apply, self._by_role, w.update_track
+        observer = self.observer
+        apply, by_role, update_track = observer.apply, self._by_role, w.update_track
         probe_roles, nprobes, hits = self._probe_roles, self._nprobes, w.hits
         sr, irq_of, unread = self._shadow_region, self._irq_of, self.unread
         needs, names = self._needs, self._region_names
@@ -946,7 +947,9 @@ class Replayer:
                 in source:
             if whole is None:
                 buffers = holder.buffers
-                changed = apply(cur, buffers, touched, reset, missing)
+                # nothing rewritten and the same regions unread: nothing to observe
+                changed = (touched or reset or missing != observer.missing) and apply(
+                    cur, buffers, touched, reset, missing)
                 if sr is not None and (reset or touched >> sr & 1):
                     data = buffers[sr]
                     self._shadow = None if data is None else bytes(data)

@@ -61,7 +61,7 @@ class Observer:
         self.vcpus = list(dict.fromkeys(header.vcpus))
         # per vCPU: (region, offset) of its vcpu_info in the current buffers, or None
         self.source: dict[int, tuple[int, int] | None] = {}
-        self._missing: int | None = None  # the regions unread at the last hit (None: no hit)
+        self.missing: int | None = None  # the regions unread at the last hit (None: no hit)
         self.embedded: list[tuple[int, int]] = []  # (vCPU, offset) read from shared_info
         self.registered_now: list[tuple[int, int]] = []  # (region, vCPU) it is the source of
         self.registered_bits = 0  # those regions as bits
@@ -74,7 +74,7 @@ class Observer:
         """Which copy of each vCPU's vcpu_info a snapshot decodes (as
         :meth:`XrrReader.snapshot_of` does): its registered region when that was read at
         this hit (else none: the legacy slot is stale), or ``shared_info.vcpu_info[v]``."""
-        self._missing = missing
+        self.missing = missing
         have_shared = not missing >> self.shared & 1
         for v in self.vcpus:
             reg = self.registered.get(v)
@@ -132,7 +132,7 @@ class Observer:
         A refreshed vCPU gets a new :class:`VcpuBits` (never mutated in place), so a copy of
         the previous state taken with :meth:`Evtchn2L.assign` stays valid.
         """
-        if reset or missing != self._missing:
+        if reset or missing != self.missing:
             return self._full_changed(m, bufs, missing)
         changed = False
         head = self.head
