@@ -845,10 +845,11 @@ def default_detectors(w: Walk) -> list[Detector]:
 class _Buffers:
     """The ``buffers`` of one hit fed on its own (:meth:`Replayer.feed_hit`)."""
 
-    __slots__ = ("buffers",)
+    __slots__ = ("buffers", "hulls")
 
     def __init__(self, buffers: list[bytearray | None]) -> None:
         self.buffers = buffers
+        self.hulls = None  # the whole of each region it rewrote
 
 
 class Replayer:
@@ -946,10 +947,10 @@ class Replayer:
         for (index, t_ns, probe, vcpu, flags, _, _, regflags, touched, _), missing, reset, _ \
                 in source:
             if whole is None:
-                buffers = holder.buffers
+                buffers, hulls = holder.buffers, holder.hulls
                 # nothing rewritten and the same regions unread: nothing to observe
                 changed = (touched or reset or missing != observer.missing) and apply(
-                    cur, buffers, touched, reset, missing)
+                    cur, buffers, touched, reset, missing, hulls)
                 if sr is not None and (reset or touched >> sr & 1):
                     data = buffers[sr]
                     self._shadow = None if data is None else bytes(data)
