@@ -11,26 +11,41 @@ Every method does the same job against the same target (``target.c`` under
 * ``raw-rsp-pipelined`` - the same client sending reads, step-over and continue as one
   batch per hit (gdbserver answers queued packets in order): how far past one request in
   flight the stub itself can go;
+* ``xreplay-trace`` - the library with ``hit_loop="trace"`` (``--hit-loop trace``):
+  gdbserver's tracepoints collect each hit, fetched per batch (:mod:`xreplay.record.trace`);
+* ``raw-trace`` - the same tracepoints from the minimal client: registers + shared_info
+  collected inside gdbserver at each hit, the batch ending by itself at its last hit, the
+  raw trace buffer fetched with pipelined ``qTBuffer`` (the moonshot class of issue 13: no
+  round trip per hit at all);
 * ``pygdbmi-default`` - the loop a user writes first with pygdbmi's defaults (each
   ``write()`` waits 0.2 s for more output, so it gets few hits);
 * ``pygdbmi-tuned`` - the same loop with a 0.5 ms settle time, waiting for records by token.
+
+A second table runs xreplay, xreplay-trace, raw-rsp and raw-trace against ``target.c`` built
+the way Solo5 declares the page (``-DTARGET_SOLO5``: ``uint8_t HYPERVISOR_SHARED_INFO[4096]``,
+probe ``solo5__xen_evtchn_vector_handler``), xreplay configured by ``--profile solo5`` exactly
+as ``xreplay record --profile solo5`` builds it; every method still reads the 3136 bytes of
+``struct shared_info`` at the page's start (what xreplay reads of a 4096-byte page).
 
 Each method's time runs from its first resume to its last stored snapshot; start-up
 (spawning gdb, connecting, loading symbols) is reported separately as wall time.  Every
 stored snapshot is checked: record *i* must hold counter *i* (``wc_version``) and the
 upcall-pending byte the loop set, so a lost, duplicated or torn snapshot fails the run.
 
-A second table does the same job against QEMU's whole-machine stub (``qemu-system-x86_64
+A third table does the same job against QEMU's whole-machine stub (``qemu-system-x86_64
 -accel tcg``), the stub the Xen lab records through, whose limits differ (ack mode only,
 2048-byte ``m`` reads): the bare-metal lab guest (``xreplay.lab.guests``, variant
 ``correct``: real LAPIC upcalls, exits at the end, never hangs), ``HYPERVISOR_shared_info``
 in the x86_32 layout (2344 bytes) plus the guest's ``lab_upcall_count`` read at each hit (a
 watch region for xreplay, one more ``m`` for the raw client); record *i* must hold count
-*i* (the probe sits before the increment).  Only ``xreplay`` and ``raw-rsp`` run there:
-the comparison that matters is xreplay against what the stub allows.  gdb + QEMU can report
-one hit twice (shared/gdbstub-limits.md): each method drops a stop whose state repeats the
-previous one (xreplay with ``dedupe=True``, the raw client by the counter) and the benchmark
-prints how many each dropped.
+*i* (the probe sits before the increment).  A fourth table does the same with the lab
+guest in its Solo5 style (``GuestBuild("baremetal", style="solo5")``: the page a
+``uint8_t[4096]``, the Solo5 names).  Only ``xreplay`` and ``raw-rsp`` run on QEMU (its stub
+has no tracepoints; the lab table adds ``xreplay-agent``): the comparison that matters is
+xreplay against what the stub allows.  gdb + QEMU can report one hit twice
+(shared/gdbstub-limits.md): each method drops a stop whose state repeats the previous one
+(xreplay with ``dedupe=True``, the raw client by the counter) and the benchmark prints how
+many each dropped.
 """
 
 from __future__ import annotations
@@ -76,33 +91,53 @@ class Target:
     exe: Path
     probe_addr: int
     shared_info_addr: int
-    size: int  # sizeof(struct shared_info) for x86_64
+    size: int  # sizeof(struct shared_info) for x86_64: what xreplay reads at each hit
     counter_off: int  # wc_version: the loop's iteration counter
     pending_off: int  # vcpu_info[0].evtchn_upcall_pending: 1 at every hit
+    style: str = "lab"  # "solo5": the page is Solo5's uint8_t HYPERVISOR_SHARED_INFO[4096]
+
+    @property
+    def probe(self) -> str:
+        return STYLES[self.style][1]
+
+    @property
+    def shared_info(self) -> str:
+        return STYLES[self.style][2]
 
 
-def build_target(cache: Path | None = None) -> Target:
+#: target.c's declaration styles: extra CFLAGS, probe symbol, shared_info symbol.  "solo5"
+#: is named and declared as Solo5's bindings/xen (what ``--profile solo5`` expects).
+STYLES: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "lab": ((), PROBE, SHARED_INFO),
+    "solo5": (("-DTARGET_SOLO5", "-Devtchn_upcall_handler=solo5__xen_evtchn_vector_handler"),
+              "solo5__xen_evtchn_vector_handler", "HYPERVISOR_SHARED_INFO"),
+}
+
+
+def build_target(cache: Path | None = None, style: str = "lab") -> Target:
     """Compile ``target.c`` once per source/flags version into a cache dir (atomic rename)."""
     from xreplay.abi import layout
 
     gcc = shutil.which("gcc")
     if gcc is None:
         raise RuntimeError("gcc not found (apt-get install gcc)")
+    flags = [*CFLAGS, *STYLES[style][0]]
     src = TARGET_SRC.read_bytes()
-    key = hashlib.sha256(src + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    key = hashlib.sha256(src + " ".join(flags).encode()).hexdigest()[:12]
     cache = cache or Path(tempfile.gettempdir()) / f"xreplay-bench-{os.getuid()}"
     cache.mkdir(parents=True, exist_ok=True)
     exe = cache / f"target-{key}"
     if not exe.exists():
         tmp = cache / f".target-{key}-{os.getpid()}"
-        subprocess.run([gcc, *CFLAGS, "-o", str(tmp), str(TARGET_SRC)], check=True)
+        subprocess.run([gcc, *flags, "-o", str(tmp), str(TARGET_SRC)], check=True)
         os.replace(tmp, exe)
     syms = _symbols(exe)
     structs = layout("x86_64")
     fields = structs.fields("shared_info")
     vfields = structs.fields("vcpu_info")
-    return Target(exe, syms[PROBE], syms[SHARED_INFO], structs.shared_info.sizeof(),
-                  fields["wc_version"][0], vfields["evtchn_upcall_pending"][0])
+    _, probe, shinfo = STYLES[style]
+    return Target(exe, syms[probe], syms[shinfo], structs.shared_info.sizeof(),
+                  fields["wc_version"][0], vfields["evtchn_upcall_pending"][0], style)
 
 
 def _symbols(exe: Path) -> dict[str, int]:
@@ -260,20 +295,29 @@ def run_xreplay(target: Target, workdir: Path, hits: int, hit_loop: str = "auto"
     from xreplay.record import Recorder, RecordOptions
     from xreplay.xrr import ProbeSpec
 
-    out = workdir / f"xreplay-{hit_loop}.xrr"
+    out = workdir / f"xreplay-{target.style}-{hit_loop}.xrr"
     t = time.monotonic()
     with GdbServer(target, hits + 1, workdir, relay=relay) as srv:
-        opts = RecordOptions(
-            output=out, arch="x86_64", target=srv.address, elf=target.exe,
-            probes=[ProbeSpec("upcall", PROBE, "upcall")], shared_info=SHARED_INFO,
-            count=hits, kill_target=True, hit_loop=hit_loop,
-            description="benchmarks/target.c under gdbserver")
+        if target.style == "solo5":  # as a Solo5 user writes it: the preset names both
+            from xreplay.record.build import RecordChoices, build_options
+
+            opts = build_options(RecordChoices(
+                output=out, target=srv.address, elf=target.exe, profile="solo5",
+                count=hits, kill_target=True, hit_loop=hit_loop))
+            opts.description = "benchmarks/target.c -DTARGET_SOLO5 under gdbserver"
+        else:
+            opts = RecordOptions(
+                output=out, arch="x86_64", target=srv.address, elf=target.exe,
+                probes=[ProbeSpec("upcall", PROBE, "upcall")], shared_info=SHARED_INFO,
+                count=hits, kill_target=True, hit_loop=hit_loop,
+                description="benchmarks/target.c under gdbserver")
         res = Recorder(opts).run()
     wall = time.monotonic() - t
     ok, note = verify_xrr(target, out, hits)
     if res.reason != "count":
         ok, note = False, f"ended by {res.reason} {note}".strip()
-    if hit_loop == "direct" and not res.hit_loop.startswith("direct"):
+    if hit_loop == "direct" and not res.hit_loop.startswith("direct") or (
+            hit_loop == "trace" and "tracepoints" not in res.hit_loop):
         ok, note = False, f"recorded by {res.hit_loop}"
     packets = srv.packets if relay else res.packets
     return Measurement(res.snapshots, res.elapsed, ok, wall, note,
@@ -282,7 +326,7 @@ def run_xreplay(target: Target, workdir: Path, hits: int, hit_loop: str = "auto"
 
 def run_raw(target: Target, workdir: Path, hits: int, pipelined: bool = False) -> Measurement:
     """Own Z0, continue, ``m`` reads, step-over; one request in flight unless ``pipelined``."""
-    out = workdir / ("raw-pipelined.bin" if pipelined else "raw.bin")
+    out = workdir / f"raw-{target.style}{'-pipelined' if pipelined else ''}.bin"
     t = time.monotonic()
     n = 0
     with GdbServer(target, hits + 1, workdir) as srv, open(out, "wb") as f:
@@ -317,6 +361,87 @@ def run_raw(target: Target, workdir: Path, hits: int, pipelined: bool = False) -
                 if replies[0] != b"OK" or replies[2] != b"OK":
                     raise RspError(f"step-over replies: {replies!r}")
                 stop = c.parse_stop(c.recv())
+            elapsed = time.monotonic() - t0
+            packets = (c.packets_sent - sent0) / n if n else None
+            c.kill()
+        finally:
+            c.close()
+    wall = time.monotonic() - t
+    ok, note = verify_blob(target, out, hits)
+    return Measurement(n, elapsed, ok, wall, note, packets)
+
+
+#: x86_64 ``g`` layout (gdbserver's amd64-linux description): rsp, rip, eflags offsets
+X86_64_G_SP, X86_64_G_PC, X86_64_G_FLAGS = 7 * 8, 16 * 8, 17 * 8
+
+
+def run_raw_trace(target: Target, workdir: Path, hits: int, batch: int | None = None
+                  ) -> Measurement:
+    """gdbserver's tracepoints (:mod:`xreplay.gdb.tracepoints`): registers + shared_info
+    collected inside gdbserver at each hit, ``batch`` hits (default: all) per trace run,
+    each ending by itself at its last hit (a breakpoint condition on a hit counter), then
+    the raw trace buffer fetched with pipelined ``qTBuffer`` and split into snapshots.
+
+    Every frame's pc must be the probe's and its sp/flags readable: a snapshot carries
+    what xreplay's carries (registers, the 3136 bytes of shared_info).
+    """
+    from xreplay.gdb import tracepoints as tp
+
+    out = workdir / f"raw-trace-{target.style}.bin"
+    t = time.monotonic()
+    n = 0
+    batch = batch or hits
+    regions = [(target.shared_info_addr, target.size)]
+    with GdbServer(target, hits + 1, workdir) as srv, open(out, "wb") as f:
+        c = RspClient("127.0.0.1", srv.port)
+        try:
+            c.connect()
+            sent0 = c.packets_sent
+            regsize = len(c.read_registers())
+            per_frame = tp.frame_size(regsize, regions)
+            chunk = (c.packet_size - 16) // 2  # qTBuffer's reply is hex, like ``m``'s
+            # the frames of one batch, with room for the end marker; gdbserver's default
+            # (5 MiB) is the floor
+            size = max(tp.DEFAULT_BUFFER, per_frame * batch + 4096)
+            for pkt in (b"QTBuffer:size:%x" % size,
+                        b"Z0,%x,1;%s" % (target.probe_addr, tp.batch_condition(batch))):
+                if (r := c.request(pkt)) != b"OK":
+                    raise RspError(f"{pkt[:20]!r}: {r!r}")
+            t0 = time.monotonic()
+            while n < hits:
+                want = min(batch, hits - n)
+                setup = [b"QTinit", tp.define_counter(),
+                         *tp.define_tracepoint(1, target.probe_addr, regions), b"QTStart"]
+                if want < batch:  # a shorter last batch: the condition's count changes
+                    setup.insert(0, b"Z0,%x,1;%s" % (target.probe_addr,
+                                                     tp.batch_condition(want)))
+                c.send(*setup, c.resume_packet())
+                replies = [c.recv() for _ in setup]
+                if any(r != b"OK" for r in replies):
+                    raise RspError(f"trace set-up: {replies!r}")
+                stop = c.parse_stop(c.recv())
+                if stop.exited:
+                    raise RspError(f"the target exited during batch at {n}")
+                c.send(b"QTStop", b"qTStatus")
+                if c.recv() != b"OK":
+                    raise RspError("QTStop refused")
+                status = tp.parse_status(c.recv())
+                if status.frames != want or status.stop_reason == "tfull":
+                    raise RspError(f"batch at {n}: {status.frames} frames of {want} "
+                                   f"({status.stop_reason})")
+                reqs = tp.buffer_requests(status.used, chunk)
+                c.send(*reqs)
+                raw = b"".join(decode_hex(c.recv()) for _ in reqs)
+                for fr in tp.parse_frames(raw, regsize):
+                    regs = fr.registers or b""
+                    pc = int.from_bytes(regs[X86_64_G_PC:X86_64_G_PC + 8], "little")
+                    if pc != target.probe_addr or len(regs) < X86_64_G_FLAGS + 4:
+                        raise RspError(f"frame {n}: pc {pc:#x}, {len(regs)} register bytes")
+                    data = tp.frame_memory(fr, target.shared_info_addr, target.size)
+                    if data is None:
+                        raise RspError(f"frame {n}: shared_info not collected")
+                    f.write(data)
+                    n += 1
             elapsed = time.monotonic() - t0
             packets = (c.packets_sent - sent0) / n if n else None
             c.kill()
@@ -464,6 +589,15 @@ class QemuTarget:
     shared_info_size: int  # sizeof(struct shared_info) for x86_32: 2344
     counter_addr: int
     pending_off: int  # vcpu_info[0].evtchn_upcall_pending: 1 whenever the top half runs
+    style: str = "lab"  # "solo5": the lab guest's Solo5 style (a uint8_t[4096] page)
+
+    @property
+    def probe(self) -> str:
+        return STYLES[self.style][1]
+
+    @property
+    def shared_info(self) -> str:
+        return STYLES[self.style][2]
 
     @property
     def size(self) -> int:
@@ -474,19 +608,22 @@ class QemuTarget:
         return self.shared_info_size
 
 
-def build_qemu_target() -> QemuTarget:
-    """Build (or reuse from the lab cache) the bare-metal guest; XReplayError if it cannot."""
+def build_qemu_target(style: str = "lab") -> QemuTarget:
+    """Build (or reuse from the lab cache) the bare-metal guest; XReplayError if it cannot.
+    ``style`` "solo5": the lab guest's Solo5 declarations (``xreplay.lab.guests.STYLES``)."""
     from xreplay.abi import layout
     from xreplay.errors import XReplayError
-    from xreplay.lab.guests import build_guest
+    from xreplay.lab.guests import GuestBuild, build_guest
 
     if shutil.which("qemu-system-x86_64") is None:
         raise XReplayError("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
-    elf = build_guest("baremetal")
+    elf = build_guest(GuestBuild("baremetal", style=style))
     syms = _symbols(elf)
     structs = layout("x86_32")
-    return QemuTarget(elf, syms[PROBE], syms[SHARED_INFO], structs.shared_info.sizeof(),
-                      syms[QEMU_COUNTER], structs.fields("vcpu_info")["evtchn_upcall_pending"][0])
+    _, probe, shinfo = STYLES[style]
+    return QemuTarget(elf, syms[probe], syms[shinfo], structs.shared_info.sizeof(),
+                      syms[QEMU_COUNTER], structs.fields("vcpu_info")["evtchn_upcall_pending"][0],
+                      style)
 
 
 def qemu_events(hits: int) -> int:
@@ -512,12 +649,13 @@ def run_qemu_xreplay(target: QemuTarget, workdir: Path, hits: int, dups: list[in
     from xreplay.record import Recorder, WatchSpec
     from xreplay.xrr import ProbeSpec
 
-    out = workdir / f"qemu-xreplay-{hit_loop}.xrr"
+    out = workdir / f"qemu-xreplay-{target.style}-{hit_loop}.xrr"
     t = time.monotonic()
     packets = None
     with _qemu_guest(target, hits) as guest:
         opts = lab_record_options(
-            guest, out, probes=[ProbeSpec("upcall", PROBE, "upcall")],
+            guest, out, probes=[ProbeSpec("upcall", target.probe, "upcall")],
+            shared_info=target.shared_info,
             watch=[WatchSpec(QEMU_COUNTER, f"&{QEMU_COUNTER}", 4)], count=hits, dedupe=True,
             hit_loop=hit_loop)
         proxy = StubProxy(opts.target) if relay and opts.target else None
@@ -546,7 +684,7 @@ def run_qemu_raw(target: QemuTarget, workdir: Path, hits: int, dups: list[int]) 
     counted and not stored (as xreplay's de-duplication does), so it cannot pass unseen.
     The first stop's rip is checked once: stops are the probe's, not something else.
     """
-    out = workdir / "qemu-raw.bin"
+    out = workdir / f"qemu-raw-{target.style}.bin"
     t = time.monotonic()
     n = dup = 0
     last: bytes | None = None
@@ -563,7 +701,7 @@ def run_qemu_raw(target: QemuTarget, workdir: Path, hits: int, dups: list[int]) 
                 regs = c.read_registers()
                 pc = int.from_bytes(regs[QEMU_RIP_OFF:QEMU_RIP_OFF + 8], "little")
                 if pc != target.probe_addr:
-                    raise RspError(f"first stop at {pc:#x}, not at {PROBE} "
+                    raise RspError(f"first stop at {pc:#x}, not at {target.probe} "
                                    f"({target.probe_addr:#x})")
             while not stop.exited:
                 data = c.read_memory(target.shared_info_addr, target.shared_info_size)
@@ -592,9 +730,9 @@ def run_qemu_raw(target: QemuTarget, workdir: Path, hits: int, dups: list[int]) 
 
 def qemu_record_benchmark(hits: int = DEFAULT_HITS, runs: int = 3,
                           log: Callable[[str], None] = _log, target: QemuTarget | None = None,
-                          count_packets: bool = True,
+                          count_packets: bool = True, names: tuple[str, ...] = QEMU_METHODS,
                           ) -> tuple[list[Method], dict[str, list[int]]]:
-    """Both methods ``runs`` times interleaved on QEMU; also the duplicate stops per run."""
+    """The methods ``runs`` times interleaved on QEMU; also the duplicate stops per run."""
     target = target or build_qemu_target()
     dups: dict[str, list[int]] = {n: [] for n in QEMU_METHODS}
     with tempfile.TemporaryDirectory(prefix="xreplay-bench-qemu-") as tmp:
@@ -608,8 +746,9 @@ def qemu_record_benchmark(hits: int = DEFAULT_HITS, runs: int = 3,
             Method("raw-rsp", "raw", hits,
                    lambda h: run_qemu_raw(target, work, h, dups["raw-rsp"])),
         ]
+        methods = [m for m in methods if m.name in names]
         run_interleaved(methods, runs, log)
-        if count_packets:
+        if count_packets and "xreplay-agent" in names:
             methods[1].packets = gdb_packets_per_hit(
                 lambda h: run_qemu_xreplay(target, work, h, [], "agent", relay=True),
                 min(hits, 100))
@@ -618,8 +757,10 @@ def qemu_record_benchmark(hits: int = DEFAULT_HITS, runs: int = 3,
 
 # -- the benchmark -------------------------------------------------------------------------
 
-METHOD_NAMES = ("xreplay", "xreplay-agent", "raw-rsp", "raw-rsp-pipelined", "pygdbmi-default",
-                "pygdbmi-tuned")
+METHOD_NAMES = ("xreplay", "xreplay-agent", "xreplay-trace", "raw-rsp", "raw-rsp-pipelined",
+                "raw-trace", "pygdbmi-default", "pygdbmi-tuned")
+#: the Solo5-declared target (``uint8_t HYPERVISOR_SHARED_INFO[4096]``, ``--profile solo5``)
+SOLO5_METHODS = ("xreplay", "xreplay-trace", "raw-rsp", "raw-trace")
 #: gdb-based methods: packets per hit counted through a relay, in untimed runs of this many
 PACKET_COUNT_HITS = {"xreplay-agent": 100, "pygdbmi-default": 3, "pygdbmi-tuned": 50}
 
@@ -632,9 +773,11 @@ def record_methods(target: Target, workdir: Path, hits: int,
     table_ = {
         "xreplay": ("xreplay", hits, lambda h: run_xreplay(target, workdir, h)),
         "xreplay-agent": ("agent", hits, lambda h: run_xreplay(target, workdir, h, "agent")),
+        "xreplay-trace": ("xtrace", hits, lambda h: run_xreplay(target, workdir, h, "trace")),
         "raw-rsp": ("raw", hits, lambda h: run_raw(target, workdir, h)),
         "raw-rsp-pipelined": ("pipelined", hits,
                               lambda h: run_raw(target, workdir, h, pipelined=True)),
+        "raw-trace": ("trace", hits, lambda h: run_raw_trace(target, workdir, h)),
         "pygdbmi-default": ("pygdbmi", slow,
                             lambda h: run_pygdbmi_default(target, workdir, h)),
         "pygdbmi-tuned": ("tuned", max(1, hits // 10),
@@ -645,12 +788,12 @@ def record_methods(target: Target, workdir: Path, hits: int,
 
 def record_benchmark(hits: int = DEFAULT_HITS, runs: int = 3, slow_hits: int | None = None,
                      names: tuple[str, ...] = METHOD_NAMES,
-                     log: Callable[[str], None] = _log) -> list[Method]:
+                     log: Callable[[str], None] = _log, style: str = "lab") -> list[Method]:
     """Build the target, run every method ``runs`` times interleaved; results on the methods."""
     for tool in ("gdb", "gdbserver", "nm"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} not found (apt-get install gdb gdbserver binutils)")
-    target = build_target()
+    target = build_target(style=style)
     with tempfile.TemporaryDirectory(prefix="xreplay-bench-") as tmp:
         work = Path(tmp)
         methods = record_methods(target, work, hits, slow_hits, names)
@@ -690,10 +833,21 @@ def main(args: BenchArgs) -> bool:
     methods = record_benchmark(hits, args.runs)
     print(table(methods, BASELINE, "\nrecord, gdbserver target (snapshots/s; ratios against "
                 "raw-rsp measured in the same run):"))
-    print(goals(methods, {"xreplay": (1.0, 2.5)}))
+    print(goals(methods, {"xreplay": (1.0, 2.5), "xreplay-trace": (1.0, 2.5),
+                          "raw-trace": (1.0, 2.5)}))
     ok = all(x.verified for m in methods for x in m.results)
+    _log(f"record: target.c -DTARGET_SOLO5 (uint8_t HYPERVISOR_SHARED_INFO[4096], --profile "
+         f"solo5) under gdbserver, {hits} hits, {args.runs} runs interleaved")
+    smethods = record_benchmark(hits, args.runs, names=SOLO5_METHODS, style="solo5")
+    print(table(smethods, BASELINE, "\nrecord, gdbserver target, Solo5 declaration: uint8_t "
+                "HYPERVISOR_SHARED_INFO[4096], --profile solo5 (snapshots/s; ratios against "
+                "raw-rsp measured in the same run):"))
+    print(goals(smethods, {"xreplay": (1.0, 2.5), "xreplay-trace": (1.0, 2.5),
+                           "raw-trace": (1.0, 2.5)}))
+    ok = ok and all(x.verified for m in smethods for x in m.results)
     try:
         qemu_target = build_qemu_target()
+        qemu_solo5 = build_qemu_target("solo5")
     except XReplayError as e:  # an environment without QEMU or gcc-multilib
         print(f"qemu: skipped ({str(e).splitlines()[0]})")
         return ok
@@ -706,4 +860,16 @@ def main(args: BenchArgs) -> bool:
     print("duplicate stops dropped per run: " + "; ".join(
         f"{name} {dups[name]}" for name in QEMU_METHODS))
     print(goals(qmethods, {"xreplay": (0.9, 2.5)}))
-    return ok and all(x.verified for m in qmethods for x in m.results)
+    ok = ok and all(x.verified for m in qmethods for x in m.results)
+    _log(f"record: the same guest in the lab's Solo5 style under QEMU TCG, {hits} hits, "
+         f"{args.runs} runs interleaved")
+    names = ("xreplay", "raw-rsp")
+    q5, dups5 = qemu_record_benchmark(hits, args.runs, target=qemu_solo5, names=names)
+    print(table(q5, BASELINE, f"\nrecord, QEMU TCG target, Solo5 declaration: bare-metal lab "
+                f"guest (style solo5: uint8_t HYPERVISOR_SHARED_INFO[4096]), "
+                f"{qemu_solo5.shared_info_size} B x86_32 shared_info + 4 B counter per hit "
+                "(snapshots/s; ratios against raw-rsp measured in the same run):"))
+    print("duplicate stops dropped per run: " + "; ".join(
+        f"{name} {dups5[name]}" for name in names))
+    print(goals(q5, {"xreplay": (0.9, 2.5)}))
+    return ok and all(x.verified for m in q5 for x in m.results)

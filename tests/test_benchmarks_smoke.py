@@ -70,19 +70,25 @@ def _check_rows(rows: dict[str, list[str]], names: set[str], out: str) -> None:
                     reason=f"needs {', '.join(NEEDED)}")
 def test_record_benchmark_runs_and_verifies() -> None:
     r = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "record", "--hits", "4",
-                        "--runs", "1"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+                        "--runs", "1"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     gdbserver_out, _, qemu_out = r.stdout.partition("\nrecord, QEMU")
-    _check_rows(_rows(gdbserver_out), {"xreplay", "xreplay-agent", "raw-rsp",
-                                       "raw-rsp-pipelined", "pygdbmi-default",
-                                       "pygdbmi-tuned"}, r.stdout)
+    lab_out, _, solo5_out = gdbserver_out.partition("\nrecord, gdbserver target, Solo5")
+    _check_rows(_rows(lab_out), {"xreplay", "xreplay-agent", "xreplay-trace", "raw-rsp",
+                                 "raw-rsp-pipelined", "raw-trace", "pygdbmi-default",
+                                 "pygdbmi-tuned"}, r.stdout)
+    _check_rows(_rows(solo5_out), {"xreplay", "xreplay-trace", "raw-rsp", "raw-trace"},
+                r.stdout)
+    assert "HYPERVISOR_SHARED_INFO[4096]" in solo5_out
     assert "NOT verified" not in r.stderr
     if shutil.which("qemu-system-x86_64") is None:
         assert "qemu: skipped (" in r.stdout, r.stdout
         return
-    _check_rows(_rows(qemu_out), {"xreplay", "xreplay-agent", "raw-rsp"}, r.stdout)
+    qemu_lab, _, qemu_solo5 = qemu_out.partition("\nrecord, QEMU TCG target, Solo5")
+    _check_rows(_rows(qemu_lab), {"xreplay", "xreplay-agent", "raw-rsp"}, r.stdout)
     assert re.search(r"duplicate stops dropped per run: xreplay \[\d+\]; xreplay-agent "
-                     r"\[\d+\]; raw-rsp \[\d+\]", qemu_out), r.stdout
+                     r"\[\d+\]; raw-rsp \[\d+\]", qemu_lab), r.stdout
+    _check_rows(_rows(qemu_solo5), {"xreplay", "raw-rsp"}, r.stdout)
 
 
 def test_replay_benchmark_machinery(tmp_path, monkeypatch) -> None:

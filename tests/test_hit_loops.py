@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(shutil.which("gdbserver") is None, reason="needs
 
 def _record_lab(kind: str, variant: str, out: Path, hit_loop: str, **kw) -> RecordResult:
     with start_guest(kind, variant, seed=1, events=kw.pop("events", 600)) as guest:
-        opts = lab_record_options(guest, out, hang_after=3.0, hit_loop=hit_loop, **kw)
+        opts = lab_record_options(guest, out, hit_loop=hit_loop, **{"hang_after": 3.0, **kw})
         return Recorder(opts).run()
 
 
@@ -112,6 +112,98 @@ def test_declared_pages_and_followed_pointers_agree(build: GuestBuild, tmp_path:
         moved = [[n.data.get("address") for n in r.notes if n.data.get("event") ==
                   "region-moved"] for r in (a, d)]
     assert moved[0] == moved[1]
+
+
+@pytest.mark.gdbserver
+@pytest.mark.parametrize("variant", ["lost-upcall", "correct"])
+def test_trace_loop_records_what_the_direct_loop_records(variant: str, tmp_path: Path) -> None:
+    """gdbserver's tracepoints (xreplay.record.trace) against the direct loop: the same
+    snapshots (probe, vCPU, pc/sp/flags, every region's bytes) at the same hit sequence, the
+    same end (the hang judged on a batch with no hit) and the same verdicts."""
+    fast, traced = tmp_path / "direct.xrr", tmp_path / "trace.xrr"
+    rd = _record_lab("process", variant, fast, "direct")
+    rt = _record_lab("process", variant, traced, "trace")
+    assert _hit_loop(traced) == "trace" and "tracepoints" in rt.hit_loop
+    assert rd.reason == rt.reason and rd.snapshots == rt.snapshots
+    assert rd.hang_snapshot == rt.hang_snapshot
+    _assert_same(fast, traced)
+    fd, ft = replay(fast).findings, replay(traced).findings
+    assert [(f.kind, f.snapshot, f.ports) for f in fd] == [
+        (f.kind, f.snapshot, f.ports) for f in ft]
+    with XrrReader(traced) as r:
+        batches = [n.data for n in r.notes if n.data.get("event") == "trace-batches"]
+    assert batches and batches[0]["snapshots"] == rt.snapshots - (1 if rt.hang_snapshot
+                                                                 is not None else 0)
+    # each snapshot's time is its hit's (gdbserver's timestamp), not the batch's fetch
+    with XrrReader(traced) as r:
+        times = [rec.t_ns for rec in r.records()]
+    assert times == sorted(times) and len(set(times)) > len(times) // 2
+
+
+@pytest.mark.gdbserver
+def test_trace_loop_in_short_batches_loses_and_repeats_nothing(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """Batches of 7 hits (the buffer's floor is gdbserver's 5 MiB, so the batch size is
+    forced here): each ends by itself at its 7th hit and the next starts from the stopped
+    thread; the recording equals the direct loop's."""
+    from xreplay.record import trace
+
+    real = trace.TraceLoop.insert
+
+    def small(self: trace.TraceLoop) -> None:
+        real(self)
+        self.batch = 7
+        self._arm(self._want())
+
+    monkeypatch.setattr(trace.TraceLoop, "insert", small)
+    fast, traced = tmp_path / "direct.xrr", tmp_path / "trace.xrr"
+    rd = _record_lab("process", "correct", fast, "direct", count=100, hang_after=None)
+    rt = _record_lab("process", "correct", traced, "trace", count=100, hang_after=None)
+    assert rd.reason == rt.reason == "count" and rt.snapshots == 100
+    _assert_same(fast, traced)
+    with XrrReader(traced) as r:
+        batches = [n.data for n in r.notes if n.data.get("event") == "trace-batches"]
+    assert [(b["batches"], b["snapshots"], b["batch"]) for b in batches] == [(15, 100, 7)]
+
+
+@pytest.mark.gdbserver
+def test_trace_loop_says_what_a_dying_gdbserver_took_with_it(tmp_path: Path) -> None:
+    """gdbserver killed (by its PID) while a batch is in its buffer: the run ends as
+    target-lost and the end note says the batch in progress was lost, never a silently
+    shorter recording that looks complete."""
+    import os
+    import signal
+    import threading
+    import time
+
+    out = tmp_path / "t.xrr"
+    with start_guest("process", "lost-upcall", seed=1, events=600) as guest:
+        opts = lab_record_options(guest, out, hit_loop="trace")  # no --hang-after: one batch
+        result: list[RecordResult] = []
+        t = threading.Thread(target=lambda: result.append(Recorder(opts).run()))
+        t.start()
+        time.sleep(3.0)  # the guest hangs within a second; its hits are in the buffer
+        os.kill(guest.pid, signal.SIGKILL)
+        t.join(30)
+    assert result and result[0].reason == "target-lost"
+    with XrrReader(out) as r:
+        end = [n.data for n in r.notes if n.data.get("event") == "end"][-1]
+        assert r.trailer is not None
+    assert end["trace"]["snapshots"] == result[0].snapshots == 0
+    assert "batch 1" in end["trace"]["lost"] and "not fetched" in end["trace"]["lost"]
+
+
+@pytest.mark.gdbserver
+def test_trace_loop_refuses_what_it_cannot_record(tmp_path: Path) -> None:
+    """A region read through a pointer (Mini-OS's HYPERVISOR_shared_info set at boot): a
+    tracepoint collects fixed addresses, so --hit-loop trace refuses in one line."""
+    with pytest.raises(XReplayError, match="--hit-loop trace: a region is read through a "
+                       "pointer"):
+        _record_build(GuestBuild("process", "minios"), "lost-upcall", tmp_path / "m.xrr",
+                      "trace")
+    assert not (tmp_path / "m.xrr").exists()
+    with pytest.raises(XReplayError, match="--hit-loop trace: --filter"):
+        _record_lab("process", "lost-upcall", tmp_path / "g.xrr", "trace", filter="1")
 
 
 @pytest.mark.gdbserver

@@ -78,12 +78,15 @@ def test_bad_filter_and_ports_are_set_up_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "x.xrr").exists()
 
 
-def test_ctrl_c_on_a_hung_guest_takes_the_hang_snapshot(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hit_loop", ["auto", "trace"])
+def test_ctrl_c_on_a_hung_guest_takes_the_hang_snapshot(tmp_path: Path, hit_loop: str) -> None:
+    """Also through gdbserver's tracepoints (Solo5's uint8_t[4096] page): the batch in the
+    buffer is fetched first, then the hang snapshot."""
     out = tmp_path / "c.xrr"
     with start_guest(GuestBuild("process", "solo5"), "lost-upcall") as guest:
         rec = Recorder(build_options(RecordChoices(
             output=out, target=guest.address, elf=guest.elf, profile="mirage",
-            kill_target=True)))
+            kill_target=True, hit_loop=hit_loop)))
 
         def stop_when_hung() -> None:
             guest.wait_for_output("LAB-HUNG", 30)

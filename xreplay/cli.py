@@ -261,12 +261,15 @@ def _record_epilog() -> str:
 @click.option("--no-guest-check", "no_guest_check", is_flag=True, help="With --symbols: do "
               "not stop once in the guest first (ABI and domain-type check, port labels).")
 @click.option("--gdb", default="gdb", show_default=True, help="gdb executable.")
-@click.option("--hit-loop", "hit_loop", type=click.Choice(["auto", "agent", "direct"]),
+@click.option("--hit-loop", "hit_loop",
+              type=click.Choice(["auto", "agent", "direct", "trace"]),
               default="auto", show_default=True, help="Who snapshots each hit: auto (the "
               "recorder speaks the remote protocol itself once gdb has resolved every address, "
               "on gdbserver and on QEMU with regions at fixed addresses, unless --filter, "
               "--vcpu-expr or a re-evaluated region need gdb at each hit; else the in-gdb "
-              "agent, and the output says why), agent, or direct (refuse otherwise).")
+              "agent, and the output says why), agent, direct (refuse otherwise), or trace "
+              "(gdbserver's tracepoints collect each hit inside gdbserver, fetched in batches; "
+              "one thread, regions at fixed addresses; hangs judged per batch).")
 @click.option("--from-rr", "from_rr", type=click.Path(file_okay=False, path_type=Path),
               help="Take the snapshots on a replay of this 'xreplay rr record' run instead "
               "of a live target (its QEMU gdbstub; --elf defaults to its -kernel ELF).")
@@ -342,6 +345,8 @@ def _print_record_result(r: Any) -> None:
     if r.signal:
         extra += f" ({r.signal})"
     how = "direct RSP loop" if r.hit_loop.startswith("direct") else "gdb agent"
+    if "tracepoints" in r.hit_loop:
+        how = "gdbserver tracepoint loop"
     if r.hit_loop_why and not r.hit_loop.startswith("direct"):
         how += f": {r.hit_loop_why}"
     stub = f" through {r.stub} ({how})" if r.stub else ""

@@ -33,6 +33,11 @@ def _expand(m: re.Match[bytes]) -> bytes:
     return m.group(1) * (m.group(2)[0] - 28)
 
 
+def expand_rle(payload: bytes) -> bytes:
+    """A reply with gdbserver's run-length encoding (``X*c``) expanded (non-hex replies)."""
+    return _RLE.sub(_expand, payload) if b"*" in payload else payload
+
+
 def decode_hex_reference(payload: bytes) -> bytes:
     """:func:`decode_hex` as one regular expression (slow; the tests hold the two equal)."""
     if b"*" in payload:

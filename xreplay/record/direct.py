@@ -133,12 +133,13 @@ class Hooks:
     def __init__(self, on_snapshot: Callable[[tuple[Any, ...]], None],
                  should_stop: Callable[[], EndReason | None],
                  note: Callable[..., None], idle: Callable[[], float],
-                 interrupt_hang_after: float) -> None:
+                 interrupt_hang_after: float, hang_after: float | None = None) -> None:
         self.on_snapshot = on_snapshot
         self.should_stop = should_stop
         self.note = note
         self.idle = idle
         self.interrupt_hang_after = interrupt_hang_after
+        self.hang_after = hang_after  # --hang-after (the trace loop judges it per batch)
 
 
 class DirectLoop:

@@ -34,7 +34,7 @@ from xreplay.gdb.rsp import Connection, RspError
 from xreplay.gdb.session import AGENT_PATH, GdbCommandError, GdbSession
 from xreplay.gdb.stub import G_TOO_LONG, QEMU_X86_GDB_ARCH, StubInfo, StubKind, identify
 from xreplay.paths import check_output
-from xreplay.record import direct
+from xreplay.record import direct, trace
 from xreplay.record.channel import AgentChannel
 from xreplay.record.options import EndReason, Progress, RecordOptions, RecordResult
 from xreplay.record.sink import RecordingSink
@@ -102,6 +102,8 @@ class Recorder:
         self._identity: slice | None = None
         self.proxy: StubProxy | None = None
         self.plan: direct.DirectPlan | None = None
+        self._trace: dict[str, Any] | None = None  # the trace loop's batches, for the end note
+        self._loop_error: str | None = None
         self.hit_loop = "agent"
         self._agent_why: str | None = None  # why the agent records (``auto`` chose it)
         self._packets: int | None = None
@@ -129,11 +131,11 @@ class Recorder:
         check_output(o.output)
         if self.arch is not None:
             self._check_ports_and_vcpus()
-        if o.hit_loop not in ("auto", "agent", "direct"):
-            raise XReplayError(f"hit loop {o.hit_loop!r}: use auto, agent or direct")
+        if o.hit_loop not in ("auto", "agent", "direct", "trace"):
+            raise XReplayError(f"hit loop {o.hit_loop!r}: use auto, agent, direct or trace")
         why_not = self._direct_excluded()
-        if o.hit_loop == "direct" and why_not:
-            raise XReplayError(f"--hit-loop direct: {why_not}")
+        if o.hit_loop in ("direct", "trace") and why_not:
+            raise XReplayError(f"--hit-loop {o.hit_loop}: {why_not}")
         if o.hit_loop == "auto":
             self._agent_why = why_not
         with tempfile.TemporaryDirectory(prefix="xreplay-") as tmp:
@@ -393,6 +395,8 @@ class Recorder:
                             arch=self.arch or "")
             if isinstance(p, str):
                 why = p
+            elif self.o.hit_loop == "trace" and (no := trace.why_not(p)) is not None:
+                why = no
             elif self.o.hit_loop == "auto" and p.stub is StubKind.QEMU and p.follows:
                 # Proven through the Xen-lab and lab suites: gdbserver with or without
                 # pointers, QEMU with regions at fixed addresses.  A region read through a
@@ -402,10 +406,10 @@ class Recorder:
                        "is proven there only for regions at fixed addresses)")
             else:
                 self.plan = p
-                self.hit_loop = "direct"
+                self.hit_loop = "trace" if self.o.hit_loop == "trace" else "direct"
         if why is not None:
-            if self.o.hit_loop == "direct":
-                raise XReplayError(f"--hit-loop direct: {why}")
+            if self.o.hit_loop in ("direct", "trace"):
+                raise XReplayError(f"--hit-loop {self.o.hit_loop}: {why}")
             self._agent_why = why
 
     def _check_regions(self, infos: list[dict[str, Any]]) -> None:
@@ -473,11 +477,14 @@ class Recorder:
     # -- the agent's frames ----------------------------------------------------------
 
     def _on_snapshot(self, snap: tuple[Any, ...]) -> None:
-        _hit, pid, vcpu, pc, sp, regflags, hang, regions = snap
+        _hit, pid, vcpu, pc, sp, regflags, hang, regions = snap[:8]
         if self.sink.failed or self._mixed:
             return
+        # the trace loop's snapshots carry their hit's time (monotonic ns), fetched later
+        when = snap[8] if len(snap) > 8 else None
         seq = self.sink.append(probe=pid, vcpu=vcpu, pc=pc, regions=regions, sp=sp,
-                               regflags=regflags, hang=hang)
+                               regflags=regflags, hang=hang,
+                               **({"t_ns": self.sink.since_start(when)} if when else {}))
         self._last_hit = time.monotonic()
         self._last_probe = self._probe_names[pid] if pid < len(self._probe_names) else None
         if self._identity is not None and seq is not None and regions and regions[0]:
@@ -534,7 +541,10 @@ class Recorder:
             extra["signal"] = crash_signal
         if self._stopped_at:
             extra["stopped_at"] = self._stopped_at
-        message = self.sink.error if reason is EndReason.WRITE_ERROR else self._mixed
+        if self._trace is not None:  # what the trace loop fetched, and what it could not
+            extra["trace"] = self._trace
+        message = self.sink.error if reason is EndReason.WRITE_ERROR else (
+            self._mixed or self._loop_error or (self._trace or {}).get("lost"))
         if message:
             extra["message"] = message
         unread = dict(self.sink.unreadable)
@@ -603,23 +613,28 @@ class Recorder:
 
             hooks = direct.Hooks(enqueue, self._direct_checker(t0),
                                  self.sink.note, lambda: time.monotonic() - self._last_hit,
-                                 o.interrupt_hang_after)
-            loop = direct.DirectLoop(conn, self.plan, hooks)
+                                 o.interrupt_hang_after, o.hang_after)
+            loop = (trace.TraceLoop(conn, self.plan, hooks) if o.hit_loop == "trace"
+                    else direct.DirectLoop(conn, self.plan, hooks))
             try:
                 loop.insert()
             except (RspError, OSError, ValueError) as e:
                 why = f"the stub refused the breakpoints: {e}"
+                if o.hit_loop == "trace":
+                    with contextlib.suppress(RspError, OSError, ValueError):
+                        loop.remove()
         if why is not None or loop is None:
             self.proxy.give_back()
-            if o.hit_loop == "direct":
-                raise XReplayError(f"--hit-loop direct: {why}")
+            if o.hit_loop in ("direct", "trace"):
+                raise XReplayError(f"--hit-loop {o.hit_loop}: {why}")
             self.plan = None
             self.hit_loop = "agent"
             self._agent_why = why
             self.sink.note("hit-loop", path="agent", why=why)
             return None
-        self.hit_loop = self.plan.describe(loop.hardware)
-        self.sink.note("hit-loop", path="direct", how=self.hit_loop, notes=self.plan.notes)
+        self.hit_loop = self._describe(loop)
+        self.sink.note("hit-loop", path="trace" if isinstance(loop, trace.TraceLoop)
+                       else "direct", how=self.hit_loop, notes=self.plan.notes)
         there = True
         # The file is written by a thread of its own: encoding a snapshot costs about as
         # much CPU as the stub's round trip, and the loop waits on its socket meanwhile (the
@@ -635,6 +650,8 @@ class Recorder:
         except (RspError, OSError, ValueError) as e:
             reason, there = EndReason.TARGET_LOST, False
             self.sink.note("direct-loop-error", error=str(e))
+            if isinstance(loop, trace.TraceLoop):
+                self._loop_error = f"the trace loop stopped: {e}"
         finally:
             queue.put(None)
             writer.join()
@@ -646,8 +663,12 @@ class Recorder:
                     conn.recv()
             except (RspError, OSError, ValueError):
                 there = False
-        if self.plan.notes:
-            self.hit_loop = self.plan.describe(loop.hardware)
+        if isinstance(loop, trace.TraceLoop):
+            self._trace = {"batches": loop.batches, "snapshots": loop.hits, "batch": loop.batch,
+                           **({"lost": loop.lost()} if loop.lost() else {})}
+            self.sink.note("trace-batches", **self._trace)
+        elif self.plan.notes:
+            self.hit_loop = self._describe(loop)
             self.sink.note("hit-loop", path="direct", how=self.hit_loop, notes=self.plan.notes)
         self._packets = conn.sent
         self.proxy.give_back()
@@ -657,6 +678,12 @@ class Recorder:
                 with contextlib.suppress(XReplayError):
                     self.gdb.console_command(cmd)
         return reason, loop.crash_signal, loop.duplicates
+
+    def _describe(self, loop: direct.DirectLoop) -> str:
+        assert self.plan is not None
+        if isinstance(loop, trace.TraceLoop):
+            return "direct remote protocol (" + loop.describe() + ")"
+        return self.plan.describe(loop.hardware)
 
     def _write_queued(self, queue: SimpleQueue[tuple[Any, ...] | None]) -> None:
         while (snap := queue.get()) is not None:

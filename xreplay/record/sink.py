@@ -56,6 +56,11 @@ class RecordingSink:
             self.error = f"{what} writing {self.path} after {self.count} snapshots"
         self._failed.set()
 
+    def since_start(self, monotonic_ns: int) -> int:
+        """A host monotonic time (ns) as the recording's ``t_ns`` (since it began)."""
+        assert self.writer is not None
+        return max(0, monotonic_ns - self.writer.t0_ns)
+
     def append(self, **snapshot: Any) -> int | None:
         """Store one snapshot; None once writing has failed."""
         regions = snapshot["regions"]

@@ -297,12 +297,12 @@ class MissedClear(Detector):
         return state.deliverable(vcpu)
 
     def step(self, w: Walk, s: Step) -> None:
+        if s.role == "bottom-half" and self.reported:
+            self.reported.discard(s.vcpu)
+        if len(w.tracks) == 1 and s.role != HANG and s.vcpu in w.tracks:
+            return  # one vCPU, and it is the one running: nothing can stall behind it
         cur = s.cur
         assert cur is not None
-        if s.role == "bottom-half":
-            self.reported.discard(s.vcpu)
-        if len(w.tracks) == 1 and s.vcpu in w.tracks and s.role != HANG:
-            return  # one vCPU, and it is the one running: nothing can stall behind it
         if s.role == HANG:
             for v in w.tracks:
                 if v not in self.reported and self._blocked(w, v):
@@ -845,10 +845,11 @@ def default_detectors(w: Walk) -> list[Detector]:
 class _Buffers:
     """The ``buffers`` of one hit fed on its own (:meth:`Replayer.feed_hit`)."""
 
-    __slots__ = ("buffers",)
+    __slots__ = ("buffers", "hulls")
 
     def __init__(self, buffers: list[bytearray | None]) -> None:
         self.buffers = buffers
+        self.hulls = None  # the whole of each region it rewrote
 
 
 class Replayer:
@@ -861,9 +862,6 @@ class Replayer:
         self.observer = Observer(header)
         self.cur = w.model()  # the state at the current hit
         self.prev = w.model()  # ... and at the one before (valid once a hit was fed)
-        self.last: int | None = None  # number of the last hit fed
-        self.last_t_ns = 0
-        self.last_hang = False
         self._step = Step()
         self._probe_roles = [(p.name, w.roles.get(p.name, "other")) for p in header.probes]
         self._nprobes = len(self._probe_roles)
@@ -902,6 +900,11 @@ class Replayer:
         return out
 
     @property
+    def last(self) -> int | None:
+        """The number of the last hit judged (None: none yet)."""
+        return self._step.index if self.walk.count else None
+
+    @property
     def recorded(self) -> int:
         """Hits fed, judged or not."""
         return self.walk.count + self.skipped
@@ -934,7 +937,8 @@ class Replayer:
         (probe name, role, shadow): the single hit of ``source`` was already observed into
         :attr:`cur` from a decoded snapshot (:meth:`feed`)."""
         w, s, cur, prev = self.walk, self._step, self.cur, self.prev
-        apply, by_role, update_track = self.observer.apply, self._by_role, w.update_track
+        observer = self.observer
+        apply, by_role, update_track = observer.apply, self._by_role, w.update_track
         probe_roles, nprobes, hits = self._probe_roles, self._nprobes, w.hits
         sr, irq_of, unread = self._shadow_region, self._irq_of, self.unread
         needs, names = self._needs, self._region_names
@@ -943,8 +947,10 @@ class Replayer:
         for (index, t_ns, probe, vcpu, flags, _, _, regflags, touched, _), missing, reset, _ \
                 in source:
             if whole is None:
-                buffers = holder.buffers
-                changed = apply(cur, buffers, touched, reset, missing)
+                buffers, hulls = holder.buffers, holder.hulls
+                # nothing rewritten and the same regions unread: nothing to observe
+                changed = (touched or reset or missing != observer.missing) and apply(
+                    cur, buffers, touched, reset, missing, hulls)
                 if sr is not None and (reset or touched >> sr & 1):
                     data = buffers[sr]
                     self._shadow = None if data is None else bytes(data)
@@ -977,12 +983,12 @@ class Replayer:
                         irq_of.clear()
                     irq = irq_of[regflags] = interrupts_enabled(w.header.arch, regflags)
             # -- judge the hit
-            if self.last is None:
+            if w.count:
+                s.quiet = not w.loud
+            else:  # the first
                 w.t0 = t_ns
                 s.quiet, s.cur, s.prev = False, cur, None
                 changed = True
-            else:
-                s.quiet = not w.loud
             s.changed = changed
             w.count += 1
             hits[role] += 1
@@ -994,13 +1000,12 @@ class Replayer:
             if changed:
                 prev.assign(cur)
             s.prev, s.prev_index, s.prev_probe, s.prev_shadow = prev, index, name, shadow
-            self.last, self.last_t_ns, self.last_hang = index, t_ns, hang
         return role
 
     def finish(self, trailer: dict[str, Any] | None = None,
                problems: Iterable[str] = ()) -> ReplayResult:
         w = self.walk
-        end = End(self.last, self.last_hang, self.cur, trailer)
+        end = End(self.last, self._step.hang, self.cur, trailer)
         for d in self.detectors:
             d.finish(w, end)
         order = {k: i for i, k in enumerate(KINDS)}
@@ -1009,7 +1014,7 @@ class Replayer:
         stats = {
             "arch": w.header.arch,
             "snapshots": w.count,
-            "duration_s": 0.0 if last is None else (self.last_t_ns - (w.t0 or 0)) / 1e9,
+            "duration_s": 0.0 if last is None else (self._step.t_ns - (w.t0 or 0)) / 1e9,
             "start_t_ns": w.t0,
             "last_snapshot": last,
             "hits": dict(w.hits),

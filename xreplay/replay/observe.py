@@ -1,4 +1,4 @@
-"""From recorded bytes to the 2-level model: decode only the fields whose bytes changed.
+"""From recorded bytes to the 2-level model: decode only the fields a delta rewrote.
 
 A snapshot frame usually rewrites a few bytes of ``shared_info`` (a pending bit, a
 selector word, ``evtchn_upcall_pending``, the time info).  :class:`Observer` knows where
@@ -6,9 +6,10 @@ each field the model needs lives (``evtchn_pending``, ``evtchn_mask``, and per v
 head of its ``vcpu_info``: ``evtchn_upcall_pending``, ``evtchn_upcall_mask``,
 ``evtchn_pending_sel``, embedded in ``shared_info`` or registered in a region of its own).
 For each region a :class:`~xreplay.xrr.deltas.Hit` rewrote (its ``touched`` bits) it
-compares those fields' bytes with the ones it decoded last (a C ``memcmp``, cheaper in
-Python than reasoning about the delta's spans) and decodes only the fields that differ into
-an :class:`~xreplay.replay.model.Evtchn2L`.  It reads the same bytes the
+re-reads the fields that overlap the span rewritten there (the reader's ``hulls``) into an
+:class:`~xreplay.replay.model.Evtchn2L`: a change of one word of ``evtchn_pending`` patches
+those bytes of the int (``int.from_bytes`` costs about a nanosecond a byte, and the bitmap
+is 512 bytes on x86_64).  It reads the same bytes the
 :class:`~xreplay.snapshot.Snapshot` decoder does (offsets from :mod:`xreplay.abi`), so the
 two paths agree field for field (``tests/test_observe.py`` walks both).
 """
@@ -61,20 +62,17 @@ class Observer:
         self.vcpus = list(dict.fromkeys(header.vcpus))
         # per vCPU: (region, offset) of its vcpu_info in the current buffers, or None
         self.source: dict[int, tuple[int, int] | None] = {}
-        self._missing: int | None = None  # the regions unread at the last hit (None: no hit)
+        self.missing: int | None = None  # the regions unread at the last hit (None: no hit)
         self.embedded: list[tuple[int, int]] = []  # (vCPU, offset) read from shared_info
         self.registered_now: list[tuple[int, int]] = []  # (region, vCPU) it is the source of
         self.registered_bits = 0  # those regions as bits
-        # the bytes each field was last decoded from (None: not decoded)
-        self._raw_pending: bytes | None = None
-        self._raw_mask: bytes | None = None
-        self._raw_head: dict[int, bytes] = {}
+        self.embedded_end = 0  # where the last embedded vcpu_info head ends
 
     def _sources(self, missing: int) -> None:
         """Which copy of each vCPU's vcpu_info a snapshot decodes (as
         :meth:`XrrReader.snapshot_of` does): its registered region when that was read at
         this hit (else none: the legacy slot is stale), or ``shared_info.vcpu_info[v]``."""
-        self._missing = missing
+        self.missing = missing
         have_shared = not missing >> self.shared & 1
         for v in self.vcpus:
             reg = self.registered.get(v)
@@ -86,6 +84,7 @@ class Observer:
                 self.source[v] = None
         self.embedded = [(v, src[1]) for v, src in self.source.items()
                          if src is not None and src[0] == self.shared]
+        self.embedded_end = max((at + self.head for _, at in self.embedded), default=0)
         self.registered_now = [(src[0], v) for v, src in self.source.items()
                                if src is not None and src[0] != self.shared]
         self.registered_bits = 0
@@ -105,73 +104,76 @@ class Observer:
         shared = None if missing >> self.shared & 1 else bufs[self.shared]
         if shared is None:
             m.evtchn_pending = m.evtchn_mask = 0
-            self._raw_pending = self._raw_mask = None
         else:
-            p0, p1 = self.pending
-            m0, m1 = self.mask
-            self._raw_pending, self._raw_mask = bytes(shared[p0:p1]), bytes(shared[m0:m1])
-            m.evtchn_pending = bitmap(self._raw_pending)
-            m.evtchn_mask = bitmap(self._raw_mask)
+            m.evtchn_pending = bitmap(shared[self.pending[0]:self.pending[1]])
+            m.evtchn_mask = bitmap(shared[self.mask[0]:self.mask[1]])
         vcpus: dict[int, VcpuBits] = {}
-        self._raw_head = {}
         for v in self.vcpus:
             src = self.source[v]
             if src is not None:
                 region, at = src
-                raw = self._raw_head[v] = bytes(bufs[region][at:at + self.head])  # type: ignore[index]
-                vcpus[v] = self._vcpu(raw)
+                vcpus[v] = self._vcpu(bufs[region][at:at + self.head])  # type: ignore[index]
         m.vcpu_info = vcpus
 
     def apply(self, m: Evtchn2L, bufs: list[bytearray | None], touched: int,
-              reset: bool = False, missing: int = 0) -> bool:
+              reset: bool = False, missing: int = 0,
+              hulls: list[tuple[int, int]] | None = None) -> bool:
         """Refresh the fields of the regions ``touched`` rewrote (bit *i*: region *i*);
-        True if any value changed.  ``missing``: the hit's
+        True if any value changed.  ``hulls[i]``: the span region *i* was rewritten in (see
+        :meth:`XrrReader.raw_deltas`; None: anywhere).  ``missing``: the hit's
         :attr:`~xreplay.xrr.deltas.Hit.missing` regions (unknown there: a region not read
         contributes no field, as in a decoded snapshot).
 
         A refreshed vCPU gets a new :class:`VcpuBits` (never mutated in place), so a copy of
         the previous state taken with :meth:`Evtchn2L.assign` stays valid.
         """
-        if reset or missing != self._missing:
+        if reset or missing != self.missing:
             return self._full_changed(m, bufs, missing)
         changed = False
         head = self.head
-        raws = self._raw_head
-        if touched >> self.shared & 1:
-            shared = bufs[self.shared]
+        si = self.shared
+        if touched >> si & 1:
+            shared = bufs[si]
+            lo, hi = (0, len(shared)) if hulls is None else hulls[si]  # type: ignore[arg-type]
             p0, p1 = self.pending
-            raw = shared[p0:p1]  # type: ignore[index]
-            if raw != self._raw_pending:
-                self._raw_pending = raw  # type: ignore[assignment]
-                m.evtchn_pending, changed = bitmap(raw), True
+            if lo < p1 and hi > p0:
+                a, z = max(lo, p0), min(hi, p1)
+                old = m.evtchn_pending
+                if z - a <= 8:  # a word or less: patch those bytes of the int
+                    shift = (a - p0) << 3
+                    value = (old & ~(((1 << ((z - a) << 3)) - 1) << shift)
+                             | int.from_bytes(shared[a:z], "little") << shift)  # type: ignore[index]
+                else:
+                    value = bitmap(shared[p0:p1])  # type: ignore[index]
+                if value != old:
+                    m.evtchn_pending, changed = value, True
             m0, m1 = self.mask
-            raw = shared[m0:m1]  # type: ignore[index]
-            if raw != self._raw_mask:
-                self._raw_mask = raw  # type: ignore[assignment]
-                m.evtchn_mask, changed = bitmap(raw), True
-            for v, at in self.embedded:
-                raw = shared[at:at + head]  # type: ignore[index]
-                if raw != raws[v] and self._vcpu_changed(m, v, raw):
-                    changed = True
+            if lo < m1 and hi > m0:
+                value = bitmap(shared[m0:m1])  # type: ignore[index]
+                if value != m.evtchn_mask:
+                    m.evtchn_mask, changed = value, True
+            if lo < self.embedded_end:
+                for v, at in self.embedded:
+                    if lo < at + head and hi > at and self._vcpu_changed(
+                            m, v, shared[at:at + head]):  # type: ignore[index]
+                        changed = True
         if touched & self.registered_bits:
             for region, v in self.registered_now:
-                if touched >> region & 1:
-                    raw = bufs[region][:head]  # type: ignore[index]
-                    if raw != raws[v] and self._vcpu_changed(m, v, raw):
-                        changed = True
+                if touched >> region & 1 and (hulls is None or hulls[region][0] < head) \
+                        and self._vcpu_changed(m, v, bufs[region][:head]):  # type: ignore[index]
+                    changed = True
         return changed
 
     def _vcpu_changed(self, m: Evtchn2L, v: int, raw: bytes) -> bool:
-        """Decode vCPU ``v``'s new head bytes; True if a field (not only padding) changed."""
-        self._raw_head[v] = raw
+        """Decode vCPU ``v``'s head bytes; True if a field (not only padding) changed."""
         lo, hi = self.sel
-        up, mask, sel = raw[0], raw[1] if self.has_upcall_mask else None, raw[lo:hi]
+        up, mask, sel = (raw[0], raw[1] if self.has_upcall_mask else None,
+                         int.from_bytes(raw[lo:hi], "little"))
         old = m.vcpu_info.get(v)
         if (old is not None and old.evtchn_upcall_pending == up
-                and old.evtchn_upcall_mask == mask
-                and old.evtchn_pending_sel == int.from_bytes(sel, "little")):
-            return False  # only padding changed
-        m.vcpu_info[v] = VcpuBits(up, mask, int.from_bytes(sel, "little"))
+                and old.evtchn_upcall_mask == mask and old.evtchn_pending_sel == sel):
+            return False
+        m.vcpu_info[v] = VcpuBits(up, mask, sel)
         return True
 
     def _full_changed(self, m: Evtchn2L, bufs: list[bytearray | None], missing: int) -> bool:
@@ -196,5 +198,5 @@ def states(reader: XrrReader) -> Iterator[tuple[Hit, Evtchn2L]]:
     m = Evtchn2L(g, Routing(g, h.vcpus, h.notify), vcpu_info={})
     obs = Observer(h)
     for hit in reader.deltas():
-        obs.apply(m, reader.buffers, hit.touched, hit.reset, hit.missing)
+        obs.apply(m, reader.buffers, hit.touched, hit.reset, hit.missing, reader.hulls)
         yield hit, m

@@ -102,9 +102,11 @@ def varint(b: bytes, i: int) -> tuple[int, int]:
             raise Undecodable("undecodable snapshot: VarInt longer than 64 bits")
 
 
-def apply_runs(buf: bytearray, b: bytes, i: int, end: int) -> None:
-    """Patch ``buf`` with the delta runs in ``b[i:end]`` (skip, length, bytes …)."""
+def apply_runs(buf: bytearray, b: bytes, i: int, end: int) -> tuple[int, int]:
+    """Patch ``buf`` with the delta runs in ``b[i:end]`` (skip, length, bytes …); returns
+    the span from the first byte rewritten to the end of the last (the hull)."""
     at = 0
+    first = -1
     size = len(buf)
     while i < end:
         skip = b[i]  # short varints inline: nearly every skip is one or two bytes
@@ -123,6 +125,8 @@ def apply_runs(buf: bytearray, b: bytes, i: int, end: int) -> None:
         if i + n > end:
             raise Undecodable("undecodable delta")
         at += skip
+        if first < 0:
+            first = at
         if n == 1 and at < size:  # most runs are one byte (a bit, a flag): no slices
             buf[at] = b[i]
             at += 1
@@ -136,12 +140,13 @@ def apply_runs(buf: bytearray, b: bytes, i: int, end: int) -> None:
         i += n
     if i != end:
         raise Undecodable("undecodable delta")
+    return (first, at) if first >= 0 else (0, 0)
 
 
 def apply_region(bufs: list[bytearray | None], sizes: list[int], region: int, enc: int,
-                 b: bytes, i: int, n: int) -> bool:
+                 b: bytes, i: int, n: int, hulls: list[tuple[int, int]]) -> bool:
     """One region's encoding (``n`` data bytes at ``b[i]``) onto its live buffer; True if
-    it rewrote the region (full or delta)."""
+    it rewrote the region (full or delta), its hull then in ``hulls[region]``."""
     if region >= len(bufs):
         raise Undecodable(f"region {region} not declared in the header")
     if enc == _DELTA:
@@ -150,12 +155,13 @@ def apply_region(bufs: list[bytearray | None], sizes: list[int], region: int, en
             raise Undecodable(f"delta for region {region} before any keyframe")
         if n >= sizes[region]:
             raise Undecodable(f"delta for region {region} is not shorter than it")
-        apply_runs(buf, b, i, i + n)
+        hulls[region] = apply_runs(buf, b, i, i + n)
         return True
     if enc == _FULL:
         if n != sizes[region]:
             raise Undecodable(f"region {region} has {n} bytes, not {sizes[region]}")
         bufs[region] = bytearray(b[i:i + n])
+        hulls[region] = (0, n)
         return True
     if enc in (_SAME, _ABSENT):
         if n:
@@ -200,7 +206,8 @@ def probe_vcpu(b: bytes, i: int, nprobes: int) -> tuple[int, int, int]:
 
 
 def decode_snapshot_v1(b: bytes, i: int, end: int, bufs: list[bytearray | None],
-                       sizes: list[int], nprobes: int) -> HitFields:
+                       sizes: list[int], nprobes: int, hulls: list[tuple[int, int]]
+                       ) -> HitFields:
     """A version 1.0 snapshot payload ``b[i:end]`` (``format.SnapshotPayload``), checked
     against the format's bounds as the construct declaration is."""
     try:
@@ -232,7 +239,7 @@ def decode_snapshot_v1(b: bytes, i: int, end: int, bufs: list[bytearray | None],
                 continue
             if i + n > end:
                 raise Undecodable("undecodable snapshot: region data past the frame's end")
-            if apply_region(bufs, sizes, region, enc, b, i, n):
+            if apply_region(bufs, sizes, region, enc, b, i, n, hulls):
                 touched |= 1 << region
             elif enc == _ABSENT:
                 unread |= 1 << region
@@ -317,8 +324,9 @@ class SnapshotCodecV2:
         return payload
 
     def decode(self, b: bytes, i: int, end: int, bufs: list[bytearray | None],
-               sizes: list[int], nprobes: int) -> HitFields:
-        """A 2.0 snapshot payload ``b[i:end]`` (``format.SnapshotPayloadV2``).  The replay's
+               sizes: list[int], nprobes: int, hulls: list[tuple[int, int]]) -> HitFields:
+        """A 2.0 snapshot payload ``b[i:end]`` (``format.SnapshotPayloadV2``) applied to
+        ``bufs``; ``hulls[r]``: the span it rewrote in each region it touched.  The replay's
         inner loop: one- and two-byte VarInts are read inline, the rest by :func:`varint`."""
         try:
             flags = b[i]
@@ -381,8 +389,8 @@ class SnapshotCodecV2:
                         if i + n > end:
                             raise Undecodable("undecodable snapshot: region data past the "
                                               "frame's end")
-                        apply_region(bufs, sizes, region, _DELTA, b, i, n)  # raises
-                    apply_runs(buf, b, i, i + n)
+                        apply_region(bufs, sizes, region, _DELTA, b, i, n, hulls)  # raises
+                    hulls[region] = apply_runs(buf, b, i, i + n)
                     touched |= 1 << region
                     i += n
                 elif code == CODE_FULL:
@@ -393,6 +401,7 @@ class SnapshotCodecV2:
                     if region >= nbufs:
                         raise Undecodable(f"region {region} not declared in the header")
                     bufs[region] = inflate(b[i:i + n], sizes[region], region)
+                    hulls[region] = (0, sizes[region])
                     touched |= 1 << region
                     i += n
                 elif region >= nbufs:

@@ -439,7 +439,9 @@ class XrrReader:
         """:meth:`deltas` without the objects: ``(fields, missing, reset, offset)`` per
         snapshot, ``fields`` a :data:`~xreplay.xrr.deltas.HitFields` tuple and the other
         three :class:`~xreplay.xrr.deltas.Hit`'s ``missing``, ``reset`` and ``offset``.
-        For inner loops (the replay) that read every snapshot of a long recording."""
+        For inner loops (the replay) that read every snapshot of a long recording;
+        :attr:`hulls` then holds, for each region a snapshot rewrote, the span from its
+        first rewritten byte to the end of its last (valid until the next snapshot)."""
         begin, expect = self._keyframe_before(start) if start > 0 else (None, 0)
         # The first pass from the first frame checks notes and the end frame as it goes and
         # becomes the reader's index when it completes; later passes reuse it.
@@ -447,6 +449,8 @@ class XrrReader:
         sizes = self._sizes
         bufs: list[bytearray | None] = [None] * len(sizes)
         self.buffers = bufs
+        hulls: list[tuple[int, int]] = [(0, 0)] * len(sizes)
+        self.hulls = hulls
         nprobes = len(self._probe_names)
         decode = (SnapshotCodecV2(len(sizes)).decode if self.version[0] >= 2
                   else decode_snapshot_v1)
@@ -457,7 +461,7 @@ class XrrReader:
             if kind != _KIND_SNAPSHOT:
                 continue  # notes are indexed by _frames; unknown kinds (newer minors) skipped
             try:
-                fields = decode(buf, i, end, bufs, sizes, nprobes)
+                fields = decode(buf, i, end, bufs, sizes, nprobes, hulls)
                 seq = fields[0]
                 if seq != expect:
                     raise Undecodable(f"snapshot number {seq} where {expect} was due")

@@ -134,6 +134,11 @@ class XrrWriter:
         body = bytes((fmt.FRAME_MARK_V2 | kind,)) + uvarint(len(payload)) + payload
         self._emit(body + zlib.crc32(body).to_bytes(4, "little"))
 
+    @property
+    def t0_ns(self) -> int:
+        """Host monotonic ns at which the recording began (``t_ns`` counts from here)."""
+        return self._t0
+
     def append(self, *, probe: int | str, vcpu: int, pc: int, regions: list[bytes | None],
                regflags: int | None = None, sp: int | None = None, t_ns: int | None = None,
                hang: bool = False) -> int:
