@@ -51,6 +51,7 @@ class Observer:
         self.has_upcall_mask = s.spec.has_upcall_mask
         sel_off, sel_size = vi["evtchn_pending_sel"]
         self.sel = (sel_off, sel_off + sel_size)
+        self.sel0, self.sel1 = self.sel
         self.head = sel_off + sel_size  # the fields we decode end with evtchn_pending_sel
         self.vcpu_info_size = s.vcpu_info.sizeof()
         self.legacy_max = s.legacy_max_vcpus
@@ -137,7 +138,8 @@ class Observer:
             lo, hi = (0, len(shared)) if hulls is None else hulls[si]  # type: ignore[arg-type]
             p0, p1 = self.pending
             if lo < p1 and hi > p0:
-                a, z = max(lo, p0), min(hi, p1)
+                a = lo if lo > p0 else p0  # the overlap (no max()/min() calls: per hit)
+                z = hi if hi < p1 else p1
                 old = m.evtchn_pending
                 if z - a <= 8:  # a word or less: patch those bytes of the int
                     shift = (a - p0) << 3
@@ -166,9 +168,8 @@ class Observer:
 
     def _vcpu_changed(self, m: Evtchn2L, v: int, raw: bytes) -> bool:
         """Decode vCPU ``v``'s head bytes; True if a field (not only padding) changed."""
-        lo, hi = self.sel
-        up, mask, sel = (raw[0], raw[1] if self.has_upcall_mask else None,
-                         int.from_bytes(raw[lo:hi], "little"))
+        up, mask = raw[0], raw[1] if self.has_upcall_mask else None
+        sel = int.from_bytes(raw[self.sel0:self.sel1], "little")
         old = m.vcpu_info.get(v)
         if (old is not None and old.evtchn_upcall_pending == up
                 and old.evtchn_upcall_mask == mask and old.evtchn_pending_sel == sel):
