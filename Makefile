@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # gdb/gdbserver: the recorder; qemu: the bare-metal lab target; libxen-dev: Xen's headers
 # (the layout oracle and the lab guests); gcc-multilib: the 32-bit guest build.
 DEBS := gdb gdbserver qemu-system-x86 libxen-dev gcc gcc-multilib libc6-dev-i386 make \
-        python3 python3-venv
+        python3 python3-venv valgrind
 PYTEST_ARGS ?=
 
 .PHONY: setup deps venv demo test bench fuzz lint clean

@@ -196,3 +196,58 @@ def print_sizes(n: int, big: Path) -> None:
         print(f"  {path.name:<34} {k:>9} {_data_bytes(path) / k:7.1f} "
               f"{_data_bytes(tmp) / k:7.1f}")
     tmp.unlink(missing_ok=True)
+
+
+IR_SNAPSHOTS = 3_000
+_IR_CHILD = r"""
+import sys
+from xreplay.xrr import XrrReader
+from xreplay.replay import replay
+path, method = sys.argv[1], sys.argv[2]
+if method == "read":
+    with XrrReader(path) as r:
+        sum(1 for _ in r.records())
+elif method == "raw":
+    with XrrReader(path) as r:
+        sum(1 for _ in r.raw_deltas())
+elif method == "replay":
+    replay(path)
+else:  # start-up: imports and the header, subtracted from the others
+    XrrReader(path).close()
+"""
+
+
+@register("replay-ir", "instructions a snapshot (callgrind) of read, raw_deltas and replay",
+          default=False)
+def run_ir(args: BenchArgs) -> bool:
+    """Instructions per snapshot under ``valgrind --tool=callgrind``: deterministic where
+    CPU seconds are not (a shared machine's load moves those by 10-20 %), so a change to
+    the replay's inner loop can be judged by one run.  Start-up is measured on its own and
+    subtracted; the hash seed is fixed so dict layouts are the same in every child."""
+    import os
+    import re
+    import shutil
+
+    if shutil.which("valgrind") is None:
+        print("replay-ir: valgrind is not installed (make deps installs it)")
+        return False
+    n = args.hits or IR_SNAPSHOTS
+    path = make_recording(n)
+    env = dict(os.environ, PYTHONHASHSEED="0")
+
+    def instructions(method: str) -> int:
+        proc = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+             "-c", _IR_CHILD, str(path), method], capture_output=True, text=True, env=env)
+        m = re.search(r"Collected : (\d+)", proc.stderr)
+        if proc.returncode or m is None:
+            raise SystemExit(f"replay-ir: {method} failed under valgrind: "
+                             f"{proc.stderr.strip().splitlines()[-1:]}")
+        return int(m.group(1))
+
+    base = instructions("start")
+    per = {m: (instructions(m) - base) / n for m in ("read", "raw", "replay")}
+    print(f"replay-ir: {n} snapshots, instructions a snapshot (start-up subtracted)")
+    for m, v in per.items():
+        print(f"  {m:8s} {v:10,.0f}   {m}/read = {v / per['read']:.3f}")
+    return True
