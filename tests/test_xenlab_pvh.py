@@ -148,7 +148,7 @@ REC = __import__("pathlib").Path(__file__).parent.parent / "recordings"
 
 def test_bundled_real_xen_recordings_keep_their_verdicts() -> None:
     from xreplay.debugkeys import parse_file
-    from xreplay.replay.detectors import replay
+    from xreplay.replay import replay
     from xreplay.replay.diff import check_debugkeys, diff_recordings, pick_domain
     from xreplay.xrr import XrrReader
 

@@ -24,7 +24,7 @@ from xreplay.errors import XReplayError
 from xreplay.lab import pvh
 from xreplay.lab.pvh.record import cross_check, last_snapshot, record
 from xreplay.lab.xen import Lab
-from xreplay.replay.detectors import replay
+from xreplay.replay import replay
 from xreplay.replay.diff import diff_recordings
 from xreplay.xrr import XrrReader
 

@@ -8,16 +8,10 @@ Library first (the CLI in :mod:`xreplay.replay.commands` is a thin layer)::
     d = diff_recordings("ok.xrr", "hang.xrr")  # DiffResult: first divergence, aligned states
 """
 
-from xreplay.replay.detectors import (
-    KINDS,
-    Finding,
-    Replayer,
-    ReplayOptions,
-    ReplayResult,
-    replay,
-)
 from xreplay.replay.diff import DiffResult, SnapshotDiff, diff_recordings, diff_snapshots
 from xreplay.replay.model import Evtchn2L, Explanation, Geometry, Routing, explain
+from xreplay.replay.replayer import Replayer, replay
+from xreplay.replay.walk import KINDS, Finding, ReplayOptions, ReplayResult
 
 __all__ = [
     "KINDS", "DiffResult", "Evtchn2L", "Explanation", "Finding", "Geometry", "ReplayOptions",

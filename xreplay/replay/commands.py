@@ -21,7 +21,7 @@ import click
 
 from xreplay.errors import XReplayError
 from xreplay.output import emit_json
-from xreplay.replay.detectors import Finding, ReplayOptions, ReplayResult
+from xreplay.replay.walk import Finding, ReplayOptions, ReplayResult
 from xreplay.snapshot import Snapshot
 
 _WRAP = 96
@@ -90,8 +90,8 @@ def replay_command(file: Path, as_json: bool, dump: Path | None, domain: int | N
                    no_last_writer: bool, rr_run: Path | None) -> None:
     """Replay a recording through Xen's rules (2-level or FIFO, as recorded) and report lost
     event deliveries."""
-    from xreplay.replay.detectors import replay
     from xreplay.replay.diff import check_debugkeys, fetch, pick_domain
+    from xreplay.replay.replayer import replay
     from xreplay.xrr import XrrReader
 
     options = ReplayOptions(shadow=shadow, use_shadow=not no_shadow,

@@ -30,7 +30,8 @@ from xreplay.abi import fifo as fifo_abi
 from xreplay.abi import iter_bits
 from xreplay.debugkeys import DomainEvtchnDump
 from xreplay.errors import UsageError, XReplayError
-from xreplay.replay.detectors import HANG, Replayer, ReplayOptions
+from xreplay.replay.replayer import Replayer
+from xreplay.replay.walk import HANG, ReplayOptions
 from xreplay.snapshot import PortState, Snapshot
 from xreplay.transitions import bit_changes, watch_changes
 from xreplay.xrr import XrrReader

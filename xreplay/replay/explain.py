@@ -19,8 +19,8 @@ from typing import Any
 
 from xreplay.errors import XReplayError
 from xreplay.replay import fifo_explain
-from xreplay.replay.detectors import HANG, Finding, ReplayOptions, Walk
 from xreplay.replay.model import Explanation, explain
+from xreplay.replay.walk import HANG, Finding, ReplayOptions, Walk
 from xreplay.snapshot import Snapshot, interrupts_enabled
 from xreplay.transitions import bit_changes
 from xreplay.xrr import XrrReader

@@ -34,7 +34,7 @@ from collections import Counter
 from typing import Any
 
 from xreplay.abi import fifo as fifo_abi
-from xreplay.replay.detectors import Finding, ReplayOptions, ReplayResult
+from xreplay.replay.walk import Finding, ReplayOptions, ReplayResult
 from xreplay.snapshot import FifoState, Snapshot
 from xreplay.xrr import RecordingHeader, XrrReader
 

@@ -18,8 +18,9 @@ from xreplay.errors import XReplayError
 from xreplay.lab.pvh.record import UnikernelRecording, cross_check, last_snapshot, record
 from xreplay.lab.xen.lab import Lab
 from xreplay.lab.xen.stage import Progress, quiet
-from xreplay.replay.detectors import ReplayResult, replay
 from xreplay.replay.diff import DebugkeysCheck
+from xreplay.replay.replayer import replay
+from xreplay.replay.walk import ReplayResult
 from xreplay.snapshot import Snapshot
 
 WIDTH = 96
