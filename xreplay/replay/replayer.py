@@ -133,67 +133,73 @@ class Replayer:
         w, s, cur, prev = self.walk, self._step, self.cur, self.prev
         observer = self.observer
         apply, by_role, update_track = observer.apply, self._by_role, w.update_track
-        probe_roles, nprobes, hits = self._probe_roles, self._nprobes, w.hits
+        probe_roles, nprobes = self._probe_roles, self._nprobes
+        hits = dict.fromkeys(by_role, 0)  # a plain dict (a Counter's += is slower), merged below
         sr, irq_of, unread = self._shadow_region, self._irq_of, self.unread
         needs, names = self._needs, self._region_names
         buffers: list[bytearray | None] = []
         role = None
-        for (index, t_ns, probe, vcpu, flags, _, _, regflags, touched, _), missing, reset, _ \
-                in source:
-            if whole is None:
-                buffers, hulls = holder.buffers, holder.hulls
-                # nothing rewritten and the same regions unread: nothing to observe
-                changed = (touched or reset or missing != observer.missing) and apply(
-                    cur, buffers, touched, reset, missing, hulls)
-                if sr is not None and (reset or touched >> sr & 1):
-                    data = buffers[sr]
-                    self._shadow = None if data is None else bytes(data)
-                if missing:
-                    unread.update(names[i] for i in iter_bits(missing))
-                    if not judge_unread and missing & (needs.get(vcpu) or needs[None]):
-                        self._unfed = self._unfed or changed
-                        self.skipped += 1
-                        continue  # a verdict only on data that was read
-                if self._unfed:
-                    changed, self._unfed = True, False
-                # not read at this hit: left out, as Snapshot.watch does
-                shadow = None if sr is None or missing >> sr & 1 else self._shadow
-                if probe < nprobes:
-                    name, role = probe_roles[probe]
+        try:
+            for (index, t_ns, probe, vcpu, flags, _, _, regflags, touched, _), missing, reset, _ \
+                    in source:
+                if whole is None:
+                    buffers, hulls = holder.buffers, holder.hulls
+                    # nothing rewritten and the same regions unread: nothing to observe
+                    changed = (touched or reset or missing != observer.missing) and apply(
+                        cur, buffers, touched, reset, missing, hulls)
+                    if sr is not None and (reset or touched >> sr & 1):
+                        data = buffers[sr]
+                        self._shadow = None if data is None else bytes(data)
+                    if missing:
+                        unread.update(names[i] for i in iter_bits(missing))
+                        if not judge_unread and missing & (needs.get(vcpu) or needs[None]):
+                            self._unfed = self._unfed or changed
+                            self.skipped += 1
+                            continue  # a verdict only on data that was read
+                    if self._unfed:
+                        changed, self._unfed = True, False
+                    # not read at this hit: left out, as Snapshot.watch does
+                    shadow = None if sr is None or missing >> sr & 1 else self._shadow
+                    if probe < nprobes:
+                        name, role = probe_roles[probe]
+                    else:
+                        name, role = f"probe{probe}", "other"
                 else:
-                    name, role = f"probe{probe}", "other"
-            else:
-                changed = True
-                name, role, shadow = whole
-            hang = bool(flags & _HANG)
-            if hang:
-                role = HANG
-            if regflags is None:
-                irq = None
-            else:  # a handful of distinct flags values in a whole recording
-                irq = irq_of.get(regflags)
-                if irq is None:
-                    if len(irq_of) >= 64:  # memory stays constant on any file
-                        irq_of.clear()
-                    irq = irq_of[regflags] = interrupts_enabled(w.header.arch, regflags)
-            # -- judge the hit
-            if w.count:
-                s.quiet = not w.loud
-            else:  # the first
-                w.t0 = t_ns
-                s.quiet, s.cur, s.prev = False, cur, None
-                changed = True
-            s.changed = changed
-            w.count += 1
-            hits[role] += 1
-            update_track(vcpu, index, t_ns, role, irq)
-            s.index, s.t_ns, s.probe, s.vcpu, s.role = index, t_ns, name, vcpu, role
-            s.hang, s.interrupts_enabled, s.shadow = hang, irq, shadow
-            for step in by_role[role][changed]:
-                step(w, s)
-            if changed:
-                prev.assign(cur)
-            s.prev, s.prev_index, s.prev_probe, s.prev_shadow = prev, index, name, shadow
+                    changed = True
+                    name, role, shadow = whole
+                hang = bool(flags & _HANG)
+                if hang:
+                    role = HANG
+                if regflags is None:
+                    irq = None
+                else:  # a handful of distinct flags values in a whole recording
+                    irq = irq_of.get(regflags)
+                    if irq is None:
+                        if len(irq_of) >= 64:  # memory stays constant on any file
+                            irq_of.clear()
+                        irq = irq_of[regflags] = interrupts_enabled(w.header.arch, regflags)
+                # -- judge the hit
+                if w.count:
+                    s.quiet = not w.loud
+                else:  # the first
+                    w.t0 = t_ns
+                    s.quiet, s.cur, s.prev = False, cur, None
+                    changed = True
+                s.changed = changed
+                w.count += 1
+                hits[role] += 1
+                update_track(vcpu, index, t_ns, role, irq)
+                s.index, s.t_ns, s.probe, s.vcpu, s.role = index, t_ns, name, vcpu, role
+                s.hang, s.interrupts_enabled, s.shadow = hang, irq, shadow
+                for step in by_role[role][changed]:
+                    step(w, s)
+                if changed:
+                    prev.assign(cur)
+                s.prev, s.prev_index, s.prev_probe, s.prev_shadow = prev, index, name, shadow
+        finally:
+            for r, n in hits.items():
+                if n:
+                    w.hits[r] += n
         return role
 
     def finish(self, trailer: dict[str, Any] | None = None,
