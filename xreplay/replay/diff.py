@@ -544,9 +544,7 @@ def _pass(reader: XrrReader, options: ReplayOptions | None
         return fpat, frep.finish(reader.trailer, reader.problems), flast, rest
     rep = Replayer(reader.header, options)
     pat = PatternSummary()
-    for hit in reader.deltas():
-        role = rep.feed_hit(hit, reader.buffers)
-        pat.feed(hit.seq, hit.vcpu, role)
+    rep.run(reader.raw_deltas(), reader, judge_unread=True, each=pat.feed)
     pat.finish(rep.last)
     return pat, rep.finish(reader.trailer, reader.problems), rep.last, None
 

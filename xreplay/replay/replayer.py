@@ -119,8 +119,8 @@ class Replayer:
         return self.run((item,), _Buffers(buffers), judge_unread=True)  # type: ignore[return-value]
 
     def run(self, source: Iterable[tuple[HitFields, int, bool, int]], holder: Any, *,
-            judge_unread: bool = False, whole: tuple[str, str, bytes | None] | None = None
-            ) -> str | None:
+            judge_unread: bool = False, whole: tuple[str, str, bytes | None] | None = None,
+            each: Callable[[int, int, str], None] | None = None) -> str | None:
         """Feed every hit of ``source`` (:meth:`XrrReader.raw_deltas` items; ``holder``
         has their live region ``buffers``, e.g. the reader) and return the last one's role.
 
@@ -129,7 +129,8 @@ class Replayer:
         or the probed vCPU's own vcpu_info) is not judged unless ``judge_unread``: the model
         follows it, and the next judged hit compares with the last one judged.  ``whole``
         (probe name, role, shadow): the single hit of ``source`` was already observed into
-        :attr:`cur` from a decoded snapshot (:meth:`feed`)."""
+        :attr:`cur` from a decoded snapshot (:meth:`feed`).  ``each(index, vcpu, role)`` is
+        called after every judged hit."""
         w, s, cur, prev = self.walk, self._step, self.cur, self.prev
         observer = self.observer
         apply, by_role, update_track = observer.apply, self._by_role, w.update_track
@@ -196,6 +197,8 @@ class Replayer:
                 if changed:
                     prev.assign(cur)
                 s.prev, s.prev_index, s.prev_probe, s.prev_shadow = prev, index, name, shadow
+                if each is not None:
+                    each(index, vcpu, role)
         finally:
             for r, n in hits.items():
                 if n:
