@@ -28,7 +28,7 @@ from typing import Any
 
 from xreplay.abi import canonical_arch, layout
 from xreplay.elf import ElfInfo, read_elf
-from xreplay.errors import XReplayError
+from xreplay.errors import TargetError, XReplayError
 from xreplay.gdb.proxy import StubProxy
 from xreplay.gdb.rsp import Connection, RspError
 from xreplay.gdb.session import AGENT_PATH, GdbCommandError, GdbSession
@@ -48,6 +48,8 @@ SWITCH_INTERVAL = 0.0002
 #: gdb's architecture names -> guest ABI, where the name alone decides it.
 _GDB_ARCHES = {"i386:x86-64": "x86_64", "i386": "x86_32", "aarch64": "arm64", "arm": "arm32"}
 _CRASH_SIGNALS = ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE")
+#: seconds a stop is waited for after gdb's interrupt
+STOP_PATIENCE = 30.0
 
 
 def flags_register(arch: str) -> str:
@@ -723,6 +725,12 @@ class Recorder:
             self._hang_snapshot()
         if running and reason is not EndReason.TARGET_LOST:
             running = not self._interrupt()
+            if running and not self._gone():
+                raise TargetError(
+                    f"the target did not stop within {STOP_PATIENCE:.0f} s of gdb's interrupt "
+                    f"(the run ended: {reason.value}); the {self.sink.count} snapshots "
+                    f"recorded so far are intact in {o.output}, without an end trailer. "
+                    "Check that the stub still answers, then record again")
             quiet_interrupt = (reason is EndReason.INTERRUPTED
                                and idle >= o.interrupt_hang_after)
             if not running and (reason is EndReason.HANG or quiet_interrupt):
@@ -772,7 +780,9 @@ class Recorder:
                    for c in g.console[-5:])
 
     def _interrupt(self) -> bool:
-        """Stop the running target; True once it is stopped."""
+        """Stop the running target; True once it is stopped.  A whole machine under QEMU
+        TCG on a loaded host has taken over 10 s to report the stop, so it is waited for up
+        to :data:`STOP_PATIENCE` seconds."""
         g = self.gdb
         assert g is not None
         try:
@@ -781,7 +791,7 @@ class Recorder:
                 self.on_interrupt()
         except XReplayError:
             return False
-        return g.wait_stopped(10) is not None
+        return g.wait_stopped(STOP_PATIENCE) is not None
 
     def _finish_agent(self, reason: EndReason) -> dict[str, Any]:
         g, ch = self.gdb, self.channel
