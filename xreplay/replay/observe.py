@@ -50,8 +50,7 @@ class Observer:
         self.mask = (shared["evtchn_mask"][0], sum(shared["evtchn_mask"]))
         self.has_upcall_mask = s.spec.has_upcall_mask
         sel_off, sel_size = vi["evtchn_pending_sel"]
-        self.sel = (sel_off, sel_off + sel_size)
-        self.sel0, self.sel1 = self.sel
+        self.sel0, self.sel1 = sel_off, sel_off + sel_size
         self.head = sel_off + sel_size  # the fields we decode end with evtchn_pending_sel
         self.vcpu_info_size = s.vcpu_info.sizeof()
         self.legacy_max = s.legacy_max_vcpus
@@ -92,12 +91,6 @@ class Observer:
         for region, _ in self.registered_now:
             self.registered_bits |= 1 << region
 
-    def _vcpu(self, raw: bytes) -> VcpuBits:
-        """A vcpu_info head's fields (``raw`` = its first :attr:`head` bytes)."""
-        lo, hi = self.sel
-        return VcpuBits(raw[0], raw[1] if self.has_upcall_mask else None,
-                        int.from_bytes(raw[lo:hi], "little"))
-
     def full(self, m: Evtchn2L, bufs: list[bytearray | None], missing: int) -> None:
         """Decode every field (the first hit, a hit after a seek, a hit where the set of
         regions not read changed); ``missing`` bit *i*: region *i* not read at this hit."""
@@ -108,13 +101,12 @@ class Observer:
         else:
             m.evtchn_pending = bitmap(shared[self.pending[0]:self.pending[1]])
             m.evtchn_mask = bitmap(shared[self.mask[0]:self.mask[1]])
-        vcpus: dict[int, VcpuBits] = {}
+        m.vcpu_info = {}
         for v in self.vcpus:
             src = self.source[v]
             if src is not None:
                 region, at = src
-                vcpus[v] = self._vcpu(bufs[region][at:at + self.head])  # type: ignore[index]
-        m.vcpu_info = vcpus
+                self._vcpu_changed(m, v, bufs[region][at:at + self.head])  # type: ignore[index]
 
     def apply(self, m: Evtchn2L, bufs: list[bytearray | None], touched: int,
               reset: bool = False, missing: int = 0,
@@ -167,7 +159,8 @@ class Observer:
         return changed
 
     def _vcpu_changed(self, m: Evtchn2L, v: int, raw: bytes) -> bool:
-        """Decode vCPU ``v``'s head bytes; True if a field (not only padding) changed."""
+        """Decode vCPU ``v``'s vcpu_info head (``raw``: its first :attr:`head` bytes) into
+        ``m``; True if a field (not only padding) changed."""
         up, mask = raw[0], raw[1] if self.has_upcall_mask else None
         sel = int.from_bytes(raw[self.sel0:self.sel1], "little")
         old = m.vcpu_info.get(v)

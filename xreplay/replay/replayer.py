@@ -83,15 +83,14 @@ class Replayer:
             if spec.name == f"vcpu_info.{spec.vcpu}":
                 self._needs[spec.vcpu] = shared | 1 << i
 
-    def _detectors(self, role: str) -> list[list[Callable[[Walk, Step], None]]]:
+    def _detectors(self, role: str) -> None:
         """The ``step`` methods of the detectors that look at hits of ``role``, for a hit
         where no field changed and for one where some did (bound once: the replay calls
         them at every hit)."""
         ds = [d for d in self.detectors if d.roles is None or role in d.roles]
-        self._by_role[role] = out = [
+        self._by_role[role] = [
             [d.step for d in ds if d.unchanged_roles is None or role in d.unchanged_roles],
             [d.step for d in ds]]
-        return out
 
     @property
     def last(self) -> int | None:
