@@ -7,9 +7,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # gdb/gdbserver: the recorder; qemu: the bare-metal lab target; libxen-dev: Xen's headers
-# (the layout oracle and the lab guests); gcc-multilib: the 32-bit guest build.
+# (the layout oracle and the lab guests); gcc-multilib: the 32-bit guest build;
+# python3-dev: the headers the replay's compiled decoder (xreplay/xrr/_fastdelta.c) builds with.
 DEBS := gdb gdbserver qemu-system-x86 libxen-dev gcc gcc-multilib libc6-dev-i386 make \
-        python3 python3-venv valgrind
+        python3 python3-venv python3-dev valgrind
 PYTEST_ARGS ?=
 
 .PHONY: setup deps venv demo test bench fuzz lint clean
@@ -26,7 +27,7 @@ deps:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py xreplay/xrr/_fastdelta.c
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -162,25 +162,9 @@ def _data_bytes(path: Path) -> int:
         return path.stat().st_size - r._data_start
 
 
-def rewrite(src: Path, dst: Path, version: tuple[int, int] | None = None) -> int:
-    """``src`` written again, snapshot for snapshot, in ``version`` (default: current)."""
-    from xreplay.xrr import XrrReader, XrrWriter
-    from xreplay.xrr import format as fmt
-
-    n = 0
-    with XrrReader(src) as r, XrrWriter(dst, r.header, version=version or (
-            fmt.VERSION_MAJOR, fmt.VERSION_MINOR)) as w:
-        for rec in r.records():
-            regions = [None if rec.unread >> i & 1 else data
-                       for i, data in enumerate(rec.regions)]
-            w.append(probe=rec.probe, vcpu=rec.vcpu, pc=rec.pc, sp=rec.sp,
-                     regflags=rec.regflags, t_ns=rec.t_ns, hang=rec.hang, regions=regions)
-            n += 1
-    return n
-
-
 def print_sizes(n: int, big: Path) -> None:
     from xreplay.xrr import format as fmt
+    from xreplay.xrr.writer import rewrite
 
     cur = f"{fmt.VERSION_MAJOR}.{fmt.VERSION_MINOR}"
     small = max(1, n // 10)

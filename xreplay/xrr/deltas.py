@@ -10,8 +10,10 @@ declaration it must agree with (the spec tests check both on the same bytes).
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
+from collections.abc import Callable
 
 from xreplay.xrr import format as fmt
 
@@ -450,6 +452,33 @@ CODE_SAME, CODE_DELTA, CODE_FULL, CODE_ABSENT = (int(fmt.V2_CODES[e]) for e in (
     fmt.ENC_SAME, fmt.ENC_DELTA, fmt.ENC_FULL, fmt.ENC_ABSENT))
 _KNOWN_FLAGS_V2 = fmt.SNAPSHOT_FLAGS_KNOWN_V2
 assert _MAX_VCPUS >= 0x80  # decode's one-byte fast path needs no bound check on the vCPU
+
+
+def _compiled_codec() -> type | None:
+    """The compiled twin of :meth:`SnapshotCodecV2.decode` (``_fastdelta.c``), or None where
+    it was not built or ``XREPLAY_PURE_PYTHON=1`` asks for the reference alone."""
+    if os.environ.get("XREPLAY_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from xreplay.xrr._fastdelta import DeltaCodecV2
+    except ImportError:
+        return None
+    return DeltaCodecV2
+
+
+_COMPILED = _compiled_codec()
+#: which 2.0 snapshot decoder the replay runs: "compiled" or "python" (the reference)
+decoder_kind = "compiled" if _COMPILED is not None else "python"
+
+
+def decoder_v2(nregions: int) -> Callable[..., HitFields]:
+    """A 2.0 snapshot decoder with :meth:`SnapshotCodecV2.decode`'s signature and results:
+    the compiled one where it is built (it hands every frame it does not take, errors
+    included, to a :class:`SnapshotCodecV2` it shares its state with), else that codec."""
+    codec = SnapshotCodecV2(nregions)
+    if _COMPILED is None:
+        return codec.decode
+    return _COMPILED(codec).decode
 
 
 def encode_runs(prev: bytes, cur: bytes) -> bytes:

@@ -34,6 +34,7 @@ from xreplay.xrr.deltas import (
     SnapshotCodecV2,
     Undecodable,
     decode_snapshot_v1,
+    decoder_v2,
     snapshot_prefix_v1,
 )
 from xreplay.xrr.header import (
@@ -452,8 +453,7 @@ class XrrReader:
         hulls: list[tuple[int, int]] = [(0, 0)] * len(sizes)
         self.hulls = hulls
         nprobes = len(self._probe_names)
-        decode = (SnapshotCodecV2(len(sizes)).decode if self.version[0] >= 2
-                  else decode_snapshot_v1)
+        decode = decoder_v2(len(sizes)) if self.version[0] >= 2 else decode_snapshot_v1
         reset = start > 0
         never = (1 << len(sizes)) - 1  # regions not read so far
         gated = self._page_count_index is not None

@@ -312,3 +312,22 @@ class XrrWriter:
             self.close()
         else:  # leaving on an exception: not a clean close, and that exception wins
             self.abandon()
+
+
+def rewrite(src: str | os.PathLike, dst: str | os.PathLike,
+            version: tuple[int, int] | None = None) -> int:
+    """``src`` written again snapshot for snapshot in ``version`` (default: the current
+    format), unread regions kept unread; returns the number of snapshots.  Notes are not
+    carried over."""
+    from xreplay.xrr.reader import XrrReader
+
+    n = 0
+    with XrrReader(src) as r, XrrWriter(dst, r.header, version=version or (
+            fmt.VERSION_MAJOR, fmt.VERSION_MINOR)) as w:
+        for rec in r.records():
+            regions = [None if rec.unread >> i & 1 else data
+                       for i, data in enumerate(rec.regions)]
+            w.append(probe=rec.probe, vcpu=rec.vcpu, pc=rec.pc, sp=rec.sp,
+                     regflags=rec.regflags, t_ns=rec.t_ns, hang=rec.hang, regions=regions)
+            n += 1
+    return n
