@@ -27,6 +27,7 @@ from pathlib import Path
 from xreplay.debugkeys import DomainEvtchnDump, latest, parse
 from xreplay.errors import XReplayError
 from xreplay.lab import cache_root
+from xreplay.lab.xen import vmcb
 from xreplay.lab.xen.lab import Lab
 
 VARIANTS: tuple[str, ...] = ("correct", "lost-upcall", "unmask-no-reraise", "callback-irq")
@@ -292,11 +293,26 @@ class Unikernel:
         where = (f"xl list shows it {state}" if state is not None
                  else "it no longer exists")
         emulator = self.emulator_fault()
+        machine = self.vmcb_note() if state is not None else None
         return (f"unikernel {self.name} (domid {self.domid}) stopped running: {where}; "
                 + ("Xen said: " + " / ".join(said[:6]) if said
                    else "Xen printed nothing about it")
                 + (f"; {emulator}" if emulator else "")
+                + (f"; {machine}" if machine else "")
                 + f" (see {self.lab.serial_log})")
+
+    def vmcbs(self) -> list[vmcb.Vmcb]:
+        """The domain's VMCBs now, as Xen's 'v' key prints them (:mod:`xreplay.lab.xen.vmcb`)."""
+        return vmcb.read(self.lab, self.domid)
+
+    def vmcb_note(self) -> str:
+        """The VMCB of a stopped domain in one line (at a triple fault: the exit, the event
+        whose delivery it interrupted, RIP, RFLAGS, DR6/DR7, intercepts, IDTR), or why it
+        could not be read."""
+        try:
+            return " / ".join(v.summary() for v in self.vmcbs())
+        except XReplayError as exc:
+            return f"its VMCB could not be read: {exc}"
 
     def emulator_fault(self) -> str | None:
         """The one failure of this domain that is named as the emulator's, or None.

@@ -24,6 +24,7 @@ from pathlib import Path
 from xreplay.debugkeys import DomainEvtchnDump
 from xreplay.errors import XReplayError
 from xreplay.lab import pvh
+from xreplay.lab.xen import vmcb
 from xreplay.lab.xen.lab import Lab
 from xreplay.lab.xen.stage import Progress, quiet
 from xreplay.record import Recorder, RecordOptions, RecordResult
@@ -83,6 +84,9 @@ class UnikernelRecording:
     dump: DomainEvtchnDump | None
     dump_text: str
     console: list[str] = field(default_factory=list)
+    left_behind: list[str] = field(default_factory=list)
+    """What the debug session left in the vCPU's VMCB right after gdbsx detached, against
+    the VMCB before it attached (:func:`xreplay.lab.xen.vmcb.left_behind`); empty: as found."""
 
     @property
     def hung(self) -> bool:
@@ -104,6 +108,7 @@ def record(lab: Lab, variant: str, output: Path, *,
     uk = pvh.boot(lab, variant, window_us=window_us, period_ms=period_ms, paused=True)
     progress(f"{uk.name}: domid {uk.domid}, created paused")
     try:
+        before = _vmcbs(uk)  # the vCPU as the debugger finds it
         own = install_own_gdbsx(lab)  # the project's gdbsx when the lab built one
         target = start_gdbsx(lab, uk.domid)
         # gdbsx holds its own pause: dropping xl's now lets the recorder's first
@@ -151,17 +156,40 @@ def record(lab: Lab, variant: str, output: Path, *,
         stop_gdbsx(lab)  # a gdbsx whose gdb left has exited; make sure
         if paused_by_us.is_set():
             _unpause_all(lab, uk.domid)
+        left = detach_state(uk, before)
+        if left:
+            progress(f"{uk.name}: the debug session left in the vCPU: {'; '.join(left)}")
         time.sleep(1.0)
         fate = uk.fate()
         if fate is not None:
             raise UnikernelStopped(f"{fate}; the recording ({result.snapshots} snapshots, "
-                                   f"ended by {result.reason}) is in {output}")
+                                   f"ended by {result.reason}) is in {output}; at detach "
+                                   "the vCPU held: " + ("; ".join(left) or "its state from "
+                                                        "before the session"))
         state = uk.xl_state()
         dump, text = uk.e_dump()
-        return UnikernelRecording(uk, result, state, dump, text, uk.console())
+        return UnikernelRecording(uk, result, state, dump, text, uk.console(), left)
     finally:
         if destroy:
             uk.destroy()
+
+
+def _vmcbs(uk: pvh.Unikernel) -> list[vmcb.Vmcb] | str:
+    """The domain's VMCBs, or why Xen's 'v' key did not give them (said, not fatal)."""
+    try:
+        return uk.vmcbs()
+    except XReplayError as exc:
+        return str(exc)
+
+
+def detach_state(uk: pvh.Unikernel, before: list[vmcb.Vmcb] | str) -> list[str]:
+    """What the vCPU holds after gdbsx detached that it did not hold before the session
+    (intercepts, RFLAGS.TF, DR6.BS, DR7, a latched event), read back from Xen's VMCB."""
+    after = _vmcbs(uk)
+    if isinstance(after, str) or isinstance(before, str):
+        why = after if isinstance(after, str) else before
+        return [f"unknown: the VMCB could not be read ({why})"]
+    return vmcb.left_behind(before, after)
 
 
 def _unpause_all(lab: Lab, domid: int, most: int = 4) -> None:
