@@ -46,9 +46,10 @@ hit is far beyond any gap of a running guest."""
 def record_options(uk: pvh.Unikernel, target: str, output: Path, *,
                    hang_after: float | None = DEFAULT_HANG_AFTER,
                    duration: float | None = None, count: int | None = None,
-                   own_gdbsx: bool = False) -> RecordOptions:
+                   own_gdbsx: bool = False, remote_log: Path | None = None) -> RecordOptions:
     """RecordOptions for the unikernel behind ``target`` (a gdbsx address): the
-    :data:`PROFILE` preset, then what gdbsx needs."""
+    :data:`PROFILE` preset, then what gdbsx needs; with ``remote_log`` gdb writes every
+    packet of the session there (``set remotelogfile``), for a failure to show its last."""
     from xreplay.gdb.gdbsx import adapt_options
 
     delivery = ({"mechanism": "callback-vector", "vector": pvh.UPCALL_VECTOR}
@@ -65,6 +66,8 @@ def record_options(uk: pvh.Unikernel, target: str, output: Path, *,
                         f"--profile {PROFILE}")
     opts.delivery = delivery
     adapt_options(opts, own_build=own_gdbsx)
+    if remote_log is not None:
+        opts.extra_gdb_commands.append(f"set remotelogfile {remote_log}")
     return opts
 
 
@@ -115,8 +118,9 @@ def record(lab: Lab, variant: str, output: Path, *,
         # "continue" start the guest (with xl's still held, gdbsx reports a stop at once)
         lab.dom0(f"xl unpause {uk.domid}", timeout=60)
         progress(f"gdbsx for domid {uk.domid} listens; recording to {output}")
+        rsp_log = rsp_log_path(output)
         opts = record_options(uk, target, output, hang_after=hang_after, duration=duration,
-                              count=count, own_gdbsx=own)
+                              count=count, own_gdbsx=own, remote_log=rsp_log)
         running = threading.Event()
         problems: list[BaseException] = []
 
@@ -165,13 +169,31 @@ def record(lab: Lab, variant: str, output: Path, *,
             raise UnikernelStopped(f"{fate}; the recording ({result.snapshots} snapshots, "
                                    f"ended by {result.reason}) is in {output}; at detach "
                                    "the vCPU held: " + ("; ".join(left) or "its state from "
-                                                        "before the session"))
+                                                        "before the session")
+                                   + f"; {last_packets(rsp_log)}")
         state = uk.xl_state()
         dump, text = uk.e_dump()
         return UnikernelRecording(uk, result, state, dump, text, uk.console(), left)
     finally:
         if destroy:
             uk.destroy()
+
+
+def rsp_log_path(output: Path) -> Path:
+    """Where a lab recording keeps gdb's log of its gdbsx session: ``FILE.rsp.log``."""
+    output = Path(output)
+    return output.with_name(output.name + ".rsp.log")
+
+
+def last_packets(log: Path, n: int = 6) -> str:
+    """The session's last ``n`` packets from gdb's remote log (``w``: gdb sent, ``r``: the
+    stub answered), for a failure message; or that there is none."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError as exc:
+        return f"no gdbsx packet log ({exc.strerror}: {log})"
+    tail = [ln if len(ln) <= 80 else ln[:77] + "..." for ln in lines[-n:]]
+    return f"the gdbsx session's last packets ({log}): " + " | ".join(tail)
 
 
 def _vmcbs(uk: pvh.Unikernel) -> list[vmcb.Vmcb] | str:
@@ -189,7 +211,15 @@ def detach_state(uk: pvh.Unikernel, before: list[vmcb.Vmcb] | str) -> list[str]:
     if isinstance(after, str) or isinstance(before, str):
         why = after if isinstance(after, str) else before
         return [f"unknown: the VMCB could not be read ({why})"]
-    return vmcb.left_behind(before, after)
+    left = vmcb.left_behind(before, after)
+    if any("intercept" in item for item in left):
+        # Xen drops the debugger's intercepts lazily, when the vCPU is next scheduled in
+        # (svm_do_resume's debug_state_latch): a vCPU blocked since the detach shows them
+        state = pvh.Unikernel.state_of(uk.lab, uk.domid)
+        if "b" in state or "p" in state:
+            left.append(f"(the domain is {state!r}: its vCPU has not been scheduled in since "
+                        "the detach, and Xen re-latches the intercepts when it is)")
+    return left
 
 
 def _unpause_all(lab: Lab, domid: int, most: int = 4) -> None:
