@@ -40,7 +40,8 @@ KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 #: build at ~80 s.
 CONFIG_LINES = ("CONFIG_EXPERT=y", "CONFIG_GDBSX=y", "CONFIG_DEBUG_INFO=n")
 #: Lab patches, applied in this order with ``patch -p1`` in the source tree.
-PATCHES = ("xen-svm-swint-int3.patch", "xen-svm-debugger-irq.patch")
+PATCHES = ("xen-svm-swint-int3.patch", "xen-svm-debugger-irq.patch",
+           "xen-svm-debugger-dr6.patch")
 #: Build tools beyond gcc/make/python3 (the hypervisor's Kconfig needs them).
 BUILD_TOOLS = {"flex": "flex", "bison": "bison", "dpkg-source": "dpkg-dev",
                "patch": "patch", "make": "make", "gcc": "gcc"}
