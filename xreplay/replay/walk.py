@@ -276,8 +276,8 @@ class ReplayResult:
                 if (m := re.search(r"torn tail at byte (\d+)", p))]
         why = f"torn tail at byte {torn[0]}, no end frame" if torn else "no end frame"
         return (f"the recording stops short ({why}): the recorder did not finish, and what "
-                f"came after #{self.stats.get('last_snapshot')} was never recorded; the "
-                f"{self.judged} snapshots before it show nothing lost. Re-record and let the "
+                f"came after #{self.stats.get('last_snapshot')} was never recorded (the "
+                f"{self.judged} snapshots before it were judged). Re-record and let the "
                 "recorder finish (--count, --duration, --hang-after or Ctrl-C end it cleanly)")
 
     def by_kind(self, kind: str) -> list[Finding]:
