@@ -27,7 +27,7 @@ deps:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py xreplay/xrr/_fastdelta.c
+$(VENV)/.installed: pyproject.toml xreplay/xrr/_fastdelta.c
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -8,6 +8,9 @@ Recordings and 'e' dumps travel between people, so each parser is fed N mutated 
   *checksum-valid* ones — header JSON, snapshot payloads (bytes and fields), notes, frame
   kinds and order — with every CRC recomputed, so the parsers behind the checksum are hit.
   Raw damage also checks that every frame before the damage reads back unchanged.
+* ``recording-2.0`` — the same seeds written in 2.0, snapshot payloads damaged behind
+  right CRCs (the 2.0 decoders' input), frames dropped, repeated or re-kinded; each also
+  decoded by the compiled and the Python snapshot decoder, which must agree hit for hit.
 * ``header`` — the ``.xrr`` header alone: the prefix fields and hostile JSON values
   (wrong types, ``1e400``, 100,000-deep nesting, 50,000-entry lists), CRC recomputed.
 * ``debugkeys`` — Xen 'e' key text: Unicode digits, damaged ``[p/m/s]`` cells, huge
@@ -537,6 +540,177 @@ def _check_prefix(seed: Seed, got: list[tuple], low: int) -> None:
                              f"{len(got)}, {len(want)} were before the damage")
 
 
+# --------------------------------------------------------------------------- 2.0 recordings
+
+
+def split_v2(data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """A valid 2.0 recording's file header (prefix, JSON, CRC) and frames (kind, payload)."""
+    from xreplay.xrr import format as fmt
+
+    meta_len = int.from_bytes(data[12:16], "little")
+    pos = 16 + meta_len + 4
+    head, frames = data[:pos], []
+    while pos < len(data):
+        kind = data[pos] & fmt.MAX_FRAME_KIND_V2
+        length, shift, j = 0, 0, pos + 1
+        while True:
+            x = data[j]
+            j += 1
+            length |= (x & 0x7F) << shift
+            shift += 7
+            if x < 0x80:
+                break
+        frames.append((kind, data[j:j + length]))
+        pos = j + length + 4
+    return head, frames
+
+
+def assemble_v2(head: bytes, frames: list[tuple[int, bytes]]) -> bytes:
+    """A 2.0 recording from its file header and frames, every frame's CRC right."""
+    import zlib
+
+    from xreplay.xrr import format as fmt
+
+    out = bytearray(head)
+    for kind, payload in frames:
+        body = bytes((fmt.FRAME_MARK_V2 | (kind & fmt.MAX_FRAME_KIND_V2),)) \
+            + _leb128(len(payload)) + payload
+        out += body + zlib.crc32(body).to_bytes(4, "little")
+    return bytes(out)
+
+
+def v2_seeds() -> list[tuple[str, bytes, list[tuple[int, bytes]]]]:
+    """The recording seeds written again in 2.0: (name, file header, frames)."""
+    import tempfile
+
+    from xreplay.xrr.writer import rewrite
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in recording_seeds():
+            src, dst = Path(tmp) / "v1.xrr", Path(tmp) / "v2.xrr"
+            src.write_bytes(seed.data)
+            rewrite(src, dst)
+            head, frames = split_v2(dst.read_bytes())
+            out.append((seed.name, head, frames))
+    out.append(("x86_64-runs", *split_v2(_runs_v2(40))))
+    return out
+
+
+def _runs_v2(n: int) -> bytes:
+    """A 2.0 seed whose deltas hold runs of every length from 1 to 200 bytes, at a region's
+    edges too, with unread regions and repeated and changing registers."""
+    from xreplay.abi import layout
+    from xreplay.xrr import ProbeSpec, RecordingHeader, RegionSpec, XrrWriter
+
+    size = layout("x86_64").shared_info.sizeof()
+    header = RecordingHeader.for_arch(
+        "x86_64", [ProbeSpec("upcall", "u", "upcall"), ProbeSpec("block", "b", "block")],
+        keyframe_interval=16, watch=[RegionSpec("ml", "watch", 64, "&ml")])
+    rng = random.Random("runs")
+    page, ml = bytearray(size), bytearray(64)
+    buf = io.BytesIO()
+    w = XrrWriter(buf, header)
+    for i in range(n):
+        for region in (page, ml):
+            for _ in range(rng.randint(0, 3)):
+                k = rng.choice([1, 2, 3, 5, 8, 17, 64, 200])
+                at = rng.choice([0, len(region) - k, rng.randrange(len(region))])
+                region[max(0, at):at + k] = rng.randbytes(len(region[max(0, at):at + k]))
+        w.append(probe=i % 2, vcpu=0, pc=0x1000 + (i // 3), sp=0x7000 if i % 4 else None,
+                 regflags=0x246, t_ns=i * 1000 + rng.randint(0, 900),
+                 regions=[bytes(page), None if i % 7 == 3 else bytes(ml)])
+    w.close(reason="count")
+    return buf.getvalue()
+
+
+def mutate_recording_v2(head: bytes, frames: list[tuple[int, bytes]], rng: random.Random
+                        ) -> tuple[str, bytes]:
+    """A 2.0 recording with snapshot payloads damaged behind right CRCs (what reaches the
+    snapshot decoders), or frames dropped, repeated or re-kinded."""
+    frames = list(frames)
+    snaps = [i for i, (k, _) in enumerate(frames) if k == 1]
+    c = rng.random()
+    if c < 0.7 and snaps:
+        for _ in range(rng.choice([1, 1, 2, 4])):
+            i = rng.choice(snaps)
+            frames[i] = (1, mutate_bytes(frames[i][1], rng)[0])
+        return "payload-bytes", assemble_v2(head, frames)
+    if c < 0.85 and snaps:
+        i = rng.choice(snaps)
+        payload = bytearray(frames[i][1])
+        if payload:
+            payload[0] = rng.choice([0x00, 0x01, 0x10, 0x11, 0x1F, 0x20, 0xFF])  # the flags
+        frames[i] = (1, bytes(payload))
+        return "payload-flags", assemble_v2(head, frames)
+    if frames:
+        i = rng.randrange(len(frames))
+        op = rng.randrange(3)
+        if op == 0:
+            del frames[i]
+        elif op == 1:
+            frames.insert(i, frames[rng.randrange(len(frames))])
+        else:
+            frames[i] = (rng.choice([0, 2, 3, 9, 15]), frames[i][1])
+    return "frames", assemble_v2(head, frames)
+
+
+def decoders_agree(data: bytes) -> None:
+    """Every hit (fields, missing regions, offset) and the final error are the same through
+    the compiled snapshot decoder and the Python one it mirrors (PropertyBroken if not)."""
+    from xreplay.errors import XReplayError
+    from xreplay.xrr import XrrReader, deltas
+
+    def walk() -> tuple[list[tuple], str | None]:
+        got: list[tuple] = []
+        try:
+            with XrrReader(io.BytesIO(data), name="fuzz.xrr") as r:
+                for fields, missing, _reset, pos in r.raw_deltas():
+                    got.append((fields, missing, pos, list(r.hulls),
+                                [None if b is None else bytes(b) for b in r.buffers]))
+        except XReplayError as e:
+            return got, str(e)
+        return got, None
+
+    compiled = deltas._COMPILED
+    fast = walk()
+    deltas._COMPILED = None
+    try:
+        slow = walk()
+    finally:
+        deltas._COMPILED = compiled
+    if fast != slow:
+        n = next((k for k, (a, b) in enumerate(zip(fast[0], slow[0], strict=False)) if a != b),
+                 min(len(fast[0]), len(slow[0])))
+        raise PropertyBroken(f"compiled and Python snapshot decoders differ at hit {n} "
+                             f"(errors: {fast[1]!r} vs {slow[1]!r})")
+
+
+def fuzz_recordings_v2(cases: int, seed: int = 1, deep_every: int = 1) -> FuzzReport:
+    """``cases`` 2.0 recordings damaged behind their CRCs: read, replayed and exported as
+    ``recording`` does, and decoded by both snapshot decoders, which must agree."""
+    from xreplay.xrr import deltas
+
+    report = FuzzReport("recording-2.0")
+    rng = random.Random(seed)
+    seeds = v2_seeds()
+    t0 = time.perf_counter()
+    for i in range(cases):
+        name, head, frames = rng.choice(seeds)
+        kind, data = mutate_recording_v2(head, frames, rng)
+        deep = i % deep_every == 0
+
+        def case(data: bytes = data, deep: bool = deep) -> None:
+            if deltas._COMPILED is not None:  # first: a clean error below ends the case
+                decoders_agree(data)
+            consume_recording(data, deep=deep)
+
+        _run_case(report, f"{name}/{kind} #{i} ({len(data)} bytes)", case, data)
+    report.seconds = time.perf_counter() - t0
+    report.peak_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return report
+
+
 # --------------------------------------------------------------------------- header
 
 
@@ -714,7 +888,8 @@ def fuzz_debugkeys(cases: int, seed: int = 1) -> FuzzReport:
 
 
 FUZZERS: dict[str, Callable[..., FuzzReport]] = {
-    "recording": fuzz_recordings, "header": fuzz_header, "debugkeys": fuzz_debugkeys}
+    "recording": fuzz_recordings, "recording-2.0": fuzz_recordings_v2, "header": fuzz_header,
+    "debugkeys": fuzz_debugkeys}
 
 
 @register("fuzz", "hostile recordings, headers and 'e' dumps (--hits = cases per parser)",

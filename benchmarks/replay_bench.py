@@ -111,10 +111,15 @@ def make_recording(n: int, version: tuple[int, int] | None = None) -> Path:
     return path
 
 
-def _child(path: Path, method: str) -> Measurement:
+def _child(path: Path, method: str, pure: bool = False) -> Measurement:
+    """One method in a fresh process; ``pure``: with the Python snapshot decoder (the
+    compiled one's reference) instead of the compiled one."""
+    import os
+
+    env = dict(os.environ, XREPLAY_PURE_PYTHON="1" if pure else "0")
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), method],
-                          capture_output=True, text=True, check=False)
+                          capture_output=True, text=True, check=False, env=env)
     wall = time.perf_counter() - t
     try:
         out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -140,6 +145,12 @@ def run(args: BenchArgs) -> bool:
                for name in ("read", "decode", "replay")]
     methods.append(Method("replay (1/10 size)", "replay-small", n // 10,
                           lambda _h: _child(small, "replay")))
+    methods.append(Method("replay (Python decoder)", "replay-py", n,
+                          lambda _h: _child(big, "replay", pure=True)))
+    from xreplay.xrr.deltas import decoder_kind
+
+    print(f"replay: snapshot decoder {decoder_kind} (replay-py: the Python reference, "
+          "XREPLAY_PURE_PYTHON=1)", flush=True)
     run_interleaved(methods, args.runs)
     print()
     print(table(methods, "read", f"replay, {big.stat().st_size / 1e6:.1f} MB recording "
@@ -220,9 +231,11 @@ def run_ir(args: BenchArgs) -> bool:
     env = dict(os.environ, PYTHONHASHSEED="0")
 
     def instructions(method: str) -> int:
+        pure = method.endswith("-py")  # the Python snapshot decoder, the compiled one's reference
         proc = subprocess.run(
             ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-             "-c", _IR_CHILD, str(path), method], capture_output=True, text=True, env=env)
+             "-c", _IR_CHILD, str(path), method.removesuffix("-py")], capture_output=True,
+            text=True, env=dict(env, XREPLAY_PURE_PYTHON="1" if pure else "0"))
         m = re.search(r"Collected : (\d+)", proc.stderr)
         if proc.returncode or m is None:
             raise SystemExit(f"replay-ir: {method} failed under valgrind: "
@@ -230,8 +243,9 @@ def run_ir(args: BenchArgs) -> bool:
         return int(m.group(1))
 
     base = instructions("start")
-    per = {m: (instructions(m) - base) / n for m in ("read", "raw", "replay")}
+    per = {m: (instructions(m) - base) / n
+           for m in ("read", "raw", "replay", "raw-py", "replay-py")}
     print(f"replay-ir: {n} snapshots, instructions a snapshot (start-up subtracted)")
     for m, v in per.items():
-        print(f"  {m:8s} {v:10,.0f}   {m}/read = {v / per['read']:.3f}")
+        print(f"  {m:9s} {v:10,.0f}   {m}/read = {v / per['read']:.3f}")
     return True

@@ -13,6 +13,7 @@ from test_replay import correct_guest, episode, lost_upcall_guest
 from xreplay.cli import XReplayGroup
 from xreplay.replay import diff_recordings, diff_snapshots
 from xreplay.replay.commands import diff_command
+from xreplay.xrr import XrrReader
 
 
 @click.group(cls=XReplayGroup)
@@ -84,6 +85,33 @@ def test_same_pattern_is_no_divergence(tmp_path: Path) -> None:
     assert [s.label for s in r.aligned] == ["end"] and r.aligned[0].identical
     res = run("diff", ok, ok)
     assert res.exit_code == 0 and "no divergence" in res.output
+
+
+def test_same_pattern_as_far_as_a_short_recording_goes_is_no_verdict(tmp_path: Path
+                                                                     ) -> None:
+    """Two runs cut short (killed recorders) that handle events the same way in what is
+    left: that is no verdict (exit 2, naming each side), since their ends were never read;
+    a divergence in what is left still stands (exit 1, with the warning)."""
+    ok, hang, at = pair(tmp_path)
+    whole = ok.read_bytes()
+    with XrrReader(ok) as r:
+        offsets = [rec.offset for rec in r.records()]
+    first, cut = tmp_path / "first.xrr", tmp_path / "cut.xrr"
+    first.write_bytes(whole[:offsets[-1]])  # no end frame, no torn bytes
+    cut.write_bytes(whole[:offsets[-1] + 2])
+    res = run("diff", first, cut)
+    assert res.exit_code == 2, res.output
+    assert "same pattern as far as both were read" in res.output
+    assert f"no verdict: A ({first}): the recording stops short (no end frame)" in res.output
+    assert f"; B ({cut}): the recording stops short (torn tail at byte {offsets[-1]}, no " \
+           "end frame)" in res.output
+    assert diff_recordings(first, cut).stats["b"]["incomplete"].startswith("the recording")
+    assert run("diff", ok, ok).exit_code == 0
+    open_ = tmp_path / "open.xrr"
+    open_.write_bytes(hang.read_bytes()[:-1])  # every snapshot, the end frame torn
+    res = run("diff", ok, open_)
+    assert res.exit_code == 1 and "first divergence: in B" in res.output, res.output
+    assert "warning: B (" in res.output and "stops short" in res.output
 
 
 def test_cli_diff_text_json_and_exit_codes(tmp_path: Path) -> None:

@@ -446,6 +446,39 @@ def test_cli_exit_codes_and_text(tmp_path: Path) -> None:
         assert res.output.startswith("xreplay: error: ")
 
 
+def test_a_recording_that_stops_short_gets_no_clean_verdict(tmp_path: Path) -> None:
+    """The lost-upcall run cut before its hang (a killed recorder: a torn tail, or no end
+    frame at a frame boundary) shows nothing lost in what is left; that is no verdict on the
+    run (exit 2, saying why), while a finding in what is left still stands (exit 1)."""
+    sim, at = lost_upcall_guest()
+    whole = sim.write(tmp_path / "bad.xrr").read_bytes()
+    with XrrReader(tmp_path / "bad.xrr") as r:
+        offsets = [rec.offset for rec in r.records()]
+    before_hang = offsets[at["upcall"]]  # the frames up to the hang's upcall, not after
+    torn = tmp_path / "torn.xrr"
+    torn.write_bytes(whole[:before_hang + 3])
+    cut = tmp_path / "cut.xrr"
+    cut.write_bytes(whole[:before_hang])
+    for path, why in ((torn, f"torn tail at byte {before_hang}, no end frame"),
+                      (cut, "no end frame")):
+        res = run("replay", path)
+        assert res.exit_code == 2, res.output
+        assert "no lost event delivery found" not in res.output
+        assert f"no verdict: the recording stops short ({why})" in res.output
+        assert f"what came after #{at['upcall'] - 1} was never recorded" in res.output
+        out = run("replay", path, "--json").output
+        doc = json.loads(out[:out.rindex("}") + 1])  # the error line follows the document
+        assert doc["incomplete"].startswith("the recording stops short")
+    # every snapshot but a torn end frame: the missed clear stands, with the warning
+    open_ = tmp_path / "open.xrr"
+    open_.write_bytes(whole[:-1])
+    with XrrReader(open_) as r:
+        assert r.trailer is None and sum(1 for _ in r.records()) == len(offsets)
+    res = run("replay", open_)
+    assert res.exit_code == 1 and "1 finding(s): missed-clear x1" in res.output, res.output
+    assert "warning: " in res.output and "the recording stops short" in res.output
+
+
 def test_cli_json_shape(tmp_path: Path) -> None:
     sim, at = lost_upcall_guest()
     res = run("replay", sim.write(tmp_path / "bad.xrr"), "--json")

@@ -291,8 +291,13 @@ def diff_command(files: tuple[Path, ...], at: tuple[int, int] | None, as_json: b
         emit_json(result.to_json())
     else:
         _print_diff(result)
+    incomplete = result.incomplete
     if result.diverged:
+        if incomplete and not as_json:
+            click.echo(f"xreplay: warning: {incomplete}", err=True)
         click.get_current_context().exit(1)
+    if incomplete:  # the same pattern in what was read says nothing of what was not
+        raise XReplayError(f"no verdict: {incomplete}")
 
 
 def _print_state(sd: Any, a: str = "A", b: str = "B", indent: str = "  ") -> None:
@@ -325,7 +330,8 @@ def _print_diff(r: Any) -> None:
         click.echo(f"{side.upper()}: {name} ({st['arch']}, {st['snapshots']} snapshots; "
                    f"{kinds}); upcalls {pat.upcalls}, followed by: {follow}")
     if not r.divergences:
-        click.echo("no divergence: the two recordings handle events in the same pattern")
+        click.echo("no divergence: the two recordings handle events in the same pattern"
+                   + (" as far as both were read (see below)" if r.incomplete else ""))
     from xreplay.replay.diff import context_text
 
     for i, d in enumerate(r.divergences):

@@ -346,6 +346,14 @@ class DiffResult:
         return self.divergences[0] if self.divergences else None
 
     @property
+    def incomplete(self) -> str | None:
+        """Why "no divergence" would be no verdict (a side stops short, or could not be
+        judged whole), as one line naming the side; None when both were judged whole."""
+        why = [f"{k.upper()} ({self.stats[k]['file']}): {self.stats[k]['incomplete']}"
+               for k in ("a", "b") if self.stats[k].get("incomplete")]
+        return "; ".join(why) or None
+
+    @property
     def diverged(self) -> bool:
         """The two recordings differ in pattern, or (FIFO) in what they hold at rest."""
         return bool(self.divergences or self.rest)
@@ -608,7 +616,7 @@ def diff_recordings(a: XrrReader | str | os.PathLike[str], b: XrrReader | str | 
                          "vcpu": f.vcpu, "ports": f.ports} for f in r.findings[:50]]
                     for k, r in (("a", fa), ("b", fb))}
         stats = {k: {"file": r.name, "arch": r.header.arch, "snapshots": res.stats["snapshots"],
-                     "findings": res.stats["findings"]}
+                     "findings": res.stats["findings"], "incomplete": res.incomplete()}
                  for k, r, res in (("a", ra, fa), ("b", rb, fb))}
         return DiffResult(ra.name, rb.name, divs, pats, aligned, findings, stats, rest)
 

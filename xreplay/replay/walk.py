@@ -9,6 +9,7 @@ probe roles, per-vCPU tracks), the :class:`Detector` interface and the
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -256,7 +257,7 @@ class ReplayResult:
         if recorded == 0:
             return "the recording holds no snapshot: nothing to judge"
         if self.judged == recorded:
-            return None
+            return self._stops_short()
         name, n = max(unread.items(), key=lambda kv: kv[1]) if unread else ("a region", 0)
         what = ("re-record with --shared-info pointing at the shared page (a pointer "
                 "variable, the page itself, or its run-time address)" if name == "shared_info"
@@ -264,6 +265,20 @@ class ReplayResult:
                 if name.startswith("vcpu_info") else "re-record")
         return (f"{name} could not be read in {n} of {recorded} snapshots, so only "
                 f"{self.judged} could be judged: {what}")
+
+    def _stops_short(self) -> str | None:
+        """Why the recording's end is not the run's end, or None: without the end frame a
+        clean close writes, what happened after the last intact snapshot (often the hang
+        itself) was never read, and "nothing found" would be said of a run not seen."""
+        if self.stats.get("closed_cleanly", True):
+            return None
+        torn = [m.group(1) for p in self.stats.get("problems", ())
+                if (m := re.search(r"torn tail at byte (\d+)", p))]
+        why = f"torn tail at byte {torn[0]}, no end frame" if torn else "no end frame"
+        return (f"the recording stops short ({why}): the recorder did not finish, and what "
+                f"came after #{self.stats.get('last_snapshot')} was never recorded (the "
+                f"{self.judged} snapshots before it were judged). Re-record and let the "
+                "recorder finish (--count, --duration, --hang-after or Ctrl-C end it cleanly)")
 
     def by_kind(self, kind: str) -> list[Finding]:
         return [f for f in self.findings if f.kind == kind]

@@ -172,6 +172,8 @@ codec_delegate(Codec *self, PyObject *const *args, Py_ssize_t nargs)
 typedef struct {
     int region;
     Py_ssize_t start, stop; /* its runs: payload bytes */
+    uint64_t first, end;    /* the hull: first byte rewritten, end of the last run */
+    int any;                /* it holds a run (else the hull is (0, 0)) */
 } DeltaAt;
 
 /* decode(b, i, end, bufs, sizes, nprobes, hulls): as SnapshotCodecV2.decode. */
@@ -281,8 +283,14 @@ codec_decode(Codec *self, PyObject *const *args, Py_ssize_t nargs)
                 return codec_delegate(self, args, nargs);
             }
             /* the runs: skip, length, bytes ..., each inside the region and the data */
+            DeltaAt *d = &deltas[ndeltas++];
             Py_ssize_t j = i, stop = i + (Py_ssize_t)n;
             uint64_t at = 0;
+            d->region = region;
+            d->start = i;
+            d->stop = stop;
+            d->first = 0;
+            d->any = 0;
             while (j < stop) {
                 uint64_t skip, len;
                 if (!varint(p, &j, stop, &skip) || !varint(p, &j, stop, &len)
@@ -291,13 +299,14 @@ codec_decode(Codec *self, PyObject *const *args, Py_ssize_t nargs)
                 if (skip > (uint64_t)size || (at += skip) > (uint64_t)size
                         || len > (uint64_t)size - at)
                     return codec_delegate(self, args, nargs);
+                if (!d->any) {
+                    d->first = at;
+                    d->any = 1;
+                }
                 at += len;
                 j += (Py_ssize_t)len;
             }
-            deltas[ndeltas].region = region;
-            deltas[ndeltas].start = i;
-            deltas[ndeltas].stop = stop;
-            ndeltas++;
+            d->end = d->any ? at : 0;
             touched |= (uint64_t)1 << region;
             i = stop;
         } else if (code == CODE_FULL) {
@@ -340,26 +349,9 @@ codec_decode(Codec *self, PyObject *const *args, Py_ssize_t nargs)
     int nhull = 0;
     if (!o_pc || !o_sp || !o_rf)
         goto fail;
-    for (int k = 0; k < ndeltas; k++) {
-        /* hulls are computed before any byte moves, so a failure leaves the buffers */
-        Py_ssize_t j = deltas[k].start, stop = deltas[k].stop;
-        uint64_t at = 0, first = 0;
-        int any = 0;
-        while (j < stop) {
-            uint64_t skip, len;
-            varint(p, &j, stop, &skip);
-            varint(p, &j, stop, &len);
-            at += skip;
-            if (!any) {
-                first = at;
-                any = 1;
-            }
-            at += len;
-            j += (Py_ssize_t)len;
-        }
-        hull[k] = any ? Py_BuildValue("(KK)", (unsigned long long)first,
-                                      (unsigned long long)at)
-                      : Py_BuildValue("(ii)", 0, 0);
+    for (int k = 0; k < ndeltas; k++) { /* built before any byte moves */
+        hull[k] = Py_BuildValue("(KK)", (unsigned long long)deltas[k].first,
+                                (unsigned long long)deltas[k].end);
         if (!hull[k])
             goto fail;
         nhull++;

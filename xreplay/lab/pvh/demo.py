@@ -106,7 +106,8 @@ def render(res: DemoResult) -> str:
                    "a later moment than the last snapshot")
     serious = [f for f in res.replay.findings if f.severity != "info"]
     if not serious:
-        out.append("replay: no lost event delivery found")
+        why = res.replay.incomplete()  # never a clean bill on data that was not read
+        out.append(f"replay: no verdict: {why}" if why else "replay: no lost event delivery found")
     for f in serious:
         ports = ", ".join(map(str, f.ports or []))
         out.append(f"replay: {f.kind} at #{f.snapshot} (vCPU {f.vcpu}; fields "
