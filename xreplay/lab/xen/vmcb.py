@@ -153,22 +153,29 @@ def read(lab: object, domid: int) -> list[Vmcb]:
     return found
 
 
-#: Fields whose change between before-attach and after-detach is a debugger's leftover.
-_COMPARED = ("exception_intercepts", "general1_intercepts", "general2_intercepts",
-             "cr_intercepts", "dr_intercepts", "DR7")
+#: The bits of each field a debugger sets (Xen while one is attached, the lab's patches):
+#: only these are compared. The rest move with the guest's own state: Xen arms the VINTR
+#: intercept (general1 bit 4) while an interrupt waits for IF=1, #NM and the CR0 write
+#: intercept with lazy FPU switching, the DR intercepts when the guest touches DRs
+#: (measured: general1 0xbd44400f -> 0xbd44401f right after a callback-irq session, the
+#: guest's upcall waiting for its sti).
+_COMPARED = {"exception_intercepts": (1 << TRAP_DEBUG) | (1 << TRAP_INT3),
+             "general1_intercepts": GENERAL1_INTERCEPT_SWINT,
+             "DR7": ~0}
 
 
 def left_behind(before: Iterable[Vmcb], after: Iterable[Vmcb]) -> list[str]:
-    """What a debug session left in the vCPUs: intercepts that differ from before it
-    attached, RFLAGS.TF, DR6.BS (a single step's status), DR7, an event still latched.
-    Empty when the VMCBs are as they were (addresses and counters aside)."""
+    """What a debug session left in the vCPUs: a debugger's intercepts (#DB, #BP, INTn)
+    that differ from before it attached, RFLAGS.TF, DR6.BS (a single step's status), DR7,
+    an event still latched. Empty when the VMCBs are as they were in those (intercepts
+    that follow the guest's own state are not compared: :data:`_COMPARED`)."""
     base = {v.vcpu: v for v in before}
     out: list[str] = []
     for v in after:
         b = base.get(v.vcpu)
-        for name in _COMPARED:
+        for name, mask in _COMPARED.items():
             now, was = v.get(name), b.get(name) if b else None
-            if b is not None and now is not None and was is not None and now != was:
+            if b is not None and now is not None and was is not None and (now ^ was) & mask:
                 out.append(f"v{v.vcpu} {name} {was:#x} -> {now:#x}")
         exc = v.get("exception_intercepts") or 0
         if exc & (1 << TRAP_INT3):
