@@ -46,6 +46,8 @@ DOMU_KINDS = ("pv", "pvh", "none")
 #: per-domain gdbsx in dom0 (needs the hypervisor rebuilt with CONFIG_GDBSX, see
 #: :mod:`.hypervisor`; QEMU's stub stays available next to it).
 STUB_KINDS = ("qemu", "gdbsx")
+#: QEMU TCG threading (``-accel tcg,thread=...``): one host thread per vCPU, or one in all.
+TCG_THREADS = ("multi", "single")
 #: The scheduler the gdbsx lab boots Xen with (see ``Lab.__init__``).
 GDBSX_SCHED = "sched=credit"
 #: Where gdbsx listens inside dom0 (the host reaches it by a second hostfwd).
@@ -218,6 +220,7 @@ class Lab:
         progress: Progress = quiet,
         stub: str = "qemu",
         domu_busy: bool = False,
+        tcg_thread: str = "multi",
     ) -> None:
         if stub not in STUB_KINDS:
             raise XReplayError(f"unknown stub {stub!r}: use one of {', '.join(STUB_KINDS)}")
@@ -225,6 +228,15 @@ class Lab:
             raise XReplayError(f"unknown domU type {domu!r}: use one of {', '.join(DOMU_KINDS)}")
         if not 1 <= domu_vcpus <= MAX_DOMU_VCPUS:
             raise XReplayError(f"domU vCPUs must be 1..{MAX_DOMU_VCPUS}, not {domu_vcpus}")
+        if tcg_thread not in TCG_THREADS:
+            raise XReplayError(f"unknown TCG threading {tcg_thread!r}: use one of "
+                               f"{', '.join(TCG_THREADS)}")
+        # "single": QEMU runs all of Xen's pCPUs in one host thread. Measured with the lab
+        # unikernel through gdbsx (tests/test_xenlab_pvh_gdbsx.py): multi-threaded TCG gave
+        # 4 triple faults right after a detach in 3 of 4 module runs (QEMU's walk of the
+        # guest's page tables found its present IDT page not present), single-threaded
+        # none in 3 (README, Limits)
+        self.tcg_thread = tcg_thread
         if evtchn not in EVTCHN_ABIS:
             raise XReplayError(f"unknown event-channel ABI {evtchn!r}: use 2l or fifo")
         self.evtchn = evtchn
@@ -415,7 +427,7 @@ class Lab:
                      + (" xreplay.domu_busy=1" if self.domu_busy else ""))
         return [
             "qemu-system-x86_64",
-            "-accel", "tcg,thread=multi", "-cpu", "max", "-machine", "q35",
+            "-accel", f"tcg,thread={self.tcg_thread}", "-cpu", "max", "-machine", "q35",
             "-smp", str(self.smp), "-m", str(self.memory_mb),
             "-display", "none", "-no-reboot",
             "-chardev", "socket,id=ser0,path=serial.sock,server=on,wait=off,logfile=serial.log",
