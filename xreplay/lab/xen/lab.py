@@ -235,7 +235,7 @@ class Lab:
         # unikernel through gdbsx (tests/test_xenlab_pvh_gdbsx.py): multi-threaded TCG gave
         # 4 triple faults right after a detach in 3 of 4 module runs (QEMU's walk of the
         # guest's page tables found its present IDT page not present), single-threaded
-        # none in 3 (README, Limits)
+        # none in 4 (README, Limits)
         self.tcg_thread = tcg_thread
         if evtchn not in EVTCHN_ABIS:
             raise XReplayError(f"unknown event-channel ABI {evtchn!r}: use 2l or fifo")
