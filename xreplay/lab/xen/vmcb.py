@@ -99,7 +99,8 @@ class Vmcb:
         cs = self.segments.get("CS")
         if "RIP" in f:
             parts.append(f"RIP {cs[0]:04x}:{f['RIP']:#x}" if cs else f"RIP {f['RIP']:#x}")
-        for name in ("RFLAGS", "DR6", "DR7", "exception_intercepts", "general1_intercepts"):
+        for name in ("RFLAGS", "CR2", "DR6", "DR7", "exception_intercepts",
+                     "general1_intercepts"):
             if name in f:
                 parts.append(f"{name} {f[name]:#x}")
         idtr = self.segments.get("IDTR")
