@@ -53,7 +53,9 @@ def ensure_lab(run_dir: Path | None, progress: Progress = quiet) -> tuple[Lab, b
                                "(xreplay lab down) or give another --run-dir")
         progress(f"using the gdbsx lab running in {lab.state.run_dir}")
         return lab, False
-    lab = Lab(run_dir, domu="none", stub="gdbsx", progress=progress)
+    # single-threaded TCG, as tests/test_xenlab_pvh_gdbsx.py boots it: under multi-threaded
+    # TCG QEMU 7.2 lost the unikernel's IDT page right after a gdbsx detach (README, Limits)
+    lab = Lab(run_dir, domu="none", stub="gdbsx", progress=progress, tcg_thread="single")
     lab.start()
     return lab, True
 

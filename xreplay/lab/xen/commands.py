@@ -21,6 +21,7 @@ from xreplay.lab.xen.lab import (
     MAX_DOMU_VCPUS,
     STATE_FILE,
     STUB_KINDS,
+    TCG_THREADS,
     Lab,
     LabState,
     default_run_dir,
@@ -107,6 +108,11 @@ def setup_cmd(cache_dir: Path | None, refresh: bool, no_install: bool, stub: str
 @click.option("--domu-busy", is_flag=True,
               help="The domU spins a busy loop, so its tick (a timer VIRQ per 1/HZ s) never "
                    "stops: a steady event rate for measuring a stub.")
+@click.option("--tcg-thread", type=click.Choice(TCG_THREADS), default="multi",
+              show_default=True,
+              help="QEMU's TCG threading. single: all of Xen's CPUs in one host thread, which "
+                   "the PVH unikernel through gdbsx needs (multi-threaded, QEMU 7.2 has "
+                   "triple-faulted it right after a detach: README, Limits).")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Boot timeout (s).")
 @click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C stops the lab.")
 @click.option("--json", "as_json", is_flag=True, help="Print the lab state as JSON.")
@@ -118,6 +124,7 @@ def up_cmd(
     evtchn: str,
     stub: str,
     domu_busy: bool,
+    tcg_thread: str,
     timeout: float,
     foreground: bool,
     as_json: bool,
@@ -126,7 +133,7 @@ def up_cmd(
     stage_setup(cache_dir, install_tools=False, progress=_say)
     the_lab = Lab(run_dir, cache_dir=cache_dir, domu=domu, domu_vcpus=domu_vcpus,
                   evtchn=evtchn, boot_timeout=timeout, progress=_say, stub=stub,
-                  domu_busy=domu_busy)
+                  domu_busy=domu_busy, tcg_thread=tcg_thread)
     the_lab.start()
     st = the_lab.state
     assert st is not None
