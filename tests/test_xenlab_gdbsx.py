@@ -96,6 +96,20 @@ def test_a_gdbsx_lab_forwards_a_second_port_and_refuses_unknown_stubs(tmp_path: 
         assert "--stub" in CliRunner().invoke(lab_group, [sub, "--help"]).output
 
 
+def test_tcg_threading_is_chosen_and_checked(tmp_path: Path) -> None:
+    """The PVH unikernel through gdbsx needs single-threaded TCG (README, Limits)."""
+    def accel(lab: Lab) -> str:
+        cmd = lab.qemu_command(1234, 5678)
+        return cmd[cmd.index("-accel") + 1]
+
+    assert accel(Lab(tmp_path)) == "tcg,thread=multi"
+    assert accel(Lab(tmp_path, stub="gdbsx", tcg_thread="single")) == "tcg,thread=single"
+    with pytest.raises(XReplayError, match="unknown TCG threading 'both'"):
+        Lab(tmp_path, tcg_thread="both")
+    assert "--tcg-thread [multi|single]" in CliRunner().invoke(lab_group, ["up", "--help"]
+                                                               ).output
+
+
 def test_gdbsx_is_told_apart_by_its_empty_qsupported() -> None:
     assert looks_like_gdbsx("", "T05thread:0;")
     assert looks_like_gdbsx("PacketSize=2400;xreplay-gdbsx+", "T05thread:1;")  # our build
