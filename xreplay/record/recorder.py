@@ -50,6 +50,8 @@ _GDB_ARCHES = {"i386:x86-64": "x86_64", "i386": "x86_32", "aarch64": "arm64", "a
 _CRASH_SIGNALS = ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE")
 #: seconds a stop is waited for after gdb's interrupt
 STOP_PATIENCE = 30.0
+#: seconds without a stop after which gdb's interrupt is sent again (within STOP_PATIENCE)
+INTERRUPT_AGAIN = 5.0
 
 
 def flags_register(arch: str) -> str:
@@ -785,13 +787,25 @@ class Recorder:
         to :data:`STOP_PATIENCE` seconds."""
         g = self.gdb
         assert g is not None
-        try:
-            g.mi("-exec-interrupt", timeout=5)
-            if self.on_interrupt is not None:
-                self.on_interrupt()
-        except XReplayError:
-            return False
-        return g.wait_stopped(STOP_PATIENCE) is not None
+        deadline = time.monotonic() + STOP_PATIENCE
+        first = True
+        while True:
+            # Sent again while no stop comes: an interrupt that reaches the stub while gdb
+            # is inside a breakpoint stop it then resumes from (the agent's per-hit stop) is
+            # taken by that stop and lost, and the target runs on (seen on QEMU's stub).
+            try:
+                g.mi("-exec-interrupt", timeout=5)
+                if first and self.on_interrupt is not None:
+                    self.on_interrupt()
+            except XReplayError:
+                if first:
+                    return False
+            first = False
+            left = deadline - time.monotonic()
+            if g.wait_stopped(min(INTERRUPT_AGAIN, max(left, 0.0))) is not None:
+                return True
+            if left <= INTERRUPT_AGAIN:
+                return False
 
     def _finish_agent(self, reason: EndReason) -> dict[str, Any]:
         g, ch = self.gdb, self.channel
