@@ -549,12 +549,12 @@ def _pass(reader: XrrReader, options: ReplayOptions | None
                 rest.feed(snap, role)
             flast = snap.index
         fpat.finish(flast)
-        return fpat, frep.finish(reader.trailer, reader.problems), flast, rest
+        return fpat, frep.finish(reader.trailer, reader.problems, reader.torn_at), flast, rest
     rep = Replayer(reader.header, options)
     pat = PatternSummary()
     rep.run(reader.raw_deltas(), reader, judge_unread=True, each=pat.feed)
     pat.finish(rep.last)
-    return pat, rep.finish(reader.trailer, reader.problems), rep.last, None
+    return pat, rep.finish(reader.trailer, reader.problems, reader.torn_at), rep.last, None
 
 
 def fetch(reader: XrrReader, wanted: Iterable[int]) -> dict[int, Snapshot]:

@@ -198,7 +198,8 @@ class FifoReplayer:
             self.armed[v] = snap.index
 
     def finish(self, trailer: dict[str, Any] | None = None,
-               problems: tuple[str, ...] | list[str] = ()) -> ReplayResult:
+               problems: tuple[str, ...] | list[str] = (), torn_at: int | None = None
+               ) -> ReplayResult:
         last = self.last
         if last is not None and last.fifo is not None and self.options.info:
             ports = [p for p, raw in enumerate(last.fifo.words) if p and
@@ -231,7 +232,7 @@ class FifoReplayer:
             "hits": dict(self.hits), "vcpus": sorted(self.header.vcpus), "shadow": None,
             "quiescent_snapshots": quiet,
             "end_reason": None if trailer is None else trailer.get("reason"),
-            "closed_cleanly": trailer is not None,
+            "closed_cleanly": trailer is not None, "torn_at": torn_at,
             "findings": dict(Counter(f.kind for f in findings)), "dropped": {},
             "problems": list(problems),
         }
@@ -245,7 +246,7 @@ def replay_fifo(reader: XrrReader, options: ReplayOptions | None = None) -> Repl
     for snap in reader.snapshots():
         total += 1
         r.feed(snap)  # a verdict only on data that was read
-    result = r.finish(reader.trailer, reader.problems)
+    result = r.finish(reader.trailer, reader.problems, reader.torn_at)
     result.stats["recorded"] = total
     result.stats["unreadable"] = dict(r.unread)
     return result

@@ -205,7 +205,7 @@ class Replayer:
         return role
 
     def finish(self, trailer: dict[str, Any] | None = None,
-               problems: Iterable[str] = ()) -> ReplayResult:
+               problems: Iterable[str] = (), torn_at: int | None = None) -> ReplayResult:
         w = self.walk
         end = End(self.last, self._step.hang, self.cur, trailer)
         for d in self.detectors:
@@ -224,6 +224,7 @@ class Replayer:
             "shadow": self.shadow,
             "end_reason": end.reason,
             "closed_cleanly": trailer is not None,
+            "torn_at": torn_at,
             "findings": dict(Counter(f.kind for f in findings)),
             "dropped": dict(w.dropped),
             "problems": list(problems),
@@ -246,7 +247,7 @@ def _replay_reader(reader: XrrReader, options: ReplayOptions | None) -> ReplayRe
         return replay_fifo(reader, options)
     r = Replayer(reader.header, options)
     r.run(reader.raw_deltas(), reader)
-    result = r.finish(reader.trailer, reader.problems)
+    result = r.finish(reader.trailer, reader.problems, reader.torn_at)
     result.stats["recorded"] = r.recorded
     result.stats["unreadable"] = dict(r.unread)
     return result

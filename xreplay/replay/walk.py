@@ -9,7 +9,6 @@ probe roles, per-vCPU tracks), the :class:`Detector` interface and the
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -272,9 +271,8 @@ class ReplayResult:
         itself) was never read, and "nothing found" would be said of a run not seen."""
         if self.stats.get("closed_cleanly", True):
             return None
-        torn = [m.group(1) for p in self.stats.get("problems", ())
-                if (m := re.search(r"torn tail at byte (\d+)", p))]
-        why = f"torn tail at byte {torn[0]}, no end frame" if torn else "no end frame"
+        torn = self.stats.get("torn_at")
+        why = "no end frame" if torn is None else f"torn tail at byte {torn}, no end frame"
         return (f"the recording stops short ({why}): the recorder did not finish, and what "
                 f"came after #{self.stats.get('last_snapshot')} was never recorded (the "
                 f"{self.judged} snapshots before it were judged). Re-record and let the "

@@ -88,6 +88,7 @@ class _Index:
     problems: list[str] = field(default_factory=list)
     damage: RecordingFormatError | None = None  # where reading had to stop
     dropped_notes: int = 0
+    torn_at: int | None = None  # where a torn tail begins
 
 
 class XrrReader:
@@ -358,6 +359,7 @@ class XrrReader:
 
     def _torn(self, index: _Index | None, pos: int) -> None:
         if index is not None:
+            index.torn_at = pos
             index.problems.append(
                 f"{self.name}: torn tail at byte {pos}: the last {self._size() - pos} bytes "
                 "hold no complete record (recorder killed or disk full?); earlier snapshots "
@@ -399,6 +401,11 @@ class XrrReader:
     def trailer(self) -> dict[str, Any] | None:
         """The end frame of a clean close, or None (the recorder did not finish)."""
         return self._ensure_index().trailer
+
+    @property
+    def torn_at(self) -> int | None:
+        """The offset where a torn tail begins (the recorder died mid-frame), or None."""
+        return self._ensure_index().torn_at
 
     @property
     def damage(self) -> RecordingFormatError | None:
