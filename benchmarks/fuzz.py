@@ -544,25 +544,14 @@ def _check_prefix(seed: Seed, got: list[tuple], low: int) -> None:
 
 
 def split_v2(data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
-    """A valid 2.0 recording's file header (prefix, JSON, CRC) and frames (kind, payload)."""
-    from xreplay.xrr import format as fmt
+    """A valid 2.0 recording's file header (prefix, JSON, CRC) and frames (kind, payload),
+    as the reader's own frame loop finds them."""
+    from xreplay.xrr import XrrReader
 
-    meta_len = int.from_bytes(data[12:16], "little")
-    pos = 16 + meta_len + 4
-    head, frames = data[:pos], []
-    while pos < len(data):
-        kind = data[pos] & fmt.MAX_FRAME_KIND_V2
-        length, shift, j = 0, 0, pos + 1
-        while True:
-            x = data[j]
-            j += 1
-            length |= (x & 0x7F) << shift
-            shift += 7
-            if x < 0x80:
-                break
-        frames.append((kind, data[j:j + length]))
-        pos = j + length + 4
-    return head, frames
+    with XrrReader(io.BytesIO(data), name="seed.xrr") as r:
+        frames = [(kind, bytes(buf[i:end])) for _pos, kind, buf, i, end
+                  in r._frames(None, None)]
+        return data[:r._data_start], frames
 
 
 def assemble_v2(head: bytes, frames: list[tuple[int, bytes]]) -> bytes:
