@@ -31,9 +31,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from xreplay.debugkeys import strip_console_prefix
 from xreplay.errors import XReplayError
+
+if TYPE_CHECKING:
+    from xreplay.lab.xen.lab import Lab
 
 #: SVM exception intercept bits and general1 intercepts named in :func:`left_behind`.
 TRAP_DEBUG, TRAP_INT3 = 1, 3
@@ -144,9 +148,9 @@ def parse(text: str) -> dict[tuple[int, int], Vmcb]:
     return out
 
 
-def read(lab: object, domid: int) -> list[Vmcb]:
+def read(lab: Lab, domid: int) -> list[Vmcb]:
     """The domain's VMCBs now (``xl debug-keys v`` in dom0, then its console ring)."""
-    text = lab.dom0("xl debug-keys v && xl dmesg | tail -n 600", timeout=60)  # type: ignore[attr-defined]
+    text = lab.dom0("xl debug-keys v && xl dmesg | tail -n 600", timeout=60)
     found = [v for (d, _), v in sorted(parse(text).items()) if d == domid]
     if not found:
         raise XReplayError(f"Xen's 'v' dump has no VMCB for domain {domid} (not HVM/PVH, "
